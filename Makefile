@@ -1,0 +1,34 @@
+# The two commands a newcomer needs: `make run` and `make test`.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install lint clean bench
+
+# install into .venv. torch is pinned first to the CPU build that lies on this
+# machine's disk; an unpinned torch would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[train,dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# simulate history, train on it, export a version, print its metrics
+run: $(STAMP)
+	$(BIN)/watchnext simulate history --out data/history.jsonl --examples 200000
+	$(BIN)/watchnext train --data data/history.jsonl --fresh --promote
+	$(BIN)/watchnext evaluate --model serving --data data/history.jsonl
+
+test: $(STAMP)
+	$(BIN)/ruff check watchnext training service tests bench
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) models checkpoints data .pytest_cache

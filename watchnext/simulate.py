@@ -1,0 +1,269 @@
+"""A synthetic world of users and videos, for history files and live traffic.
+
+Users and videos have latent tastes and topics; the probability of each outcome
+is known exactly, so a model's AUC can be compared with the best achievable AUC
+on the same examples. Built in so that the model has something real to learn:
+
+* position bias: lower slots are clicked less, whatever the video;
+* engagement and satisfaction disagree: "clickbait" raises clicks and lowers
+  likes, watch time and survey ratings;
+* drift: tastes move over the simulated period and new videos are published.
+
+Every example line carries `truth` (true probabilities of the binary outcomes
+given the features and position, and `*_nopos` without position bias); the
+trainer ignores unknown top-level keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO
+
+import numpy as np
+
+DEVICES = np.array(["mobile", "desktop", "tv"])
+DEVICE_P = np.array([0.6, 0.3, 0.1])
+DEVICE_CLICK = np.array([0.0, 0.2, -0.3])
+SLATE = 10
+DAY = 86_400.0
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@dataclass
+class WorldSpec:
+    users: int = 5_000
+    videos: int = 4_000
+    latent: int = 8
+    channels: int = 400
+    tags: int = 300
+    countries: int = 30
+    embedding: int = 16  # must match the config's video_embedding size
+    start_ts: float = 1_767_225_600.0  # 2026-01-01
+    days: float = 14.0
+    drift: float = 0.6  # how far tastes move over the period, in taste units
+    new_video_share: float = 0.3  # share of videos published during the period
+    position_bias: float = 0.6
+
+
+class World:
+    """The ground truth: who likes what, and how slots and devices bend it."""
+
+    def __init__(self, spec: WorldSpec = WorldSpec(), seed: int = 0):
+        self.spec, s = spec, spec
+        rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed + 1)  # for requests and outcomes
+        k = s.latent
+        # users
+        self.taste0 = rng.normal(size=(s.users, k)) / math.sqrt(k) * 1.6
+        self.taste_dir = rng.normal(size=(s.users, k)) / math.sqrt(k)
+        country_centers = rng.normal(size=(s.countries, k))
+        self.country = np.argmax(self.taste0 @ country_centers.T + rng.gumbel(size=(s.users, s.countries)), axis=1)
+        self.device = rng.choice(len(DEVICES), size=s.users, p=DEVICE_P)
+        self.activity = rng.pareto(1.5, size=s.users) + 1.0
+        self.activity /= self.activity.sum()
+        # videos
+        ch_topic = rng.normal(size=(s.channels, k)) / math.sqrt(k) * 1.4
+        self.channel = rng.integers(0, s.channels, size=s.videos)
+        self.topic = ch_topic[self.channel] + rng.normal(size=(s.videos, k)) / math.sqrt(k) * 0.7
+        ch_bait = rng.beta(1.2, 4.0, size=s.channels)
+        self.clickbait = np.clip(ch_bait[self.channel] + rng.normal(0, 0.1, s.videos), 0, 1)
+        self.quality = rng.normal(size=s.videos) - 1.6 * self.clickbait
+        self.duration = np.exp(rng.normal(math.log(300), 0.8, size=s.videos))
+        self.popularity = rng.normal(size=s.videos)
+        tag_centers = rng.normal(size=(s.tags, k))
+        self.tags = np.argsort(-(self.topic @ tag_centers.T + rng.gumbel(size=(s.videos, s.tags)) * 0.5), axis=1)[:, :4]
+        end = s.start_ts + s.days * DAY
+        new = rng.random(s.videos) < s.new_video_share
+        self.published = np.where(new, rng.uniform(s.start_ts, end, s.videos), s.start_ts - rng.exponential(60 * DAY, s.videos))
+        proj = rng.normal(size=(k + 2, s.embedding)) / math.sqrt(k)
+        content = np.concatenate([self.topic, self.clickbait[:, None] * 2, self.quality[:, None] * 0.3], axis=1)
+        self.embedding = (content @ proj + rng.normal(0, 0.05, size=(s.videos, s.embedding))).astype(np.float32)
+        # each user's recent watches, newest first: start from what suits them
+        self.recent = self._initial_recent(rng)
+
+    def _initial_recent(self, rng) -> np.ndarray:
+        s = self.spec
+        old = np.flatnonzero(self.published <= s.start_ts)
+        out = np.empty((s.users, SLATE), dtype=np.int64)
+        for lo in range(0, s.users, 2048):  # blocks of users, to bound memory
+            aff = self.taste0[lo : lo + 2048] @ self.topic[old].T
+            g = aff * 2 + rng.gumbel(size=aff.shape)
+            out[lo : lo + 2048] = old[np.argsort(-g, axis=1)[:, :SLATE]]
+        return out
+
+    # ------------------------------------------------------------ truth
+    def taste(self, users: np.ndarray, ts: np.ndarray) -> np.ndarray:
+        frac = (ts - self.spec.start_ts) / (self.spec.days * DAY)
+        return self.taste0[users] + self.spec.drift * frac[:, None] * self.taste_dir[users]
+
+    def probabilities(self, users, videos, ts, positions, devices) -> dict[str, np.ndarray]:
+        """True outcome probabilities for impressions (arrays of equal length).
+
+        positions < 0 means "unknown slot": no position bias applies.
+        """
+        aff = np.einsum("nk,nk->n", self.taste(users, ts), self.topic[videos])
+        cb, q = self.clickbait[videos], self.quality[videos]
+        pos_eff = np.where(positions >= 0, -self.spec.position_bias * np.log1p(np.maximum(positions, 0)), 0.0)
+        base = -1.8 + 1.8 * aff + 2.2 * cb + 0.3 * self.popularity[videos] + DEVICE_CLICK[devices]
+        p_dismiss = sigmoid(-2.6 - 1.2 * aff - 0.5 * self.popularity[videos] + 1.5 * (cb > 0.6))
+        p_click_given = sigmoid(base + pos_eff)
+        p_click_nopos = (1 - p_dismiss) * sigmoid(base)
+        p_like = sigmoid(-1.0 + 1.0 * aff + 1.0 * q - 2.5 * cb)
+        watch_frac = sigmoid(0.3 + 1.0 * aff + 0.6 * q - 1.5 * cb)
+        return {
+            "click": (1 - p_dismiss) * p_click_given,
+            "click_nopos": p_click_nopos,
+            "dismiss": p_dismiss,
+            "like": p_like,  # given a click
+            "watch_frac": watch_frac,
+            "rating_mean": np.clip(3.0 + 0.8 * q + 0.8 * aff - 1.0 * cb, 1, 5),
+        }
+
+    def outcomes(self, users, videos, ts, positions, devices) -> tuple[dict, dict]:
+        """Sample labels; returns (labels, probabilities)."""
+        p = self.probabilities(users, videos, ts, positions, devices)
+        r, n = self.rng, len(users)
+        dismiss = r.random(n) < p["dismiss"]
+        click = ~dismiss & (r.random(n) < p["click"] / np.maximum(1 - p["dismiss"], 1e-9))
+        like = click & (r.random(n) < p["like"])
+        frac = np.clip(p["watch_frac"] + r.normal(0, 0.15, n), 0.02, 1.0)
+        watch = np.where(click, np.round(frac * self.duration[videos], 1), np.nan)
+        surveyed = click & (r.random(n) < 0.2)
+        rating = np.where(surveyed, np.clip(np.round(p["rating_mean"] + r.normal(0, 0.6, n)), 1, 5), np.nan)
+        labels = {
+            "click": click.astype(float),
+            "watch_time": watch,
+            "dismiss": dismiss.astype(float),
+            "like": np.where(click, like.astype(float), np.nan),
+            "rating": rating,
+        }
+        return labels, p
+
+    # ------------------------------------------------------------ traffic
+    def requests(self, ts: np.ndarray) -> dict[str, np.ndarray]:
+        """One request per timestamp: who asks, from which video, which slate is shown.
+
+        The slate is a noisy "production" ranking, so slot and relevance are correlated
+        as they are in logged data.
+        """
+        r, s, n = self.rng, self.spec, len(ts)
+        users = r.choice(s.users, size=n, p=self.activity)
+        query = self.recent[users, r.integers(0, 3, n)]
+        pool = 60
+        cand = r.integers(0, s.videos, size=(n, pool))
+        live = self.published[cand] <= ts[:, None]
+        rel = np.einsum("nk,npk->np", self.topic[query], self.topic[cand]) + 0.3 * self.popularity[cand]
+        g = np.where(live, rel + r.gumbel(size=rel.shape), -np.inf)
+        g = np.where(cand == query[:, None], -np.inf, g)
+        order = np.argsort(-g, axis=1)[:, :SLATE]
+        slate = np.take_along_axis(cand, order, axis=1)
+        return {"user": users, "query": query, "slate": slate, "device": self.device[users]}
+
+    def watched(self, users: np.ndarray, videos: np.ndarray) -> None:
+        """Push clicked videos onto users' recent lists (in the order given)."""
+        for u, v in zip(users.tolist(), videos.tolist()):  # clicks only: a small share
+            row = self.recent[u]
+            row[1:] = row[:-1].copy()
+            row[0] = v
+
+    # ------------------------------------------------------------ features
+    def candidate_features(self, videos: np.ndarray, ts: np.ndarray) -> list[dict]:
+        age = np.maximum(ts - self.published[videos], 0) / DAY
+        views = np.exp(self.popularity[videos] * 1.5 + 8)
+        return [
+            {
+                "video_id": f"v{v}",
+                "video_channel": f"c{self.channel[v]}",
+                "video_tags": [f"t{t}" for t in self.tags[v]],
+                "video_age_days": round(float(a), 3),
+                "video_duration_s": round(float(self.duration[v]), 1),
+                "video_views": round(float(w)),
+                "video_embedding": [round(float(x), 3) for x in self.embedding[v]],
+            }
+            for v, a, w in zip(videos.tolist(), age.tolist(), views.tolist())
+        ]
+
+    def query_features(self, v: int) -> dict:
+        return {"query_video_id": f"v{v}", "query_embedding": [round(float(x), 3) for x in self.embedding[v]]}
+
+    def user_features(self, u: int) -> dict:
+        return {
+            "user_id": f"u{u}",
+            "user_country": f"k{self.country[u]}",
+            "user_recent_videos": [f"v{v}" for v in self.recent[u].tolist()],
+        }
+
+
+def history(world: World, n_examples: int, seed: int = 0) -> Iterator[dict]:
+    """Time-ordered examples: SLATE impressions per request, labels sampled from the truth."""
+    s = world.spec
+    n_req = -(-n_examples // SLATE)
+    rng = np.random.default_rng(seed + 7)
+    span = s.days * DAY
+    all_ts = np.sort(rng.uniform(s.start_ts, s.start_ts + span, n_req))
+    made = 0
+    for lo in range(0, n_req, 2000):
+        ts = all_ts[lo : lo + 2000]
+        req = world.requests(ts)
+        n = len(ts)
+        users = np.repeat(req["user"], SLATE)
+        vids = req["slate"].reshape(-1)
+        tsx = np.repeat(ts, SLATE)
+        pos = np.tile(np.arange(SLATE), n)
+        dev = np.repeat(req["device"], SLATE)
+        labels, p = world.outcomes(users, vids, tsx, pos, dev)
+        cands = world.candidate_features(vids, tsx)
+        for i in range(n):
+            u = int(req["user"][i])
+            shared = {
+                "ts": round(float(ts[i]), 3),
+                "request_id": f"r{lo + i}",
+                "user": world.user_features(u),
+                "query": world.query_features(int(req["query"][i])),
+                "context": {"device": str(DEVICES[req["device"][i]]), "hour": float(int((ts[i] % DAY) // 3600))},
+            }
+            for j in range(SLATE):
+                k = i * SLATE + j
+                if made >= n_examples:
+                    return
+                made += 1
+                yield {
+                    **shared,
+                    "candidate": cands[k],
+                    "position": j,
+                    "labels": {t: _label(labels[t][k]) for t in labels},
+                    "truth": {
+                        "click": round(float(p["click"][k]), 5),
+                        "click_nopos": round(float(p["click_nopos"][k]), 5),
+                        "dismiss": round(float(p["dismiss"][k]), 5),
+                        "like": round(float(p["like"][k]), 5),
+                    },
+                }
+        clicked = labels["click"] > 0
+        world.watched(users[clicked], vids[clicked])
+
+
+def _label(x: float) -> float | None:
+    return None if np.isnan(x) else float(x)
+
+
+def write_history(out: IO[str], n_examples: int, seed: int = 0, spec: WorldSpec | None = None,
+                  progress=None) -> int:
+    world = World(spec or WorldSpec(), seed)
+    n = 0
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    for ex in history(world, n_examples, seed):
+        out.write(dumps(ex))
+        out.write("\n")
+        n += 1
+        if progress is not None and n % 10_000 == 0:
+            progress(10_000)
+    if progress is not None:
+        progress(n % 10_000)
+    return n
