@@ -139,6 +139,22 @@ class Ranker(nn.Module):
             nn.init.normal_(emb.weight, std=0.05)
             with torch.no_grad():
                 emb.weight[0].zero_()
+        # Pairwise dot products between fields (as in DLRM / factorisation machines):
+        # MLPs learn user-by-item products poorly, and those carry most of the signal.
+        self.interact = config.model.interactions
+        k = config.model.interaction_dim
+        fields = [f for f in config.features if f.kind != "numeric"]
+        self.field_names = [f.name for f in fields]
+        self.projections = nn.ModuleDict(
+            {
+                f.name: nn.Linear(f.size if f.kind == "vector" else f.dim, k, bias=False)
+                for f in fields
+                if self.interact and (f.kind == "vector" or f.dim != k)
+            }
+        )
+        n_fields = len(fields)
+        rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
+        self.register_buffer("pair_index", rows * n_fields + cols, persistent=False)
         self.numeric_norm = RunningNorm(self.n_numeric)
         T = len(config.tasks)
         self.target_norm = RunningNorm(T)  # used for regression tasks only
@@ -148,6 +164,7 @@ class Ranker(nn.Module):
             sum(f.dim for f in config.features if f.kind in ("categorical", "categorical_list"))
             + 2 * self.n_numeric
             + sum(f.size for f in config.features_of("vector"))
+            + (n_fields * (n_fields - 1) // 2 if self.interact else 0)
         )
         m = config.model
         self.mmoe = m.arch == "mmoe"
@@ -161,16 +178,24 @@ class Ranker(nn.Module):
     # ------------------------------------------------------------ pieces
     def shared_input(self, inputs: dict[str, Tensor]) -> Tensor:
         """Embeddings, pooled lists, scaled numerics and vectors, concatenated: (B, D)."""
-        parts = [self.embeddings[n](inputs[n]) for n in self.cat_names]  # (B, d_f)
+        field = {n: self.embeddings[n](inputs[n]) for n in self.cat_names}  # (B, d_f)
         for n in self.list_names:
             ids = inputs[n]  # (B, L)
             e = self.embeddings[n](ids)  # (B, L, d); row 0 is zero
             count = (ids > 0).sum(1, keepdim=True).clamp_min(1).to(e.dtype)  # (B, 1)
-            parts.append(e.sum(1) / count)
+            field[n] = e.sum(1) / count
+        for n in self.vec_names:
+            field[n] = inputs[n]
+        parts = [field[n] for n in self.cat_names + self.list_names]
         if self.n_numeric:
             parts.append(self.numeric_norm.scale(inputs["numeric"]))
             parts.append(inputs["numeric_mask"])
-        parts.extend(inputs[n] for n in self.vec_names)
+        parts.extend(field[n] for n in self.vec_names)
+        if self.interact:
+            proj = [self.projections[n](field[n]) if n in self.projections else field[n] for n in self.field_names]
+            f = torch.stack(proj, dim=1)  # (B, F, k)
+            dots = torch.bmm(f, f.transpose(1, 2)).flatten(1)  # (B, F*F)
+            parts.append(dots[:, self.pair_index])  # (B, F(F-1)/2)
         return torch.cat(parts, dim=1)
 
     def raw(self, inputs: dict[str, Tensor], train_gates: bool = False) -> tuple[Tensor, Tensor]:

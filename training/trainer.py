@@ -122,7 +122,7 @@ class Trainer:
         s.examples += len(chunk)
         s.batches += 1
         s.last_ts = max(s.last_ts, float(chunk.ts.max()))
-        return float(loss)
+        return float(loss.detach())
 
     # ------------------------------------------------------------ checkpoints
     def save(self, path: Path) -> None:

@@ -106,8 +106,10 @@ class Chunk:
 class Decoder:
     """Parses, encodes and checks blocks of example lines for one config."""
 
-    def __init__(self, config: Config, on_bad_line: str | None = None):
+    def __init__(self, config: Config, on_bad_line: str | None = None, check_order: bool = True):
         self.config = config
+        self.check_order = check_order  # files must be in time order; a stream is only roughly
+        self.line_names: list[str] | None = None  # e.g. stream entry ids, used in reports
         self.encoder = Encoder(config)
         self.schema = example_schema(config)
         self.on_bad_line = on_bad_line or config.trainer.on_bad_line
@@ -156,9 +158,10 @@ class Decoder:
         return pa.Table.from_pylist(rows, schema=self.schema), lines[keep_idx], row_end[keep_idx]
 
     def reject(self, name: str, line: int, reason: str) -> None:
+        where = f"{name} entry {self.line_names[line - 1]}" if self.line_names else f"{name}:{line}"
         if self.on_bad_line == "stop":
-            raise DataError(f"{name}:{line}: {reason} (set trainer.on_bad_line = \"skip\" to skip bad lines)")
-        self.bad.add(f"{name}:{line}", reason)
+            raise DataError(f"{where}: {reason} (set trainer.on_bad_line = \"skip\" to skip bad lines)")
+        self.bad.add(where, reason)
 
     # --- encoding --------------------------------------------------------
     def encode(
@@ -181,10 +184,11 @@ class Decoder:
         problems.add(position < -1, "position: must be >= 0")
         position[position < 0] = -1
         # time order, among rows that are otherwise fine
-        bad = problems.bad
-        okts = np.where(bad, -np.inf, ts)
-        before = np.maximum.accumulate(np.concatenate([[self.last_ts], okts]))[:-1]
-        problems.add(~bad & (ts < before), "ts: goes backwards (examples must be in time order)")
+        if self.check_order:
+            bad = problems.bad
+            okts = np.where(bad, -np.inf, ts)
+            before = np.maximum.accumulate(np.concatenate([[self.last_ts], okts]))[:-1]
+            problems.add(~bad & (ts < before), "ts: goes backwards (examples must be in time order)")
         bad = problems.bad
         if bad.any():
             for row in np.flatnonzero(bad)[: MAX_REPORTED + 1].tolist():

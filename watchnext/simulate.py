@@ -49,6 +49,7 @@ class WorldSpec:
     drift: float = 0.6  # how far tastes move over the period, in taste units
     new_video_share: float = 0.3  # share of videos published during the period
     position_bias: float = 0.6
+    satisfaction_corr: float = 0.3  # how alike what users click and what satisfies them are
 
 
 class World:
@@ -62,6 +63,8 @@ class World:
         # users
         self.taste0 = rng.normal(size=(s.users, k)) / math.sqrt(k) * 1.6
         self.taste_dir = rng.normal(size=(s.users, k)) / math.sqrt(k)
+        rho = s.satisfaction_corr
+        self.sat_taste = rho * self.taste0 + math.sqrt(1 - rho**2) * rng.normal(size=(s.users, k)) / math.sqrt(k) * 1.6
         country_centers = rng.normal(size=(s.countries, k))
         self.country = np.argmax(self.taste0 @ country_centers.T + rng.gumbel(size=(s.users, s.countries)), axis=1)
         self.device = rng.choice(len(DEVICES), size=s.users, p=DEVICE_P)
@@ -108,21 +111,22 @@ class World:
         positions < 0 means "unknown slot": no position bias applies.
         """
         aff = np.einsum("nk,nk->n", self.taste(users, ts), self.topic[videos])
+        sat = np.einsum("nk,nk->n", self.sat_taste[users], self.topic[videos])  # what satisfies them
         cb, q = self.clickbait[videos], self.quality[videos]
         pos_eff = np.where(positions >= 0, -self.spec.position_bias * np.log1p(np.maximum(positions, 0)), 0.0)
         base = -1.8 + 1.8 * aff + 2.2 * cb + 0.3 * self.popularity[videos] + DEVICE_CLICK[devices]
         p_dismiss = sigmoid(-2.6 - 1.2 * aff - 0.5 * self.popularity[videos] + 1.5 * (cb > 0.6))
         p_click_given = sigmoid(base + pos_eff)
         p_click_nopos = (1 - p_dismiss) * sigmoid(base)
-        p_like = sigmoid(-1.0 + 1.0 * aff + 1.0 * q - 2.5 * cb)
-        watch_frac = sigmoid(0.3 + 1.0 * aff + 0.6 * q - 1.5 * cb)
+        p_like = sigmoid(-1.0 + 1.5 * sat + 1.0 * q - 2.5 * cb)
+        watch_frac = sigmoid(0.3 + 0.5 * aff + 0.5 * sat + 0.6 * q - 1.5 * cb)
         return {
             "click": (1 - p_dismiss) * p_click_given,
             "click_nopos": p_click_nopos,
             "dismiss": p_dismiss,
             "like": p_like,  # given a click
             "watch_frac": watch_frac,
-            "rating_mean": np.clip(3.0 + 0.8 * q + 0.8 * aff - 1.0 * cb, 1, 5),
+            "rating_mean": np.clip(3.0 + 0.8 * q + 0.8 * sat - 1.0 * cb, 1, 5),
         }
 
     def outcomes(self, users, videos, ts, positions, devices) -> tuple[dict, dict]:
