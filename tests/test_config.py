@@ -1,0 +1,98 @@
+import pytest
+
+from tests.helpers import dumps_toml, small_config_text
+from watchnext.config import ConfigError, load_config, parse_config
+
+
+def test_shipped_config_describes_the_video_use_case():
+    c = load_config()
+    sources = {f.source for f in c.features}
+    kinds = {f.kind for f in c.features}
+    assert sources == {"user", "query", "context", "candidate"}
+    assert kinds == {"categorical", "categorical_list", "numeric", "vector"}
+    tasks = {t.name: t for t in c.tasks}
+    assert {t.group for t in c.tasks} == {"engagement", "satisfaction"}
+    assert tasks["like"].given == "click" and tasks["watch_time"].given == "click"
+    assert tasks["click"].default == 0.0 and tasks["like"].default is None
+    assert c.item_id == "video_id"
+    assert c.bias.features == ("position", "device")
+
+
+def test_config_from_environment(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_text(small_config_text(model={"name": "other"}))
+    assert load_config(env={"WATCHNEXT_CONFIG": str(p)}).model.name == "other"
+
+
+def _with(tmp_path, **sections):
+    p = tmp_path / "bad.toml"
+    p.write_text(small_config_text(**sections))
+    return p
+
+
+@pytest.mark.parametrize(
+    "sections, needle",
+    [
+        ({"model": {"arch": "transformer"}}, "model.arch: expected one of mmoe, shared_bottom, got 'transformer'"),
+        ({"model": {"experts": 0}}, "model.experts: must be > 0, got 0"),
+        ({"model": {"expert_layers": [64, -1]}}, "model.expert_layers: expected a list of positive integers"),
+        ({"trainer": {"batch_size": "big"}}, "trainer.batch_size: expected int, got str 'big'"),
+        ({"trainer": {"bacth_size": 3}}, "trainer: unknown key 'bacth_size'"),
+        ({"score": {"weights": {"clicks": 1.0}}}, "score.weights.clicks: not a task"),
+        ({"bias": {"features": ["position", "hour"]}}, "bias.features: 'hour' must be 'position' or a categorical feature"),
+        ({"bias": {"dropout": 1.5}}, "bias.dropout: must be in [0, 1), got 1.5"),
+    ],
+)
+def test_bad_values_name_file_key_and_reason(tmp_path, sections, needle):
+    p = _with(tmp_path, **sections)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(str(p) + ": ")
+    assert needle in str(e.value)
+
+
+def test_bad_feature_and_task_entries(tmp_path):
+    base = {
+        "features": [{"name": "u", "source": "user", "kind": "categorical", "buckets": 10}],
+        "tasks": [{"name": "click", "kind": "binary", "group": "engagement"}],
+    }
+    parse_config(base)  # the minimal config is fine
+    bad_kind = {**base, "features": [{"name": "u", "source": "user", "kind": "numbr"}]}
+    with pytest.raises(ConfigError, match=r"features\[0\] \(u\)\.kind: expected one of categorical"):
+        parse_config(bad_kind, "x.toml")
+    no_buckets = {**base, "features": [{"name": "u", "source": "user", "kind": "categorical"}]}
+    with pytest.raises(ConfigError, match=r"features\[0\] \(u\)\.buckets: is required"):
+        parse_config(no_buckets)
+    given_regression = {**base, "tasks": base["tasks"] + [{"name": "w", "kind": "regression", "group": "engagement", "given": "nope"}]}
+    with pytest.raises(ConfigError, match=r"tasks\[1\]\.given: given='nope' must name another binary task"):
+        parse_config(given_regression)
+    twice = {**base, "features": base["features"] * 2}
+    with pytest.raises(ConfigError, match=r"features\[1\]\.name: 'u' appears twice"):
+        parse_config(twice)
+    binary_transform = {**base, "tasks": [{"name": "c", "kind": "binary", "group": "engagement", "transform": "log1p"}]}
+    with pytest.raises(ConfigError, match="a binary task takes no transform"):
+        parse_config(binary_transform)
+
+
+def test_not_toml_and_missing_file(tmp_path):
+    p = tmp_path / "broken.toml"
+    p.write_text("[model\narch = 1")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "absent.toml")
+
+
+def test_hash_follows_the_model_interface_only(tmp_path):
+    a = load_config(_with(tmp_path, score={"weights": {"click": 5.0}}, trainer={"batch_size": 64}))
+    b = load_config(_with(tmp_path, score={"weights": {"click": 1.0}}))
+    assert a.hash == b.hash  # weights and trainer settings can change without retraining
+    c = load_config(_with(tmp_path, model={"experts": 5}))
+    assert c.hash != a.hash
+
+
+def test_dumps_toml_round_trips():
+    import tomllib
+
+    d = {"a": {"x": [1, 2], "y": "s", "z": True, "w": {"k": 1.5}}, "f": [{"n": "q"}, {"n": "r"}]}
+    assert tomllib.loads(dumps_toml(d)) == d
