@@ -1,0 +1,278 @@
+"""The FastAPI app factory: `create_app(settings, deps)`. Nothing is created at import time.
+
+Endpoints (CONTRACT §3): POST /v1/rank, POST /v1/feedback, GET /v1/models,
+POST /v1/models/{version}/promote and POST /v1/models/rollback (admin token),
+GET /healthz, GET /readyz, GET /metrics.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from watchnext.cli import models_summary
+from watchnext.repository import RepositoryError
+
+from .errors import Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unavailable
+from .features import FeatureStore
+from .feedback import MAX_EVENTS, parse_feedback
+from .impressions import REASONS, ImpressionLog
+from .models import ModelManager, VersionRefused
+from .observability import Metrics, Stopwatch, log, setup_logging
+from .ranker import Ranker
+from .schema import (
+    FeedbackResponse,
+    RankResponse,
+    errors,
+    feedback_request_schema,
+    json_body,
+    rank_request_schema,
+)
+from .settings import Deps, Settings
+
+logger = logging.getLogger("watchnext.service")
+
+
+class Service:
+    """Everything one app instance owns; started and stopped by the app's lifespan."""
+
+    def __init__(self, settings: Settings, deps: Deps):
+        self.settings, self.deps = settings, deps
+        self.config = deps.config
+        self.metrics = Metrics()
+        self.models = ModelManager(deps.config, deps.repo, self.metrics, settings.device, settings.threads)
+        self.store = FeatureStore(deps.config, deps.redis_url, self.metrics, deps.config.service.feature_timeout_ms,
+                                  settings.feature_backoff_s)
+        self.log = (
+            ImpressionLog(deps.config, deps.redis_url, self.metrics, settings.flush_interval_s,
+                          settings.impression_buffer, settings.close_interval_s)
+            if deps.redis_url else None
+        )
+        self.ranker = Ranker(deps.config, self.store, self.metrics)
+        # rank work runs in worker threads; more than a few at once only queues inside ONNX Runtime
+        self.limiter = anyio.CapacityLimiter(4)
+
+    def start(self) -> None:
+        self.models.ensure()
+        if self.models.current is None:
+            log(logger, logging.WARNING, "no_model_yet", repository=str(self.deps.repo.dir),
+                hint="train one with `watchnext train --data FILE`; the service picks it up when it appears")
+        self.models.start(self.config.service.model_poll_s)
+        if self.log is not None:
+            self.log.start()
+        cur = self.models.current
+        log(logger, logging.INFO, "service_started", config=self.config.path, config_hash=self.config.hash,
+            model_version=cur.version if cur else None, provider=cur.provider if cur else None,
+            redis=bool(self.deps.redis_url))
+
+    def stop(self) -> None:
+        self.models.stop()
+        left = self.log.stop() if self.log is not None else 0
+        self.store.close()
+        log(logger, logging.INFO, "service_stopped", unwritten_impressions=left)
+
+    def require_admin(self, request: Request) -> None:
+        token = self.settings.admin_token
+        if not token:
+            raise Unauthorized("Authorization", "admin endpoints are disabled: start the service with WATCHNEXT_ADMIN_TOKEN set")
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+            raise Unauthorized("Authorization", "missing or wrong bearer token")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge("body", f"larger than the limit of {limit} bytes ({declared} bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge("body", f"larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(json.dumps(body, separators=(",", ":"), allow_nan=False), status, media_type="application/json")
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def create_app(settings: Settings, deps: Deps) -> FastAPI:
+    """Build the app around `deps`; the lifespan starts the model poller and the impression threads."""
+    setup_logging(settings.log_level)
+    svc = Service(settings, deps)
+    config = deps.config
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await anyio.to_thread.run_sync(svc.start)
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(svc.stop)  # flushes the impression buffer
+
+    app = FastAPI(title="watchnext", version="1", lifespan=lifespan,
+                  description="Ranks candidate videos with a multitask (MMoE) model; closes the loop to the trainer.")
+    app.state.service = svc
+
+    # ------------------------------------------------------------ errors
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        svc.metrics.requests.inc(1, request.url.path if exc.status != 404 else "other", str(exc.status))
+        return json_response(exc.body(), exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        err = (exc.errors() or [{}])[0]
+        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query")]
+        return json_response({"error": {"field": ".".join(loc) or "body", "reason": err.get("msg", "invalid")}}, 422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        field = "path" if exc.status_code == 404 else "method" if exc.status_code == 405 else "request"
+        return json_response({"error": {"field": field, "reason": str(exc.detail)}}, exc.status_code)
+
+    # ------------------------------------------------------------ rank
+    @app.post("/v1/rank", response_model=None, openapi_extra=json_body(rank_request_schema(config)),
+              responses={200: {"model": RankResponse}, **errors(400, 413, 422, 503)},
+              summary="Rank candidates for one request; the best first")
+    async def rank(request: Request, svc: ServiceDep) -> Response:
+        clock = Stopwatch()
+        body = await read_body(request, config.service.max_body_bytes)
+        model = svc.models.current
+        if model is None:
+            raise Unavailable("model", "no model version is loaded yet (the repository is empty or every version was refused)")
+        ranked = await anyio.to_thread.run_sync(svc.ranker.rank, body, model, limiter=svc.limiter)
+        if svc.log is not None:
+            svc.log.add(ranked.impression)
+        resp = json_response(ranked.body)
+        svc.metrics.rank_latency.observe(clock.seconds)
+        svc.metrics.rank_candidates.observe(ranked.candidates)
+        svc.metrics.requests.inc(1, "/v1/rank", "200")
+        return resp
+
+    # ------------------------------------------------------------ feedback
+    @app.post("/v1/feedback", response_model=None, openapi_extra=json_body(feedback_request_schema(config, MAX_EVENTS)),
+              responses={200: {"model": FeedbackResponse}, **errors(400, 413, 422, 503)},
+              summary="Record what the user did with served items (one event or a list)")
+    async def feedback(request: Request, svc: ServiceDep) -> Response:
+        body = await read_body(request, config.service.max_body_bytes)
+        events = parse_feedback(body, config)
+        if svc.log is None:
+            raise Unavailable("service", "feedback needs Redis, and this service runs without it")
+        try:
+            results = await anyio.to_thread.run_sync(svc.log.record_feedback, events)
+        except ConnectionError:
+            raise Unavailable("service", "Redis is unreachable; retry the feedback later") from None
+        dropped = [
+            {"index": i, "request_id": e["request_id"], "item_id": e["item_id"], "reason": REASONS.get(r, r)}
+            for i, (e, r) in enumerate(zip(events, results)) if r != "ok"
+        ]
+        svc.metrics.requests.inc(1, "/v1/feedback", "200")
+        return json_response({"accepted": len(events) - len(dropped), "dropped": dropped})
+
+    # ------------------------------------------------------------ models
+    @app.get("/v1/models", summary="Versions, their metrics, and which one serves")
+    async def models(svc: ServiceDep) -> dict[str, Any]:
+        summary = await anyio.to_thread.run_sync(models_summary, deps.repo)
+        cur = svc.models.current
+        summary["loaded"] = {"version": cur.version, "provider": cur.provider} if cur else None
+        summary["refused"] = {str(v): reason for v, (_, reason) in svc.models.refused.items()}
+        return summary
+
+    @app.post("/v1/models/{version}/promote", responses=errors(401, 404, 409),
+              summary="Serve VERSION (admin): loaded and warmed before the swap")
+    async def promote(version: int, request: Request, svc: ServiceDep) -> dict[str, Any]:
+        svc.require_admin(request)
+
+        def do() -> dict[str, Any]:
+            if version not in deps.repo.versions():
+                raise NotFound("version", f"no version {version} (have: {deps.repo.versions()})")
+            return switch(svc, version, lambda: deps.repo.promote(version))
+
+        return await anyio.to_thread.run_sync(do)
+
+    @app.post("/v1/models/rollback", responses=errors(401, 409),
+              summary="Serve the previously promoted version again (admin)")
+    async def rollback(request: Request, svc: ServiceDep) -> dict[str, Any]:
+        svc.require_admin(request)
+
+        def do() -> dict[str, Any]:
+            st = deps.repo.state()
+            hist = [h["version"] for h in st.get("history") or []]
+            prev = [v for v in hist if v != st.get("promoted") and v in deps.repo.versions()]
+            if not prev:
+                raise Conflict("version", "no earlier promoted version to roll back to")
+            return switch(svc, prev[-1], deps.repo.rollback)
+
+        return await anyio.to_thread.run_sync(do)
+
+    # ------------------------------------------------------------ operations
+    @app.get("/healthz", summary="The process is up")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Ready to rank: a model is loaded (also reports the provider and Redis)",
+             responses={503: {"description": "no model loaded yet"}})
+    async def readyz(svc: ServiceDep) -> Response:
+        cur = svc.models.current
+        redis_ok = await anyio.to_thread.run_sync(svc.log.ping) if svc.log is not None else None
+        body = {
+            "ready": cur is not None,
+            "model_version": str(cur.version) if cur else None,
+            "provider": cur.provider if cur else None,
+            "redis": redis_ok,
+            "degraded": redis_ok is False,
+            "impression_backlog": svc.log.backlog() if svc.log is not None else 0,
+        }
+        return json_response(body, 200 if cur is not None else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics(svc: ServiceDep) -> Response:
+        if svc.log is not None:
+            svc.metrics.log_backlog.set(svc.log.backlog())
+        return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    return app
+
+
+def switch(svc: Service, version: int, commit) -> dict[str, Any]:
+    """Load and warm `version`, record the promotion, then swap; refuse (409) a version that cannot serve."""
+    with svc.models.lock:
+        t0 = time.perf_counter()
+        cur = svc.models.current
+        if cur is None or cur.version != version:
+            try:
+                new = svc.models.load(version)
+            except VersionRefused as e:
+                svc.metrics.model_refused.inc()
+                log(logger, logging.ERROR, "model_refused", version=version, reason=str(e),
+                    serving=cur.version if cur else None)
+                raise Conflict("version", f"version {version} cannot serve: {e}") from None
+        else:
+            new = cur
+        try:
+            st = commit()
+        except RepositoryError as e:
+            raise Conflict("version", str(e)) from None
+        svc.models.swap(new, t0)
+    return {"promoted": st["promoted"], "serving": new.version, "provider": new.provider}

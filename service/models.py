@@ -1,0 +1,166 @@
+"""Which version serves: load and warm a new version before the old one is dropped.
+
+The serving version is one immutable `LoadedModel`; a request takes it once and
+uses it to the end, so the version it names is the version that scored it, and
+a swap (one reference assignment) never fails a request in flight. A version
+whose config hash differs from the service's config, whose file does not match
+its recorded checksum or does not load, or whose outputs are not finite on a
+warm-up batch, is refused with one log line, and the current version keeps
+serving.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from watchnext.config import Config
+from watchnext.encoding import Encoder
+from watchnext.repository import ModelRepository, RepositoryError, sha256_file
+from watchnext.scoring import weight_vector
+
+from .inference import InferenceSession
+from .observability import Metrics, log
+
+logger = logging.getLogger("watchnext.service.models")
+WARM_BATCHES = (1, 64, 512)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    version: int
+    session: InferenceSession
+    metadata: dict[str, Any]
+    weights: np.ndarray  # (T,) score weights in the session's task order
+    loaded_at: float
+
+    @property
+    def provider(self) -> str:
+        return self.session.provider
+
+
+class VersionRefused(Exception):
+    pass
+
+
+class ModelManager:
+    """Serves the repository's serving version; a background thread polls for promotions."""
+
+    def __init__(self, config: Config, repo: ModelRepository, metrics: Metrics, device: str = "auto", threads: int = 0):
+        self.config, self.repo, self.metrics = config, repo, metrics
+        self.device, self.threads = device, threads
+        self.encoder = Encoder(config)
+        self.current: LoadedModel | None = None
+        self.refused: dict[int, tuple[str, str]] = {}  # version -> (file stamp, reason)
+        self.lock = threading.RLock()  # one load or swap at a time
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------ loading
+    def load(self, version: int) -> LoadedModel:
+        """Load, check and warm `version`; raises VersionRefused with the reason."""
+        folder = self.repo.path(version)
+        try:
+            meta = self.repo.metadata(version)
+        except (RepositoryError, ValueError, OSError) as e:
+            raise VersionRefused(f"unreadable metadata: {e}") from None
+        if meta.get("config_hash") != self.config.hash:
+            raise VersionRefused(
+                f"config hash {meta.get('config_hash')} does not match the service's config {self.config.hash} "
+                f"({self.config.path})"
+            )
+        onnx = folder / "model.onnx"
+        want = (meta.get("onnx") or {}).get("sha256")
+        if want and sha256_file(onnx) != want:
+            raise VersionRefused(f"{onnx}: checksum does not match metadata.json (corrupt or partly written file)")
+        try:
+            session = InferenceSession(onnx, self.device, self.threads)
+        except Exception as e:  # onnxruntime raises its own exception types for bad files
+            raise VersionRefused(f"{onnx}: ONNX Runtime cannot load it: {str(e).splitlines()[0][:300]}") from None
+        specs = [name for name, _, _ in self.encoder.input_specs()]
+        if sorted(session.input_names) != sorted(specs):
+            raise VersionRefused(f"inputs {session.input_names} do not match the config's {specs}")
+        tasks = [t.name for t in self.config.tasks]
+        if sorted(session.task_names) != sorted(tasks):
+            raise VersionRefused(f"outputs {session.task_names} do not match the config's tasks {tasks}")
+        for n in WARM_BATCHES:  # first runs allocate; do it before traffic sees this version
+            heads = session.run(self.encoder.empty_inputs(n))
+            if heads.shape != (n, len(tasks)) or not np.isfinite(heads).all():
+                raise VersionRefused(f"warm-up batch of {n} gave outputs of shape {heads.shape} or non-finite values")
+        w = weight_vector(session.task_names, self.config.score.weights)
+        return LoadedModel(version, session, meta, w, time.time())
+
+    def ensure(self, version: int | None = None) -> LoadedModel | None:
+        """Make `version` (default: the repository's serving version) the one that serves, if it can be."""
+        with self.lock:
+            target = self.repo.serving() if version is None else version
+            cur = self.current
+            if target is None or (cur is not None and cur.version == target):
+                return cur
+            stamp = _stamp(self.repo.path(target))
+            if target in self.refused and self.refused[target][0] == stamp:
+                return cur  # refused before, file unchanged: stay quiet
+            t0 = time.perf_counter()
+            try:
+                new = self.load(target)
+            except VersionRefused as e:
+                self.refused[target] = (stamp, str(e))
+                self.metrics.model_refused.inc()
+                log(logger, logging.ERROR, "model_refused", version=target, reason=str(e),
+                    serving=cur.version if cur else None)
+                return cur
+            self.swap(new, t0)
+            return new
+
+    def swap(self, new: LoadedModel, t0: float) -> None:
+        """Make `new` the serving version: one reference assignment; requests in flight keep the one they took."""
+        with self.lock:
+            cur = self.current
+            self.refused.pop(new.version, None)
+            self.current = new
+            if cur is not None and cur.version == new.version:
+                return
+            self.metrics.model_swaps.inc()
+            self.metrics.model_version.set(new.version)
+            self.metrics.model_info.replace((str(new.version), new.provider))
+            log(logger, logging.INFO, "model_serving", version=new.version, previous=cur.version if cur else None,
+                provider=new.provider, load_ms=round((time.perf_counter() - t0) * 1000, 1))
+
+    # ------------------------------------------------------------ polling
+    def start(self, poll_s: float) -> None:
+        def loop() -> None:
+            while not self._stop.is_set():
+                try:
+                    self.ensure()
+                except Exception as e:  # a poll must never kill the thread
+                    log(logger, logging.ERROR, "model_poll_failed", error=repr(e))
+                self._wake.wait(poll_s)
+                self._wake.clear()
+
+        self._thread = threading.Thread(target=loop, name="watchnext-model-poll", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+
+def _stamp(folder: Path) -> str:
+    try:
+        st = (folder / "model.onnx").stat()
+        m = (folder / "metadata.json").stat()
+        return f"{st.st_size}:{st.st_mtime_ns}:{m.st_mtime_ns}"
+    except OSError:
+        return "missing"

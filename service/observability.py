@@ -1,0 +1,173 @@
+"""Prometheus metrics (text format 0.0.4) and structured JSON logs, without extra dependencies.
+
+The metric objects are thread-safe: the rank worker threads, the impression
+flusher and the event loop all update them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+CANDIDATE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
+
+
+def _labels(names: Sequence[str], values: Sequence[str]) -> str:
+    if not names:
+        return ""
+    esc = (str(v).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for v in values)
+    return "{" + ",".join(f'{n}="{v}"' for n, v in zip(names, esc)) + "}"
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, help: str, labels: Sequence[str] = ()):
+        self.name, self.help, self.label_names = name, help, tuple(labels)
+        self._lock = threading.Lock()
+
+    def header(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+
+
+class Counter(_Metric):
+    kind = "counter"
+
+    def __init__(self, name: str, help: str, labels: Sequence[str] = ()):
+        super().__init__(name, help, labels)
+        self.values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
+
+    def inc(self, amount: float = 1.0, *labels: str) -> None:
+        with self._lock:
+            self.values[labels] = self.values.get(labels, 0.0) + amount
+
+    def get(self, *labels: str) -> float:
+        return self.values.get(labels, 0.0)
+
+    def render(self) -> list[str]:
+        return self.header() + [f"{self.name}{_labels(self.label_names, k)} {v:g}" for k, v in sorted(self.values.items())]
+
+
+class Gauge(Counter):
+    kind = "gauge"
+
+    def set(self, value: float, *labels: str) -> None:
+        with self._lock:
+            self.values[labels] = float(value)
+
+    def replace(self, labels: tuple[str, ...], value: float = 1.0) -> None:
+        """An info-style gauge: keep only this label set."""
+        with self._lock:
+            self.values = {labels: float(value)}
+
+
+class Histogram(_Metric):
+    kind = "histogram"
+
+    def __init__(self, name: str, help: str, buckets: Sequence[float]):
+        super().__init__(name, help)
+        self.buckets = tuple(buckets)
+        self.counts = [0] * (len(self.buckets) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        i = next((j for j, b in enumerate(self.buckets) if value <= b), len(self.buckets))
+        with self._lock:
+            self.counts[i] += 1
+            self.sum += value
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def render(self) -> list[str]:
+        out, acc = self.header(), 0
+        for b, c in zip((*self.buckets, math.inf), self.counts):
+            acc += c
+            le = "+Inf" if b == math.inf else f"{b:g}"
+            out.append(f'{self.name}_bucket{{le="{le}"}} {acc}')
+        out += [f"{self.name}_sum {self.sum:g}", f"{self.name}_count {acc}"]
+        return out
+
+
+class Metrics:
+    """Every metric the service exports; one instance per app."""
+
+    def __init__(self) -> None:
+        self.rank_latency = Histogram("watchnext_rank_latency_seconds", "Time to answer POST /v1/rank.", LATENCY_BUCKETS)
+        self.rank_candidates = Histogram("watchnext_rank_candidates", "Candidates per rank request.", CANDIDATE_BUCKETS)
+        self.requests = Counter("watchnext_requests_total", "HTTP requests by endpoint and status.", ("endpoint", "status"))
+        self.model_version = Gauge("watchnext_model_version", "The version serving now (0: none).")
+        self.model_info = Gauge("watchnext_model_info", "The version serving now and its ONNX Runtime provider.",
+                                ("version", "provider"))
+        self.model_swaps = Counter("watchnext_model_swaps_total", "Versions swapped in.")
+        self.model_refused = Counter("watchnext_model_refused_total", "Versions refused (config hash, corrupt file, bad outputs).")
+        self.feature_misses = Counter("watchnext_feature_store_misses_total",
+                                      "Online-feature lookups without a value, by reason (absent: no entry; outage: Redis "
+                                      "unreachable or slower than the timeout).", ("reason",))
+        self.feature_hits = Counter("watchnext_feature_store_hits_total", "Online-feature lookups that returned an entry.")
+        self.unknown_features = Counter("watchnext_unknown_features_total",
+                                        "Request keys that name no feature in the config (ignored).")
+        self.nonfinite = Counter("watchnext_nonfinite_outputs_total", "Candidates dropped because the model's output was not finite.")
+        self.impressions_logged = Counter("watchnext_impressions_logged_total", "Impressions written to Redis.")
+        self.impressions_dropped = Counter("watchnext_impressions_dropped_total", "Impressions dropped (buffer full).")
+        self.log_backlog = Gauge("watchnext_impression_backlog", "Impressions buffered, not yet written to Redis.")
+        self.feedback = Counter("watchnext_feedback_total", "Feedback events by outcome.", ("result",))
+        self.examples = Counter("watchnext_examples_emitted_total", "Labelled examples sent to the training stream.")
+        self.redis_up = Gauge("watchnext_redis_up", "1 when the last Redis call succeeded.")
+
+    def render(self) -> str:
+        lines: list[str] = []
+        for m in vars(self).values():
+            if isinstance(m, _Metric):
+                lines += m.render()
+        return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- logs
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, event, and the record's `fields`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        out.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str = "info") -> None:
+    root = logging.getLogger("watchnext")
+    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(JsonFormatter())
+        root.addHandler(h)
+    root.setLevel(level.upper())
+    root.propagate = False
+
+
+def log(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
+    logger.log(level, event, extra={"fields": fields})
+
+
+class Stopwatch:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0

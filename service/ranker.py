@@ -1,0 +1,113 @@
+"""POST /v1/rank, the work: fill absent features from the store, encode once, run once, combine, keep top_k.
+
+Runs in a worker thread (ONNX Runtime releases the GIL), so the event loop
+stays free for other requests, feedback and health checks.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from watchnext.config import Config
+from watchnext.scoring import combine
+
+from .features import FeatureStore, feature_key
+from .models import LoadedModel
+from .observability import Metrics
+from .request import SHARED, RankInput, RequestCodec
+
+CONTROL = "control"
+
+
+@dataclass
+class Ranked:
+    body: dict[str, Any]
+    impression: dict[str, Any]
+    candidates: int
+
+
+class Ranker:
+    def __init__(self, config: Config, store: FeatureStore, metrics: Metrics):
+        self.config, self.store, self.metrics = config, store, metrics
+        self.codec = RequestCodec(config)
+        self.mode = config.score.combine
+        self.source_features = {s: {f.name for f in config.features if f.source == s} for s in SHARED}
+
+    def rank(self, body: bytes, model: LoadedModel, arm: str = CONTROL) -> Ranked:
+        inp = self.codec.parse(body)
+        if inp.unknown_features:
+            self.metrics.unknown_features.inc(inp.unknown_features)
+        if self.store.enabled:
+            self.fill(inp)
+        n = len(inp.candidates)
+        inputs = self.codec.encode(inp)
+        session = model.session
+        heads = session.run(inputs) if n else np.zeros((0, len(session.task_names)), np.float32)  # (B, T)
+        scores = combine(heads, model.weights, self.mode)  # (B,)
+        finite = np.isfinite(heads).all(axis=1) & np.isfinite(scores)
+        if not finite.all():  # never let NaN or inf reach a client; count it
+            self.metrics.nonfinite.inc(int((~finite).sum()))
+            idx = np.flatnonzero(finite)
+        else:
+            idx = np.arange(n)
+        k = min(inp.top_k, len(idx))
+        s = scores[idx]
+        if k < len(idx):  # partial sort: the top k of B in O(B)
+            part = np.argpartition(-s, k - 1)[:k]
+            top = part[np.argsort(-s[part], kind="stable")]
+        else:
+            top = np.argsort(-s, kind="stable")
+        order = idx[top]
+        if self.config.item_id is not None:
+            ids = inp.candidates.field(self.config.item_id).take(order).to_pylist()
+        else:
+            ids = [str(i) for i in order.tolist()]
+        names = session.task_names
+        head_rows = heads[order].astype(np.float64).tolist()
+        items = [
+            {"id": i, "score": sc, "heads": dict(zip(names, h))}
+            for i, sc, h in zip(ids, scores[order].tolist(), head_rows)
+        ]
+        version = str(model.version)
+        served = inp.candidates.take(order).to_pylist()
+        impression = {
+            "ts": time.time(),
+            "request_id": inp.request_id,
+            **{s: inp.shared[s] for s in SHARED},
+            "arm": arm,
+            "model_version": version,
+            "items": [(i, {k: v for k, v in c.items() if v is not None}, pos) for pos, (i, c) in enumerate(zip(ids, served))],
+        }
+        body_out = {"request_id": inp.request_id, "model_version": version, "arm": arm, "items": items}
+        return Ranked(body_out, impression, n)
+
+    def fill(self, inp: RankInput) -> None:
+        """Read what the request left out from the feature store, in one round trip."""
+        keys: list[str] = []
+        shared_keys: list[str] = []
+        for s in ("user", "query"):
+            kf, sec = self.store.keys[s], inp.shared[s]
+            if kf is not None and sec.get(kf) is not None and not self.source_features[s] <= sec.keys():
+                keys.append(feature_key(s, sec[kf]))
+                shared_keys.append(s)
+        rows = np.zeros(0, np.int64)
+        if self.config.item_id is not None and len(inp.candidates):
+            rows = np.flatnonzero(self.codec.missing_candidate_rows(inp.candidates))
+            if len(rows):
+                ids = inp.candidates.field(self.config.item_id).take(rows).to_pylist()
+                keys += [feature_key("candidate", i) for i in ids]
+        got = self.store.get(keys)
+        if not got:
+            return
+        for s, v in zip(shared_keys, got):
+            stored = self.codec.clean_stored(s, v) if v is not None else None
+            if stored:
+                inp.shared[s] = {**stored, **inp.shared[s]}
+        if len(rows):
+            cands = [self.codec.clean_stored("candidate", v) if v is not None else None for v in got[len(shared_keys):]]
+            if any(c is not None for c in cands):
+                inp.candidates = self.codec.fill_candidates(inp.candidates, rows, cands)

@@ -1,0 +1,129 @@
+"""The OpenAPI description of the request and response bodies, derived from the config.
+
+The rank request's schema lists every feature with its type (ids, id lists,
+numbers, fixed-length vectors), so clients and schemathesis see exactly what
+the model reads. Sections also accept unknown keys: they are ignored and counted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from watchnext.config import Config, Feature
+
+from .request import MAX_REQUEST_ID
+
+ID = {"type": "string", "minLength": 1, "maxLength": MAX_REQUEST_ID}
+
+
+def feature_schema(f: Feature) -> dict[str, Any]:
+    if f.kind == "categorical":
+        return {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "null"}]}
+    if f.kind == "categorical_list":
+        return {"type": ["array", "null"], "items": {"type": "string"}}
+    if f.kind == "numeric":
+        s: dict[str, Any] = {"type": ["number", "null"]}
+        if f.transform == "log1p":
+            s["exclusiveMinimum"] = -1
+        return s
+    return {"type": ["array", "null"], "items": {"type": "number"}, "minItems": f.size, "maxItems": f.size}
+
+
+def section_schema(config: Config, source: str, required: tuple[str, ...] = ()) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "type": "object",
+        "properties": {f.name: feature_schema(f) for f in config.features if f.source == source},
+        "additionalProperties": True,
+    }
+    if required:
+        s["required"] = list(required)
+        for r in required:
+            s["properties"][r] = {"anyOf": [ID, {"type": "integer"}]}
+    return s
+
+
+def rank_request_schema(config: Config) -> dict[str, Any]:
+    item = (config.item_id,) if config.item_id else ()
+    return {
+        "type": "object",
+        "required": ["candidates"],
+        "properties": {
+            "request_id": ID,
+            "user": section_schema(config, "user"),
+            "query": section_schema(config, "query"),
+            "context": section_schema(config, "context"),
+            "candidates": {"type": "array", "items": section_schema(config, "candidate", item),
+                           "maxItems": config.service.max_candidates},
+            "top_k": {"type": "integer", "minimum": 1},
+        },
+    }
+
+
+def feedback_event_schema(config: Config) -> dict[str, Any]:
+    labels = {}
+    for t in config.tasks:
+        if t.kind == "binary":
+            labels[t.name] = {"anyOf": [{"enum": [0, 1]}, {"type": "boolean"}, {"type": "null"}]}
+        else:
+            labels[t.name] = {"type": ["number", "null"], **({"exclusiveMinimum": -1} if t.transform == "log1p" else {})}
+    return {
+        "type": "object",
+        "required": ["request_id", "item_id", "labels"],
+        "properties": {
+            "request_id": ID,
+            "item_id": {"anyOf": [ID, {"type": "integer"}]},
+            "labels": {"type": "object", "properties": labels, "additionalProperties": False},
+        },
+    }
+
+
+def feedback_request_schema(config: Config, max_events: int) -> dict[str, Any]:
+    ev = feedback_event_schema(config)
+    return {"anyOf": [ev, {"type": "array", "items": ev, "minItems": 1, "maxItems": max_events}]}
+
+
+def json_body(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+# ---------------------------------------------------------------- responses
+
+
+class ErrorDetail(BaseModel):
+    field: str = Field(description="the part of the request at fault, e.g. candidates[3].video_age_days")
+    reason: str
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class RankedItem(BaseModel):
+    id: str
+    score: float
+    heads: dict[str, float] = Field(description="each task's prediction in its label's units")
+
+
+class RankResponse(BaseModel):
+    request_id: str
+    model_version: str
+    arm: str
+    items: list[RankedItem]
+
+
+class Dropped(BaseModel):
+    index: int
+    request_id: str
+    item_id: str
+    reason: str
+
+
+class FeedbackResponse(BaseModel):
+    accepted: int
+    dropped: list[Dropped]
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorBody} for c in codes}

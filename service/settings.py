@@ -1,0 +1,120 @@
+"""The service's settings: validated once at start, passed to `create_app`; nothing is read at import time.
+
+Settings come from command-line flags and the environment (the environment is a
+parameter, so tests never touch `os.environ`)::
+
+    WATCHNEXT_CONFIG        config file (default: the shipped watchnext.toml)
+    WATCHNEXT_MODELS        model repository (default: ./models)
+    REDIS_URL               Redis; unset: `watchnext serve` starts an embedded redis-server
+    WATCHNEXT_ADMIN_TOKEN   bearer token for promote / rollback (unset: those endpoints answer 401)
+    WATCHNEXT_DEVICE        auto | cpu | cuda (default auto: CUDA when ONNX Runtime has it)
+    WATCHNEXT_THREADS       ONNX Runtime intra-op threads (0: the CPUs this process may use)
+    WATCHNEXT_LOG_LEVEL     debug | info | warning | error
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from watchnext.config import Config, load_config
+from watchnext.repository import ModelRepository
+
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+MIN_TOKEN_CHARS = 16
+
+
+class SettingsError(ValueError):
+    """A setting the service cannot start with; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    config_path: str | None = None
+    models_dir: str = "models"
+    redis_url: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8000
+    admin_token: str | None = field(default=None, repr=False)
+    device: str = "auto"
+    threads: int = 0
+    log_level: str = "info"
+    # how often buffered impressions are written to Redis, and the buffer's bound
+    flush_interval_s: float = 0.05
+    impression_buffer: int = 100_000
+    # how often closed attribution windows are turned into training examples (0: from the window)
+    close_interval_s: float = 0.0
+    # after a failed Redis call, online features are skipped for this long (then tried again)
+    feature_backoff_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, reason: str) -> None:
+            raise SettingsError(f"setting {name}: {reason}")
+
+        if not 0 <= self.port <= 65535:
+            bad("port", f"must be in 0..65535, got {self.port}")
+        if self.device not in DEVICES:
+            bad("device", f"expected one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.log_level not in LOG_LEVELS:
+            bad("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        if self.threads < 0:
+            bad("threads", f"must be >= 0, got {self.threads}")
+        if self.admin_token is not None and len(self.admin_token) < MIN_TOKEN_CHARS:
+            bad("admin_token (WATCHNEXT_ADMIN_TOKEN)", f"must be at least {MIN_TOKEN_CHARS} characters")
+        for name in ("flush_interval_s", "feature_backoff_s"):
+            if not getattr(self, name) > 0:
+                bad(name, f"must be > 0, got {getattr(self, name)}")
+        if self.close_interval_s < 0:
+            bad("close_interval_s", f"must be >= 0, got {self.close_interval_s}")
+        if self.impression_buffer < 1:
+            bad("impression_buffer", f"must be >= 1, got {self.impression_buffer}")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            bad("redis_url (REDIS_URL)", f"expected redis://, rediss:// or unix://, got {self.redis_url!r}")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Environment first, then `overrides` (command-line flags; None means 'not given')."""
+        env = os.environ if env is None else env
+        kw: dict[str, Any] = {}
+        for name, key, conv in (
+            ("config_path", "WATCHNEXT_CONFIG", str),
+            ("models_dir", "WATCHNEXT_MODELS", str),
+            ("redis_url", "REDIS_URL", str),
+            ("admin_token", "WATCHNEXT_ADMIN_TOKEN", str),
+            ("device", "WATCHNEXT_DEVICE", str),
+            ("threads", "WATCHNEXT_THREADS", int),
+            ("log_level", "WATCHNEXT_LOG_LEVEL", str),
+        ):
+            if env.get(key):
+                try:
+                    kw[name] = conv(env[key])
+                except ValueError:
+                    raise SettingsError(f"{key}: expected {conv.__name__}, got {env[key]!r}") from None
+        names = {f.name for f in fields(cls)}
+        for k, v in overrides.items():
+            if k not in names:
+                raise SettingsError(f"unknown setting {k!r}")
+            if v is not None:
+                kw[k] = v
+        return cls(**kw)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+@dataclass
+class Deps:
+    """What the app runs on: the config, the model repository, and where Redis is (None: no Redis)."""
+
+    config: Config
+    repo: ModelRepository
+    redis_url: str | None
+
+
+def build_deps(settings: Settings) -> Deps:
+    """Load the config and open the repository; Redis must already be chosen (see cli.serve)."""
+    config = load_config(settings.config_path)
+    return Deps(config, ModelRepository(settings.models_dir, config.model.name), settings.redis_url)

@@ -1,0 +1,195 @@
+"""POST /v1/rank against a real uvicorn: ranking, units, limits, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from service.inference import InferenceSession
+from service.request import RequestCodec
+from tests.service.traffic import candidates_pool, rank_requests
+from watchnext.config import load_config
+from watchnext.scoring import combine, weight_vector
+
+
+def direct_scores(config, onnx_path, req: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Heads and scores computed without the service: the encoder and ONNX Runtime alone."""
+    codec = RequestCodec(config)
+    inp = codec.parse(json.dumps(req).encode())
+    sess = InferenceSession(onnx_path, "cpu", 1)
+    heads = sess.run(codec.encode(inp))
+    w = weight_vector(sess.task_names, config.score.weights)
+    return heads, combine(heads, w, config.score.combine), sess.task_names
+
+
+def test_rank_returns_top_k_best_first_in_label_units(trained, client):
+    config = load_config(trained["config_path"])
+    req = rank_requests(trained["history"], 1, top_k=4)[0]
+    r = client.post("/v1/rank", json=req)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["request_id"] == req["request_id"]
+    assert body["model_version"] == "2" and body["arm"] == "control"
+    assert len(body["items"]) == 4
+    heads, scores, names = direct_scores(config, trained["models"] / "ranker" / "2" / "model.onnx", req)
+    ids = [c["video_id"] for c in req["candidates"]]
+    expect = np.argsort(-scores, kind="stable")[:4]
+    assert [it["id"] for it in body["items"]] == [ids[i] for i in expect]
+    for it, i in zip(body["items"], expect):
+        assert it["score"] == pytest.approx(scores[i], rel=1e-6)
+        assert list(it["heads"]) == names
+        assert [it["heads"][t] for t in names] == pytest.approx(heads[i].tolist(), rel=1e-6)
+    # label units: probabilities for binary tasks, seconds (not log seconds) for watch time
+    for it in body["items"]:
+        for t in config.tasks:
+            if t.kind == "binary":
+                assert 0.0 <= it["heads"][t.name] <= 1.0
+        assert it["heads"]["watch_time"] > 1.0  # log1p inverted: simulated watches last minutes
+    scores_out = [it["score"] for it in body["items"]]
+    assert scores_out == sorted(scores_out, reverse=True)
+
+
+def test_one_candidate_and_generated_request_id(trained, client):
+    c = candidates_pool(trained["history"], 1)[0]
+    r = client.post("/v1/rank", json={"candidates": [c]})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["request_id"]) == 32 and len(body["items"]) == 1
+    assert body["items"][0]["id"] == c["video_id"]
+
+
+def test_integer_ids_and_only_ids(trained, client):
+    r = client.post("/v1/rank", json={"user": {"user_id": 17}, "candidates": [{"video_id": 3}, {"video_id": "v4"}]})
+    assert r.status_code == 200, r.text
+    assert {it["id"] for it in r.json()["items"]} == {"3", "v4"}
+
+
+def test_default_top_k_and_empty_candidates(trained, client):
+    cands = candidates_pool(trained["history"], 30)
+    r = client.post("/v1/rank", json={"candidates": cands})
+    assert len(r.json()["items"]) == 20  # [service] default_top_k
+    r = client.post("/v1/rank", json={"candidates": []})
+    assert r.status_code == 200 and r.json()["items"] == []
+
+
+def test_unknown_features_are_ignored_and_counted(trained, client):
+    cands = candidates_pool(trained["history"], 3)
+    base = client.post("/v1/rank", json={"request_id": "a", "candidates": cands}).json()
+    extra = [{**c, "colour": "red", "shininess": 3} for c in cands]
+    r = client.post("/v1/rank", json={"request_id": "a", "user": {"mood": "happy"}, "candidates": extra})
+    assert r.status_code == 200
+    assert r.json()["items"] == base["items"]  # same scores: unknown keys change nothing
+    metrics = client.get("/metrics").text
+    assert "watchnext_unknown_features_total 7" in metrics
+
+
+BAD = [
+    # (body, status, field, words in the reason)
+    (b"{not json", 400, "body", "not valid JSON"),
+    (b"[1, 2]", 422, "body", "expected a JSON object"),
+    (b'{"candidates": 5}', 422, "candidates", "expected a list"),
+    (b'{"user": []}', 422, "user", "expected an object"),
+    (b'{"candidates": [{"video_id": "v1"}, 7]}', 422, "candidates[1]", "expected an object"),
+    (b'{"candidates": [{"video_id": "v1"}, {"video_id": "v2", "video_age_days": "old"}]}', 422,
+     "candidates[1].video_age_days", "expected a number"),
+    (b'{"candidates": [{"video_id": "v1", "video_age_days": NaN}]}', 422, "candidates[0].video_age_days", "finite"),
+    (b'{"candidates": [{"video_id": "v1", "video_views": Infinity}]}', 422, "candidates[0].video_views", "finite"),
+    (b'{"candidates": [{"video_id": "v1", "video_age_days": true}]}', 422, "candidates[0].video_age_days", "expected a number"),
+    (b'{"candidates": [{"video_id": "v1"}, {"video_id": "v2", "video_embedding": [1, 2]}]}', 422,
+     "candidates[1].video_embedding", "expected 16 numbers"),
+    (b'{"candidates": [{"video_id": "v1", "video_age_days": -3}]}', 422, "candidates[0].video_age_days", "> -1"),
+    (b'{"candidates": [{"video_channel": "c1"}]}', 422, "candidates[0].video_id", "is required"),
+    (b'{"candidates": [{"video_id": [1]}]}', 422, "candidates[0].video_id", "expected a string"),
+    (b'{"query": {"query_embedding": [1, NaN, 3]}, "candidates": []}', 422, "query.query_embedding", None),
+    (b'{"context": {"hour": "noon"}, "candidates": []}', 422, "context.hour", "expected a number"),
+    (b'{"candidates": [], "top_k": 0}', 422, "top_k", ">= 1"),
+    (b'{"candidates": [], "top_k": "5"}', 422, "top_k", None),
+    (b'{"request_id": {"a": 1}, "candidates": []}', 422, "request_id", None),
+    (b'{"user": {"user_id": "u1"}}', 422, "candidates", "is required"),
+]
+
+
+@pytest.mark.parametrize("body,status,field,words", BAD, ids=[b[2] + f"-{i}" for i, b in enumerate(BAD)])
+def test_bad_input_names_the_field(client, body, status, field, words):
+    r = client.post("/v1/rank", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["field"] == field
+    if words:
+        assert words in err["reason"]
+
+
+def test_limits_on_candidates_and_body_size(trained, client):
+    cands = [{"video_id": f"v{i}"} for i in range(2001)]
+    r = client.post("/v1/rank", json={"candidates": cands})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "candidates"
+    assert "at most 2000" in r.json()["error"]["reason"]
+    big = b'{"candidates": [], "pad": "' + b"x" * (8 * 1024 * 1024) + b'"}'
+    r = client.post("/v1/rank", content=big, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["field"] == "body"
+    # without a Content-Length (chunked): cut off once past the limit
+    def chunks():
+        yield b'{"candidates": [], "pad": "'
+        for _ in range(9):
+            yield b"x" * (1024 * 1024)
+        yield b'"}'
+
+    r = client.post("/v1/rank", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_2000_candidates_rank(trained, client):
+    pool = candidates_pool(trained["history"], 400)
+    cands = [{**pool[i % len(pool)], "video_id": f"x{i}"} for i in range(2000)]
+    r = client.post("/v1/rank", json={"candidates": cands, "top_k": 2000})
+    assert r.status_code == 200
+    items = r.json()["items"]
+    assert len(items) == 2000 and len({it["id"] for it in items}) == 2000
+    assert all(math.isfinite(it["score"]) for it in items)
+
+
+def test_non_finite_model_output_never_reaches_a_response(trained, server, client):
+    """A model that answers NaN for some rows: those rows are dropped and counted."""
+    svc = server.service
+    model = svc.models.current
+    real_run = model.session.run
+
+    def run(inputs):
+        heads = real_run(inputs)
+        heads[::2, 0] = np.nan  # every other candidate
+        return heads
+
+    model.session.run = run
+    try:
+        cands = candidates_pool(trained["history"], 6)
+        r = client.post("/v1/rank", json={"candidates": cands, "top_k": 6})
+    finally:
+        model.session.run = real_run
+    assert r.status_code == 200
+    ids = [it["id"] for it in r.json()["items"]]
+    assert ids and set(ids) <= {c["video_id"] for c in cands[1::2]}
+    assert "NaN" not in r.text and "Infinity" not in r.text
+    assert svc.metrics.nonfinite.get() == 3
+
+
+def test_slow_path_agrees_with_fast_path(trained):
+    """Integer ids (Arrow refuses them) take the checking path; the arrays must come out the same."""
+    config = load_config(trained["config_path"])
+    codec = RequestCodec(config)
+    cands = candidates_pool(trained["history"], 50)
+    fast = codec.parse(json.dumps({"candidates": cands}).encode())
+    slow = codec._candidates(cands, careful=True)
+    assert fast.candidates.equals(slow)
+    assert fast.candidates.type == pa.struct(list(codec.types["candidate"]))
+
+
+def test_service_never_imports_torch():
+    code = "import sys, service.app, service.cli; assert 'torch' not in sys.modules, 'torch imported'; " \
+           "assert not any(m == 'training' or m.startswith('training.') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
