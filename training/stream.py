@@ -34,6 +34,10 @@ from .trainer import Trainer, pick_device
 FIELD = b"example"
 
 
+def _text(v: str | bytes) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
 def parse_id(entry_id: str | bytes) -> tuple[int, int]:
     s = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     ms, _, seq = s.partition("-")
@@ -50,24 +54,36 @@ class StreamReader:
         except redis.ResponseError as e:
             if "BUSYGROUP" not in str(e):
                 raise
-        self.own_pending = True  # first drain what was delivered to us before a restart
-        self.last_claim = 0.0
+        # own: what was delivered to this name before a restart; claim: what dead workers
+        # left pending; new: everything after. Ids stay in order across the three.
+        self.phase = "own"
+        self.waiting_logged = False
 
-    def read(self, count: int, block_ms: int) -> list[tuple[bytes, dict | None]]:
-        if self.own_pending:
+    def read(self, count: int, block_ms: int, log=None) -> list[tuple[bytes, dict | None]]:
+        if self.phase == "own":
             got = self._group_read("0", count, None)
             if got:
                 return got
-            self.own_pending = False
-        if time.monotonic() - self.last_claim > 1.0:
-            self.last_claim = time.monotonic()
-            res = self.r.xautoclaim(self.key, self.group, self.consumer, self.claim_idle_ms, "0-0", count=count)
-            claimed = [(i, f) for i, f in res[1]] if res and res[1] else []
-            deleted = res[2] if len(res) > 2 else []
-            if deleted:
-                self.r.xack(self.key, self.group, *deleted)
-            if claimed:
-                return claimed
+            self.phase = "claim"
+        if self.phase == "claim":
+            summary = self.r.xpending(self.key, self.group)
+            others = sum(
+                int(c["pending"]) for c in summary.get("consumers") or [] if _text(c["name"]) != self.consumer
+            )
+            if others == 0:
+                self.phase = "new"
+            else:
+                res = self.r.xautoclaim(self.key, self.group, self.consumer, self.claim_idle_ms, "0-0", count=count)
+                if len(res) > 2 and res[2]:  # entries deleted from the stream while pending
+                    self.r.xack(self.key, self.group, *res[2])
+                if res[1]:
+                    return list(res[1])
+                if log and not self.waiting_logged:
+                    log(f"[stream] {others} entries pending on a dead worker: taking them over once idle "
+                        f"for {self.claim_idle_ms} ms")
+                    self.waiting_logged = True
+                time.sleep(min(0.2, self.claim_idle_ms / 1000))
+                return []
         return self._group_read(">", count, block_ms)
 
     def _group_read(self, start: str, count: int, block_ms: int | None):
@@ -167,7 +183,7 @@ def run_stream(
         f"resuming after id {st.source['last_id']} ({st.examples:,} examples trained so far)")
     try:
         while not stop[0]:
-            entries = reader.read(bs - len(buf_ids), block_ms=200)
+            entries = reader.read(bs - len(buf_ids), block_ms=200, log=log)
             now = time.monotonic()
             skip = []
             for i, fields in entries:

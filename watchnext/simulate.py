@@ -197,10 +197,13 @@ class World:
         return {"query_video_id": f"v{v}", "query_embedding": [round(float(x), 3) for x in self.embedding[v]]}
 
     def user_features(self, u: int) -> dict:
+        recent = self.recent[u]
         return {
             "user_id": f"u{u}",
             "user_country": f"k{self.country[u]}",
-            "user_recent_videos": [f"v{v}" for v in self.recent[u].tolist()],
+            "user_recent_videos": [f"v{v}" for v in recent.tolist()],
+            # mean content embedding of recent watches, as a profile service would keep it
+            "user_embedding": [round(float(x), 3) for x in self.embedding[recent].mean(axis=0)],
         }
 
 
