@@ -133,3 +133,22 @@ def test_cli_train_prints_json_and_writes_metrics(history_file, small_config_pat
     assert ModelRepository(tmp_path / "models", "ranker").promoted() == 1
     cfg = load_config(small_config_path)
     assert set(out["metrics"]["tasks"]) == {t.name for t in cfg.tasks}
+
+
+def test_bad_lines_are_counted_once_across_a_restart(history_file, tmp_path):
+    from tests.test_examples import BAD, make_bad_file
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(small_config_text(trainer={"checkpoint_every_examples": 256}))
+    config = load_config(cfg)
+    lines = history_file.read_text().splitlines()
+    bad_head = make_bad_file(history_file, tmp_path / "head.jsonl", n=40).read_text().splitlines()
+    # the 40 lines with 6 bad ones (and a blank line), then the rest, then the bad block again near the end
+    body = bad_head + lines[40:3000] + ['{"broken": '] + lines[3000:]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("\n".join(body) + "\n")
+    first = train_files(config, [path], tmp_path / "ck.pt", None, fresh=True, max_examples=1024)
+    assert first.trained_now == 1024
+    rest = train_files(config, [path], tmp_path / "ck.pt", None)
+    assert rest.examples == 6000 - len(BAD)
+    assert rest.bad_lines == len(BAD) + 1  # each bad line once, though the first run read past some

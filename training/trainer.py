@@ -282,7 +282,7 @@ def train_files(
 
     def checkpoint_now() -> None:
         nonlocal last_ckpt_ex, last_ckpt_t
-        st.bad_lines = decoder.bad.count
+        st.bad_lines = decoder.bad.settled(Position(**st.source["position"]))
         trainer.save(checkpoint)
         last_ckpt_ex, last_ckpt_t = st.examples, time.monotonic()
 

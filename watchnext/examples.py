@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,15 +51,31 @@ class Position:
 
 @dataclass
 class BadLines:
-    """Skipped input, counted, with the first few reasons kept for the report."""
+    """Skipped input, counted, with the first few reasons kept for the report.
+
+    `pending` holds the (file index, line) of skips not yet settled by a
+    checkpoint: lines read ahead of the training position are read again after
+    a restart, and must not be counted twice.
+    """
 
     count: int = 0
     first: list[str] = field(default_factory=list)
+    pending: list[tuple[int, int]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the reader thread adds
 
-    def add(self, where: str, reason: str) -> None:
-        self.count += 1
-        if len(self.first) < MAX_REPORTED:
-            self.first.append(f"{where}: {reason}")
+    def add(self, where: str, reason: str, at: tuple[int, int] | None = None) -> None:
+        with self.lock:
+            self.count += 1
+            if at is not None:
+                self.pending.append(at)
+            if len(self.first) < MAX_REPORTED:
+                self.first.append(f"{where}: {reason}")
+
+    def settled(self, position: Position) -> int:
+        """The count up to `position` (what a checkpoint there may record); forgets older skips."""
+        with self.lock:
+            self.pending = [p for p in self.pending if p >= (position.file_index, position.line)]
+            return self.count - len(self.pending)
 
 
 @dataclass
@@ -115,6 +132,7 @@ class Decoder:
         self.on_bad_line = on_bad_line or config.trainer.on_bad_line
         self.bad = BadLines()
         self.last_ts = -math.inf
+        self.file_index = 0  # of the file being read, for BadLines.pending
 
     # --- parsing ---------------------------------------------------------
     def parse_lines(self, buf: bytes, name: str, first_line: int) -> tuple[pa.Table, np.ndarray, np.ndarray]:
@@ -161,7 +179,7 @@ class Decoder:
         where = f"{name} entry {self.line_names[line - 1]}" if self.line_names else f"{name}:{line}"
         if self.on_bad_line == "stop":
             raise DataError(f"{where}: {reason} (set trainer.on_bad_line = \"skip\" to skip bad lines)")
-        self.bad.add(where, reason)
+        self.bad.add(where, reason, (self.file_index, line))
 
     # --- encoding --------------------------------------------------------
     def encode(
@@ -191,9 +209,8 @@ class Decoder:
             problems.add(~bad & (ts < before), "ts: goes backwards (examples must be in time order)")
         bad = problems.bad
         if bad.any():
-            for row in np.flatnonzero(bad)[: MAX_REPORTED + 1].tolist():
+            for row in np.flatnonzero(bad).tolist():  # only bad rows: few, each needs its reason
                 self.reject(name, int(lines[row]), "; ".join(problems.reasons(row)))
-            self.bad.count += max(0, int(bad.sum()) - (MAX_REPORTED + 1))
         good = np.flatnonzero(~bad)
         if len(good):
             self.last_ts = max(self.last_ts, float(ts[good].max()))
@@ -310,6 +327,7 @@ class ExampleFiles:
         for i in range(self.start.file_index, len(self.paths)):
             p = self.paths[i]
             start = self.start if i == self.start.file_index else Position(i, 0, 1)
+            self.decoder.file_index = i
             parts = self._parquet(p, i, start) if is_parquet(p) else self._jsonl(p, i, start)
             for chunk, done in parts:
                 yield chunk, base + done
