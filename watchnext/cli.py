@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Subcommands added by other modules of the package (service, experiments) register here.
-_EXTRA: list[Callable[[Any], None]] = []
+_EXTRA: list[Callable[[Any], None]] = [lambda sub: __import__("service.cli", fromlist=["register"]).register(sub)]
 
 
 def common(p: argparse.ArgumentParser) -> None:

@@ -81,7 +81,8 @@ def start_embedded(data_dir: str | os.PathLike | None = None, port: int | None =
         "--protected-mode", "yes",
         "--loglevel", "warning",
     ]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # its own session: a Ctrl-C meant for `watchnext up` must not stop Redis before the service has flushed
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     server = EmbeddedRedis(proc, port, d, owns)
     deadline = time.monotonic() + 15
     client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2)

@@ -1,0 +1,154 @@
+"""`watchnext up`: Redis, the service and the continuous trainer as one process tree.
+
+    watchnext up
+      ├── redis-server            (embedded, unless REDIS_URL is set)
+      ├── the service             (this process: uvicorn)
+      └── watchnext train --stream --promote   (a child process: torch stays out of the service)
+
+On an empty repository a first version is trained on simulated history (a
+child `watchnext train --data`), and the history's users and videos are loaded
+into the online feature store. Ctrl-C stops the service first (its impression
+buffer is flushed), then the trainer (it checkpoints and acknowledges what it
+trained), then Redis.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from watchnext.cli import CliError
+
+from .settings import Settings, build_deps
+
+DATA = Path("data")
+
+
+def say(msg: str) -> None:
+    print(f"[up] {msg}", file=sys.stderr, flush=True)
+
+
+def watchnext_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "watchnext", *args]
+
+
+def bootstrap(config_args: list[str], examples: int, checkpoint: str) -> Path:
+    """Train and promote a first version on simulated history (the continuous trainer carries it on)."""
+    history = DATA / "bootstrap.jsonl"
+    if not history.is_file():
+        say(f"the model repository is empty: simulating {examples:,} examples of history into {history}")
+        subprocess.run(watchnext_cmd("simulate", "history", "--out", str(history), "--examples", str(examples)),
+                       check=True, stdout=subprocess.DEVNULL)
+    say("training a first version on it (watchnext train --data ... --fresh --promote)")
+    subprocess.run(watchnext_cmd("train", "--data", str(history), "--fresh", "--promote", *config_args,
+                                 "--checkpoint", checkpoint),
+                   check=True, stdout=subprocess.DEVNULL)
+    return history
+
+
+def load_features(history: Path, deps, redis_url: str) -> None:
+    import redis
+
+    from .features import load_file
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        counts = load_file(client, deps.config, history)
+    finally:
+        client.close()
+    say(f"online features: {counts['user']:,} users, {counts['query']:,} queries, {counts['candidate']:,} videos "
+        f"from {history}")
+
+
+def example_request(history: Path | None, item_id: str | None) -> dict:
+    """A rank request with real ids: only ids, the store fills in the rest."""
+    if history is not None and history.is_file():
+        with open(history) as fh:
+            rows = [json.loads(next(fh)) for _ in range(10)]
+        ukey = next(iter(rows[0]["user"]), None)
+        qkey = next(iter(rows[0]["query"]), None)
+        req = {
+            "user": {ukey: rows[0]["user"][ukey]} if ukey else {},
+            "query": {qkey: rows[0]["query"][qkey]} if qkey else {},
+            "context": rows[0]["context"],
+            "candidates": [{item_id: r["candidate"][item_id]} for r in rows[:5]] if item_id else
+            [r["candidate"] for r in rows[:3]],
+            "top_k": 3,
+        }
+        return req
+    return {"candidates": [{item_id or "id": "v1"}, {item_id or "id": "v2"}], "top_k": 2}
+
+
+def run_stack(args, settings: Settings) -> int:
+    import uvicorn
+
+    from watchnext.redis_embed import start_embedded
+
+    from .app import create_app
+
+    embedded = None
+    if settings.redis_url is None:
+        embedded = start_embedded(DATA / "redis")
+        settings = settings.with_(redis_url=embedded.url)
+        say(f"Redis: embedded redis-server at {embedded.url} (data in {DATA / 'redis'}/)")
+    else:
+        say(f"Redis: {settings.redis_url}")
+    token_note = ""
+    if settings.admin_token is None:
+        settings = settings.with_(admin_token=secrets.token_urlsafe(24))
+        token_note = " (generated; set WATCHNEXT_ADMIN_TOKEN to choose one)"
+    trainer: subprocess.Popen | None = None
+    try:
+        deps = build_deps(settings)
+        config_args = ["--models", settings.models_dir] + (["--config", settings.config_path] if settings.config_path else [])
+        history = DATA / "bootstrap.jsonl"
+        ckpt = args.checkpoint or str(Path("checkpoints") / f"{deps.config.model.name}.pt")
+        if not deps.repo.versions():
+            history = bootstrap(config_args, args.bootstrap_examples, ckpt)
+            load_features(history, deps, settings.redis_url)
+        env = {**os.environ, "REDIS_URL": settings.redis_url}
+        if not args.no_trainer:
+            cmd = watchnext_cmd("train", "--stream", "--promote", *config_args, "--checkpoint", ckpt)
+            # its own process group: Ctrl-C reaches us, and we stop the trainer after the service
+            trainer = subprocess.Popen(cmd, env=env, start_new_session=True)
+            say(f"continuous trainer: pid {trainer.pid}, consuming {deps.config.stream.key} "
+                f"(exports every {deps.config.trainer.export_every_examples:,} examples or "
+                f"{deps.config.trainer.export_interval_s:g} s, promoted as they come)")
+            threading.Thread(target=_watch, args=(trainer,), daemon=True).start()
+        url = f"http://{settings.host}:{settings.port}"
+        req = example_request(history, deps.config.item_id)
+        say(f"service: {url}   (docs {url}/docs, metrics {url}/metrics)")
+        say(f"admin token: {settings.admin_token}{token_note}")
+        say(f"for other shells: export REDIS_URL={settings.redis_url}")
+        print("\nTry:\n  curl -s " + f"{url}/v1/rank -H 'content-type: application/json' -d '{json.dumps(req)}'\n",
+              file=sys.stderr, flush=True)
+        app = create_app(settings, deps)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                    timeout_graceful_shutdown=10)
+    except subprocess.CalledProcessError as e:
+        raise CliError(f"bootstrap step failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}") from None
+    finally:
+        if trainer is not None and trainer.poll() is None:
+            say("stopping the trainer (it checkpoints first)")
+            trainer.send_signal(signal.SIGTERM)
+            try:
+                trainer.wait(60)
+            except subprocess.TimeoutExpired:
+                trainer.kill()
+                trainer.wait(10)
+        if embedded is not None:
+            embedded.stop()
+        say("stopped")
+    return 0
+
+
+def _watch(proc: subprocess.Popen) -> None:
+    code = proc.wait()
+    if code not in (0, -signal.SIGTERM):
+        say(f"the continuous trainer exited with status {code}; the service keeps serving the current version")
