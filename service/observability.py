@@ -150,10 +150,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is now (test runners swap it), not the one at set-up."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def setup_logging(level: str = "info") -> None:
     root = logging.getLogger("watchnext")
-    if not any(isinstance(h.formatter, JsonFormatter) for h in root.handlers):
-        h = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, StderrHandler) for h in root.handlers):
+        h = StderrHandler()
         h.setFormatter(JsonFormatter())
         root.addHandler(h)
     root.setLevel(level.upper())

@@ -1,0 +1,154 @@
+"""Impressions, feedback and the attribution window, against a real Redis and a real uvicorn."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+from tests.service.traffic import rank_requests
+from watchnext.config import load_config
+from watchnext.examples import Decoder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def stream_examples(url: str, key: str = "watchnext:training") -> list[dict]:
+    r = redis.Redis.from_url(url)
+    try:
+        return [json.loads(f[b"example"]) for _, f in r.xrange(key)]
+    finally:
+        r.close()
+
+
+def wait_for(pred, timeout: float = 10.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def test_feedback_joins_and_window_close_emits_labelled_examples(trained, server, client, redis_url):
+    req = rank_requests(trained["history"], 1, top_k=3)[0]
+    body = client.post("/v1/rank", json=req).json()
+    served = [it["id"] for it in body["items"]]
+    r = client.post("/v1/feedback", json=[
+        {"request_id": req["request_id"], "item_id": served[0], "labels": {"click": 1, "watch_time": 50.5, "like": True}},
+        {"request_id": req["request_id"], "item_id": served[1], "labels": {"dismiss": 1}},
+        {"request_id": req["request_id"], "item_id": "never-served", "labels": {"click": 1}},
+        {"request_id": "no-such-request", "item_id": served[0], "labels": {"click": 1}},
+    ])
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["accepted"] == 2
+    assert [(d["index"], d["reason"]) for d in out["dropped"]] == [
+        (2, "item_id was not among the items served for this request_id"),
+        (3, "no impression with this request_id (never served, or served by another deployment)"),
+    ]
+    # a second feedback event for the same item merges (later wins)
+    client.post("/v1/feedback", json={"request_id": req["request_id"], "item_id": served[0], "labels": {"rating": 4}})
+
+    examples = wait_for(lambda: stream_examples(redis_url), timeout=10)
+    assert len(examples) == 3
+    by_id = {e["candidate"]["video_id"]: e for e in examples}
+    assert by_id[served[0]]["labels"] == {"click": 1.0, "watch_time": 50.5, "dismiss": 0.0, "like": 1.0, "rating": 4.0}
+    # no feedback: click and dismiss take their default 0; satisfaction labels stay missing
+    assert by_id[served[1]]["labels"] == {"click": 0.0, "watch_time": None, "dismiss": 1.0, "like": None, "rating": None}
+    assert by_id[served[2]]["labels"] == {"click": 0.0, "watch_time": None, "dismiss": 0.0, "like": None, "rating": None}
+    for pos, item in enumerate(served):
+        e = by_id[item]
+        assert e["position"] == pos and e["request_id"] == req["request_id"]
+        assert e["model_version"] == "2" and e["arm"] == "control"
+        assert e["user"] == req["user"] and e["context"] == req["context"]
+        src = next(c for c in req["candidates"] if c["video_id"] == item)
+        assert e["candidate"] == {k: v for k, v in src.items() if v is not None}  # features as served
+    # the trainer's own reader accepts every example
+    config = load_config(trained["config_path"])
+    dec = Decoder(config, on_bad_line="stop")
+    block = "\n".join(json.dumps(e) for e in examples).encode() + b"\n"
+    table, lines, ends = dec.parse_lines(block, "stream", 1)
+    assert len(dec.encode(table, lines, ends, "stream")) == 3
+
+    # after the window closed: expired, dropped with the reason
+    r = client.post("/v1/feedback", json={"request_id": req["request_id"], "item_id": served[0], "labels": {"click": 1}})
+    assert r.json()["dropped"][0]["reason"] == "the attribution window of this impression has closed"
+    m = server.service.metrics
+    assert (m.feedback.get("accepted"), m.feedback.get("expired"), m.feedback.get("unknown"),
+            m.feedback.get("unknown_item")) == (3, 1, 1, 1)
+    assert m.examples.get() == 3
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"request_id": "r", "item_id": "v", "labels": {"click": 2}}, "labels.click"),
+    ({"request_id": "r", "item_id": "v", "labels": {"colour": 1}}, "labels.colour"),
+    ({"request_id": "r", "item_id": "v", "labels": {"watch_time": "long"}}, "labels.watch_time"),
+    ({"request_id": "r", "item_id": "v", "labels": {"watch_time": -5}}, "labels.watch_time"),
+    ({"request_id": "r", "item_id": "v"}, "labels"),
+    ({"item_id": "v", "labels": {}}, "request_id"),
+    ([{"request_id": "r", "item_id": "v", "labels": {}}, {"request_id": "r", "labels": {}}], "[1].item_id"),
+    ([], "body"),
+    ("click", "body"),
+])
+def test_bad_feedback_names_the_field(client, body, field):
+    r = client.post("/v1/feedback", json=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == field
+
+
+def test_feedback_with_nan_is_refused(client):
+    r = client.post("/v1/feedback", content=b'{"request_id": "r", "item_id": "v", "labels": {"watch_time": NaN}}')
+    assert r.status_code == 422 and r.json()["error"]["field"] == "labels.watch_time"
+
+
+def test_online_features_fill_what_the_request_leaves_out(trained, server, client, redis_url, tmp_path):
+    """`watchnext features load` writes the store; a request with ids only scores like the full request."""
+    config_path = trained["config_path"]
+    req = rank_requests(trained["history"], 1, top_k=10)[0]
+    lines = tmp_path / "features.jsonl"
+    lines.write_text(json.dumps({**req, "candidates": req["candidates"]}) + "\n")
+    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-m", "watchnext", "features", "load", str(lines), "--config", str(config_path)],
+                         env=env, capture_output=True, text=True, check=True)
+    counts = json.loads(out.stdout)
+    assert (counts["user"], counts["query"], counts["candidate"]) == (1, 1, 10)
+    r = redis.Redis.from_url(redis_url)
+    stored = json.loads(r.get(f"wn:f:candidate:{req['candidates'][0]['video_id']}"))
+    r.close()
+    assert stored == {k: v for k, v in req["candidates"][0].items() if k != "video_id"}
+
+    full = client.post("/v1/rank", json=req).json()
+    ids_only = {
+        "request_id": req["request_id"],
+        "user": {"user_id": req["user"]["user_id"]},
+        "query": {"query_video_id": req["query"]["query_video_id"]},
+        "context": req["context"],
+        "candidates": [{"video_id": c["video_id"]} for c in req["candidates"]],
+        "top_k": 10,
+    }
+    filled = client.post("/v1/rank", json=ids_only).json()
+    assert filled["items"] == full["items"]
+    # a request value wins over the store
+    changed = {**ids_only, "candidates": [{"video_id": c["video_id"], "video_age_days": 0.0} for c in req["candidates"]]}
+    assert client.post("/v1/rank", json=changed).json()["items"] != full["items"]
+    m = server.service.metrics
+    assert m.feature_hits.get() == 2 * (1 + 1 + 10)  # user, query, candidates, in the two id-only requests; none for the full one
+    assert m.feature_misses.get("outage") == 0
+
+
+def test_features_load_names_a_bad_line(trained, redis_url, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"source": "candidate", "id": "v1", "features": {"video_age_days": 1}}\n'
+                   '{"source": "candidate", "id": "v2", "features": {"video_embedding": [1, 2]}}\n')
+    env = {**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": ROOT}
+    out = subprocess.run([sys.executable, "-m", "watchnext", "features", "load", str(bad), "--config",
+                          str(trained["config_path"])], env=env, capture_output=True, text=True)
+    assert out.returncode == 2
+    assert f"{bad}:2: candidate.video_embedding: expected 16 numbers" in out.stderr
