@@ -70,6 +70,7 @@ class FeatureStore:
             self.client = redis.Redis.from_url(url, socket_timeout=t, socket_connect_timeout=t,
                                                retry=Retry(NoBackoff(), 0))
         self._down_until = 0.0
+        self._up = True
         self._lock = threading.Lock()
 
     @property
@@ -90,13 +91,17 @@ class FeatureStore:
             raw = self.client.mget(keys)
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
             with self._lock:
-                first = time.monotonic() >= self._down_until
+                first, self._up = self._up, False
                 self._down_until = time.monotonic() + self.backoff_s
             self.metrics.feature_misses.inc(len(keys), "outage")
             self.metrics.redis_up.set(0)
-            if first:
-                log(logger, logging.WARNING, "feature_store_unavailable", error=str(e)[:200], retry_in_s=self.backoff_s)
+            if first:  # one line per outage, not one per retry
+                log(logger, logging.WARNING, "feature_store_unavailable", error=str(e)[:200],
+                    retry_every_s=self.backoff_s)
             return None
+        if not self._up:
+            self._up = True
+            log(logger, logging.INFO, "feature_store_available")
         self.metrics.redis_up.set(1)
         out = []
         hits = 0

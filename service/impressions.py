@@ -258,8 +258,13 @@ class ImpressionLog:
             while not self._stop.wait(delay):
                 try:
                     self.flush()
+                    if delay != self.flush_interval_s:
+                        log(logger, logging.INFO, "impression_log_recovered")
                     delay = self.flush_interval_s
-                except ConnectionError:
+                except ConnectionError as e:
+                    if delay == self.flush_interval_s:  # one line per outage
+                        log(logger, logging.WARNING, "impression_log_unavailable", error=str(e)[:200],
+                            buffered=len(self.buf))
                     delay = min(1.0, delay * 2)
                 except Exception as e:
                     log(logger, logging.ERROR, "impression_flush_failed", error=repr(e))
