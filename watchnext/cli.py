@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands added by other modules of the package (service, experiments) register here.
 _EXTRA: list[Callable[[Any], None]] = [lambda sub: __import__("service.cli", fromlist=["register"]).register(sub)]
+_EXTRA.append(lambda sub: __import__("watchnext.cli_ab", fromlist=["register"]).register(sub))
 
 
 def common(p: argparse.ArgumentParser) -> None:
