@@ -17,7 +17,7 @@ def small_config_text(**sections) -> str:
             f["buckets"] = min(f["buckets"], 5_000)
         if "dim" in f:
             f["dim"] = min(f["dim"], 8)
-    data["model"].update({"experts": 3, "expert_layers": [32, 16], "tower_layers": [8], "interaction_dim": 8})
+    data["model"].update({"experts": 3, "expert_layers": [32, 16], "tower_layers": [8], "interaction_dim": 4, "interaction_heads": 2})
     data["trainer"].update({"batch_size": 256, "report_every_examples": 2_000, "eval_window": 5_000})
     for table, values in sections.items():
         data.setdefault(table, {}).update(values)

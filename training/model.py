@@ -139,22 +139,23 @@ class Ranker(nn.Module):
             nn.init.normal_(emb.weight, std=0.05)
             with torch.no_grad():
                 emb.weight[0].zero_()
-        # Pairwise dot products between fields (as in DLRM / factorisation machines):
-        # MLPs learn user-by-item products poorly, and those carry most of the signal.
+        # Pairwise dot products between fields (as in DLRM / factorisation machines), in
+        # several heads: MLPs learn user-by-item products poorly, and different tasks need
+        # different products (what a user clicks is not what satisfies them).
         self.interact = config.model.interactions
-        k = config.model.interaction_dim
+        k, H = config.model.interaction_dim, config.model.interaction_heads
         fields = [f for f in config.features if f.kind != "numeric"]
         self.field_names = [f.name for f in fields]
+        self.heads_k = (H, k)
         self.projections = nn.ModuleDict(
-            {
-                f.name: nn.Linear(f.size if f.kind == "vector" else f.dim, k, bias=False)
-                for f in fields
-                if self.interact and (f.kind == "vector" or f.dim != k)
-            }
+            {f.name: nn.Linear(f.size if f.kind == "vector" else f.dim, H * k, bias=False) for f in fields}
+            if self.interact
+            else {}
         )
         n_fields = len(fields)
         rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
         self.register_buffer("pair_index", rows * n_fields + cols, persistent=False)
+        n_pairs = n_fields * (n_fields - 1) // 2
         self.numeric_norm = RunningNorm(self.n_numeric)
         T = len(config.tasks)
         self.target_norm = RunningNorm(T)  # used for regression tasks only
@@ -164,7 +165,7 @@ class Ranker(nn.Module):
             sum(f.dim for f in config.features if f.kind in ("categorical", "categorical_list"))
             + 2 * self.n_numeric
             + sum(f.size for f in config.features_of("vector"))
-            + (n_fields * (n_fields - 1) // 2 if self.interact else 0)
+            + (n_pairs * H if self.interact else 0)
         )
         m = config.model
         self.mmoe = m.arch == "mmoe"
@@ -192,10 +193,12 @@ class Ranker(nn.Module):
             parts.append(inputs["numeric_mask"])
         parts.extend(field[n] for n in self.vec_names)
         if self.interact:
-            proj = [self.projections[n](field[n]) if n in self.projections else field[n] for n in self.field_names]
-            f = torch.stack(proj, dim=1)  # (B, F, k)
-            dots = torch.bmm(f, f.transpose(1, 2)).flatten(1)  # (B, F*F)
-            parts.append(dots[:, self.pair_index])  # (B, F(F-1)/2)
+            H, k = self.heads_k
+            f = torch.stack([self.projections[n](field[n]) for n in self.field_names], dim=1)  # (B, F, H*k)
+            B, F = f.shape[0], f.shape[1]
+            f = f.view(B, F, H, k).transpose(1, 2).reshape(B * H, F, k)  # (B*H, F, k)
+            dots = torch.bmm(f, f.transpose(1, 2)).view(B, H, F * F)  # (B, H, F*F)
+            parts.append(dots[:, :, self.pair_index].reshape(B, -1))  # (B, H * F(F-1)/2)
         return torch.cat(parts, dim=1)
 
     def raw(self, inputs: dict[str, Tensor], train_gates: bool = False) -> tuple[Tensor, Tensor]:

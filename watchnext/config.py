@@ -80,7 +80,8 @@ class Model:
     tower_layers: tuple[int, ...] = (32,)
     expert_dropout: float = 0.1
     interactions: bool = True  # pairwise dot products between feature fields in the shared input
-    interaction_dim: int = 16
+    interaction_dim: int = 8
+    interaction_heads: int = 4
 
 
 @dataclass(frozen=True)
@@ -336,7 +337,8 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         tower_layers=m.int_list("tower_layers", (32,)),
         expert_dropout=m.fraction("expert_dropout", 0.1),
         interactions=m.get("interactions", bool, True),
-        interaction_dim=m.positive("interaction_dim", 16),
+        interaction_dim=m.positive("interaction_dim", 8),
+        interaction_heads=m.positive("interaction_heads", 4),
     )
     if not model.name.replace("_", "").replace("-", "").isalnum():
         m.fail(f"must be letters, digits, '-' or '_' (it names a folder), got {model.name!r}", "name")
