@@ -29,6 +29,7 @@ from .errors import BadRequest, split_reason
 
 SHARED = ("user", "query", "context")
 MAX_REQUEST_ID = 128
+F32_MAX = float(np.finfo(np.float32).max)  # the model reads float32: larger numbers would become inf
 
 
 @dataclass
@@ -83,6 +84,11 @@ class RequestCodec:
             s: [self.encoder.numeric_col[f.name] for f in self.encoder.numeric if f.source == s] for s in SHARED
         }
         self.shared_inputs = [f.name for f in config.features if f.source in SHARED and f.kind != "numeric"]
+        # values read as float32 as they are (log1p shrinks the rest into range)
+        self.float32_fields = {
+            s: [f for f in config.features if f.source == s and (f.kind == "vector" or f.kind == "numeric" and f.transform == "none")]
+            for s in (*SHARED, "candidate")
+        }
 
     # ------------------------------------------------------------ parsing
     def parse(self, body: bytes) -> RankInput:
@@ -176,6 +182,19 @@ class RequestCodec:
             return None
 
     # ------------------------------------------------------------ encoding
+    def check_range(self, source: str, arr: pa.StructArray, where: str) -> None:
+        """Refuse numbers a float32 cannot hold (vectorised; `where` is formatted with the row)."""
+        for f in self.float32_fields[source]:
+            col = arr.field(f.name)
+            values = pc.list_flatten(col) if f.kind == "vector" else col
+            if not len(values):
+                continue
+            big = pc.greater(pc.abs(values), F32_MAX)
+            if pc.any(big).as_py():
+                i = int(np.argmax(big.fill_null(False).to_numpy(zero_copy_only=False)))
+                row = int(pc.list_parent_indices(col)[i].as_py()) if f.kind == "vector" else i
+                raise BadRequest(f"{where.format(row=row)}.{f.name}", "must be a finite number within the float32 range")
+
     def encode(self, inp: RankInput) -> dict[str, np.ndarray]:
         """Model inputs for every candidate; raises BadRequest naming the first bad field."""
         n = len(inp.candidates)
@@ -183,12 +202,15 @@ class RequestCodec:
         problems = Problems(1)
         for s in SHARED:
             if inp.shared[s]:
-                self.encoder.encode_section(s, pa.array([inp.shared[s]], type=self.types[s]), 1, one, problems)
+                arr = pa.array([inp.shared[s]], type=self.types[s])
+                self.check_range(s, arr, s)
+                self.encoder.encode_section(s, arr, 1, one, problems)
         bad = problems.first()
         if bad is not None:
             raise BadRequest(*split_reason(bad[1].split("; ")[0]))
         out = self.encoder.empty_inputs(n)
         problems = Problems(n)
+        self.check_range("candidate", inp.candidates, "candidates[{row}]")
         self.encoder.encode_section("candidate", inp.candidates, n, out, problems)
         bad = problems.first()
         if bad is not None:
