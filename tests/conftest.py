@@ -16,6 +16,9 @@ from watchnext.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# the service and integration tests share one session-trained model repository
+pytest_plugins = ["tests.service.fixtures"]
+
 
 @pytest.fixture
 def small_config_path(tmp_path: Path) -> Path:

@@ -10,7 +10,7 @@ import time
 import httpx
 import numpy as np
 
-from tests.service.conftest import ADMIN, live_service
+from tests.service.fixtures import ADMIN, live_service
 from tests.service.test_rank import direct_scores
 from tests.service.traffic import rank_requests
 from watchnext.config import load_config

@@ -10,7 +10,7 @@ import httpx
 import redis
 
 from service.features import load_file
-from tests.service.conftest import live_service
+from tests.service.fixtures import live_service
 from tests.service.traffic import rank_requests
 from watchnext.config import load_config
 from watchnext.redis_embed import start_embedded

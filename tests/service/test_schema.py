@@ -15,7 +15,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
-from tests.service.conftest import ADMIN
+from tests.service.fixtures import ADMIN
 
 EXAMPLES = {"positive": 60, "negative": 60}
 

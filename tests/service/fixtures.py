@@ -1,4 +1,5 @@
-"""Service fixtures: a small config, two trained versions, a real uvicorn on a loopback port.
+"""Service fixtures (registered for the whole suite by tests/conftest.py): a small config, two trained versions,
+a real uvicorn on a loopback port.
 
 Nothing is mocked: the versions are trained by the real trainer and exported to
 ONNX, Redis is the real server from tests/conftest.py, and requests go over TCP.
