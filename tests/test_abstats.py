@@ -16,6 +16,7 @@ import pytest
 from tests.absim import Effect, Population
 from watchnext.abreport import read_events, render_table, write_chart
 from watchnext.abstats import Events, chi2_sf, normal_quantile, normal_sf, ratio_by_arm, report, timeseries
+from watchnext.cli import main
 from watchnext.experiments import Experiment
 
 N_AA = 1000  # A/A experiments: the false-positive share's standard error is 0.007
@@ -195,19 +196,25 @@ def test_ab_intervals_cover_the_true_difference(population):
 # ---------------------------------------------------------------- outputs
 
 
-def test_event_log_table_json_and_chart(population, tmp_path):
-    batch = population.experiments(1, 3000, seed=4, effect=Effect(click_mult=1.3), salt="io")
-    exp = batch.experiments[0]
-    ev, pre = batch.events(0)
-    log = tmp_path / "events.jsonl"
+def _write_log(path, exp: Experiment, ev: Events, extra: bool = True):
+    """The event log the service writes: labelled impressions with experiment and arm."""
     names = exp.arm_names()
-    with open(log, "w") as fh:
+    with open(path, "w") as fh:
         for i in range(len(ev)):
             labels = {k: (None if np.isnan(v[i]) else float(v[i])) for k, v in ev.labels.items()}
             fh.write(json.dumps({"ts": ev.ts[i], "experiment": exp.name, "arm": names[ev.arm[i]], "model_version": 1,
                                  "user": {"user_id": f"u{ev.user[i]}"}, "labels": labels}) + "\n")
-        fh.write(json.dumps({"ts": 1.0, "experiment": "other", "arm": "arm0", "user_id": "u1", "labels": {}}) + "\n")
-        fh.write(json.dumps({"ts": 1.0, "experiment": exp.name, "arm": "arm9", "user_id": "u1", "labels": {}}) + "\n")
+        if extra:
+            fh.write(json.dumps({"ts": 1.0, "experiment": "other", "arm": "arm0", "user_id": "u1", "labels": {}}) + "\n")
+            fh.write(json.dumps({"ts": 1.0, "experiment": exp.name, "arm": "arm9", "user_id": "u1", "labels": {}}) + "\n")
+    return path
+
+
+def test_event_log_table_json_and_chart(population, tmp_path):
+    batch = population.experiments(1, 3000, seed=4, effect=Effect(click_mult=1.3), salt="io")
+    exp = batch.experiments[0]
+    ev, pre = batch.events(0)
+    log = _write_log(tmp_path / "events.jsonl", exp, ev)
     read, dropped = read_events([log], exp)
     assert dropped == {"other_experiment": 1, "unknown_arm": 1, "no_user": 0, "no_ts": 0}
     assert len(read) == len(ev) and np.array_equal(read.arm, ev.arm)
@@ -225,3 +232,31 @@ def test_event_log_table_json_and_chart(population, tmp_path):
         assert series["metrics"]["ctr"]["estimate"][i][-1] == pytest.approx(from_file["arms"][i]["metrics"]["ctr"]["estimate"])
     png = write_chart(series, tmp_path / "chart.png", exp.name)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_ab_report_command(population, tmp_path, capsys):
+    batch = population.experiments(1, 2000, seed=5, effect=Effect(click_mult=1.3), salt="cli")
+    exp = batch.experiments[0]
+    ev, pre = batch.events(0)
+    log = _write_log(tmp_path / "events.jsonl", exp, ev)
+    pre_log = _write_log(tmp_path / "pre.jsonl", Experiment.from_dict({**exp.to_dict(), "name": "before"}), pre, extra=False)
+    (tmp_path / "exp.json").write_text(exp.to_json())
+    chart = tmp_path / "out" / "chart.png"
+    args = ["ab", "report", exp.name, "--events", str(log)]
+    assert main([*args, "--experiment", str(tmp_path / "exp.json"), "--pre", str(pre_log), "--json", "--chart", str(chart)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["cuped"] and out["users"] == 2000 and out["skipped_events"]["unknown_arm"] == 1
+    assert out["differences"][0]["metrics"]["ctr"]["method"] == "cuped" and chart.stat().st_size > 10_000
+    expected = report(exp, ev, pre)
+    assert out["differences"][0]["metrics"]["ctr"]["diff"] == pytest.approx(expected["differences"][0]["metrics"]["ctr"]["diff"])
+    assert main([*args, "--arms", "arm0=0.5,arm1=0.5"]) == 0
+    captured = capsys.readouterr()
+    assert "click-through rate" in captured.out and "unknown_arm 1" in captured.err
+    assert main([*args, "--arms", "arm0=0.2,arm1=0.8"]) == 0  # the wrong shares: a mismatch
+    assert "sample ratio mismatch" in capsys.readouterr().err
+    for bad, msg in [([], "--experiment FILE"), (["--arms", "arm0=0.5,arm1"], "--arms: item 2"),
+                     (["--arms", "arm0=0.5,arm1=0.6"], "--arms: arms: shares must sum to 1")]:
+        assert main([*args, *bad]) == 2
+        assert msg in capsys.readouterr().err
+    assert main(["ab", "report", "nothing", "--events", str(log), "--arms", "a=0.5,b=0.5"]) == 2
+    assert "no events of experiment 'nothing'" in capsys.readouterr().err

@@ -70,7 +70,7 @@ def test_bootstrap_interval_has_its_coverage(small_config):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, history_file):
-    """Two tiny versions: v1 trained on the first 1,500 examples, v2 on all 6,000."""
+    """Two tiny versions: v1 trained on the first 1,000 examples, v2 on the first 3,000."""
     from training.trainer import train_files
     from watchnext.repository import ModelRepository
 
@@ -79,8 +79,8 @@ def trained(tmp_path_factory, history_file):
     cfg.write_text(small_config_text())
     config = load_config(cfg)
     repo = ModelRepository(d / "models", config.model.name)
-    r1 = train_files(config, [history_file], d / "ck.pt", repo, fresh=True, max_examples=1_500)
-    r2 = train_files(config, [history_file], d / "ck2.pt", repo, fresh=True)
+    r1 = train_files(config, [history_file], d / "ck.pt", repo, fresh=True, max_examples=1_000)
+    r2 = train_files(config, [history_file], d / "ck2.pt", repo, fresh=True, max_examples=3_000)
     assert (r1.version, r2.version) == (1, 2)
     return cfg, d / "models"
 
