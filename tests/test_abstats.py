@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from tests.absim import Effect, Population
-from watchnext.abreport import read_events, render_table, write_chart
+from watchnext.abreport import events_from_records, read_events, render_table, write_chart
 from watchnext.abstats import Events, chi2_sf, normal_quantile, normal_sf, ratio_by_arm, report, timeseries
 from watchnext.cli import main
 from watchnext.experiments import Experiment
@@ -232,6 +232,24 @@ def test_event_log_table_json_and_chart(population, tmp_path):
         assert series["metrics"]["ctr"]["estimate"][i][-1] == pytest.approx(from_file["arms"][i]["metrics"]["ctr"]["estimate"])
     png = write_chart(series, tmp_path / "chart.png", exp.name)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_events_from_service_records():
+    exp = _exp()
+    records = [
+        {"ts": 2.0, "experiment": "t", "arm": "a1", "user_id": "u1", "labels": {"click": 1, "watch_time": 30.0, "extra": 1}},
+        {"ts": 1.0, "experiment": "t", "arm": "a0", "user": {"user_id": "u2", "user_country": "NL"},
+         "candidate": {"video_id": "v1"}, "labels": {"click": 0}},
+        {"ts": 3.0, "experiment": "t", "arm": "a0", "labels": {"click": 0}},
+        {"ts": 3.0, "experiment": "t", "arm": "a7", "user_id": "u3", "labels": {"click": 0}},
+    ]
+    ev, dropped = events_from_records(records, exp)
+    assert ev.user.tolist() == ["u1", "u2"] and ev.arm.tolist() == [1, 0] and ev.ts.tolist() == [2.0, 1.0]
+    assert dropped == {"other_experiment": 0, "unknown_arm": 1, "no_user": 1, "no_ts": 0}
+    r = report(exp, ev)
+    assert list(r["metrics"]) == ["ctr", "watch_time"]  # labels nobody logged give no metric
+    with pytest.raises(ValueError, match="events: "):
+        events_from_records([{"ts": "noon"}], exp)
 
 
 def test_ab_report_command(population, tmp_path, capsys):

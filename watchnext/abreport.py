@@ -7,7 +7,7 @@ of CONTRACT §2 plus the experiment, the arm and the version that served it::
      "user": {"user_id": "u17"}, "labels": {"click": 1, "watch_time": 81.0, "like": null}}
 
 (`user_id` may also sit at the top level.) Other keys are ignored. The service
-builds the same arrays from its joined impressions with `events_from_table`.
+builds the same arrays from its joined impressions with `events_from_records`.
 """
 
 from __future__ import annotations
@@ -78,6 +78,15 @@ def events_from_table(table: pa.Table, experiment: Experiment | None) -> tuple[E
     users = np.asarray(user.to_numpy(zero_copy_only=False), dtype=object)
     ev = Events(users[keep].astype(str), arm[keep], ts[keep], {k: v[keep] for k, v in labels.items()})
     return ev, dropped
+
+
+def events_from_records(records: Sequence[dict[str, Any]], experiment: Experiment | None) -> tuple[Events, dict[str, int]]:
+    """The same from decoded event dicts (the service's joined impressions); unknown keys are ignored."""
+    try:
+        table = pa.Table.from_pylist(list(records), schema=_SCHEMA)
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ValueError(f"events: {e}") from None
+    return events_from_table(table, experiment)
 
 
 def read_events(paths: Sequence[str | Path], experiment: Experiment | None,

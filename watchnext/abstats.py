@@ -151,6 +151,8 @@ def _event_columns(events: Events, metrics: Sequence[Metric]) -> tuple[dict, dic
         if v is None:
             continue
         known = ~np.isnan(v)
+        if len(v) and not known.any():  # a label nobody logged: no metric rather than an empty one
+            continue
         xs[m.name] = np.where(known, v, 0.0)
         ys[m.name] = np.ones(len(v)) if m.per == "impression" else known.astype(np.float64)
     return xs, ys
