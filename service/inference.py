@@ -37,7 +37,9 @@ class InferenceSession:
     """One loaded ONNX version: `run(inputs) -> heads (B, T)` in label units, float32."""
 
     def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int = 0):
-        self.session: Session = make_session(path, resolve_device(device), threads or usable_cpus())
+        # no spinning: idle ORT threads would busy-wait on the cores the event loop and JSON parsing need
+        self.session: Session = make_session(path, resolve_device(device), threads or usable_cpus(),
+                                             {"session.intra_op.allow_spinning": "0"})
         self.provider = self.session.provider
         self.input_names = list(self.session.input_names)
         self.task_names = list(self.session.task_names)

@@ -1,17 +1,19 @@
 """A rank request, from JSON bytes to the model's input arrays.
 
-The shared sections (user, query, context) are checked and encoded once as a
-one-row batch and broadcast; the candidates become one Arrow struct array (a
-C++ conversion, no Python loop per candidate) and are encoded by the same
-`watchnext.encoding.Encoder` the trainer uses. Only when Arrow refuses the
-candidates (a wrong type somewhere) are they checked one by one, to name the
-field and the index::
+A well-formed body is parsed by Arrow's C++ JSON reader straight into columns:
+the candidates become one struct array without a Python loop per candidate, and
+are encoded by the same `watchnext.encoding.Encoder` the trainer uses; the
+shared sections (user, query, context) are encoded once as a one-row batch and
+broadcast. A body Arrow refuses (a wrong type somewhere) or one holding a
+boolean is parsed by `json` and checked value by value, to name the field and
+the index::
 
     candidates[3].video_age_days: expected a number, got str '3 days'
 """
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pj
 
 from watchnext.config import Config
 from watchnext.encoding import Encoder, Problems, section_type
@@ -74,7 +77,16 @@ class RequestCodec:
     def __init__(self, config: Config):
         self.config = config
         self.encoder = Encoder(config)
-        self.types = {s: section_type(config, s) for s in (*SHARED, "candidate")}
+        # large strings: the id hashing reads them without a cast
+        self.types = {s: _large(section_type(config, s)) for s in (*SHARED, "candidate")}
+        request_schema = pa.schema([
+            ("request_id", pa.large_string()),
+            *[(s, self.types[s]) for s in SHARED],
+            ("candidates", pa.list_(self.types["candidate"])),
+            ("top_k", pa.int64()),
+        ])
+        self.json_options = pj.ParseOptions(explicit_schema=request_schema, unexpected_field_behavior="infer",
+                                            newlines_in_values=True)
         self.known = {s: frozenset(self.types[s].names) for s in self.types}
         self.item_id = config.item_id
         svc = config.service
@@ -92,6 +104,53 @@ class RequestCodec:
 
     # ------------------------------------------------------------ parsing
     def parse(self, body: bytes) -> RankInput:
+        """Check a rank request; raises BadRequest naming the field.
+
+        Arrow's C++ JSON reader parses a well-formed body straight into columns. Anything it
+        refuses, and any body with a boolean (Arrow would read true as 1.0 where a number is
+        expected), takes the checking path, which names the field at fault.
+        """
+        if b"true" not in body and b"false" not in body:
+            fast = self._parse_arrow(body)
+            if fast is not None:
+                return fast
+        return self._parse_checked(body)
+
+    def _parse_arrow(self, body: bytes) -> RankInput | None:
+        """The fast path; None whenever the body needs the checking path (which then explains why)."""
+        try:
+            body.decode("utf-8")
+            table = pj.read_json(io.BytesIO(body), read_options=pj.ReadOptions(use_threads=False, block_size=len(body) + 64),
+                                 parse_options=self.json_options)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeDecodeError):
+            return None
+        if table.num_rows != 1:
+            return None
+        lists = table.column("candidates").combine_chunks()
+        if lists.null_count:
+            return None
+        flat = pc.list_flatten(lists)
+        if flat.null_count:
+            return None
+        n = len(flat)
+        if n > self.max_candidates:
+            raise BadRequest("candidates", f"at most {self.max_candidates} candidates per request, got {n}", status=413)
+        top_k = self._top_k(table.column("top_k")[0].as_py())
+        request_id = ident(table.column("request_id")[0].as_py(), "request_id", required=False) or uuid.uuid4().hex
+        children = dict(zip([f.name for f in flat.type], flat.flatten()))
+        known = self.known["candidate"]
+        unknown = sum(n - a.null_count for name, a in children.items() if name not in known)
+        arr = pa.StructArray.from_arrays([children[f.name] for f in self.types["candidate"]],
+                                         fields=list(self.types["candidate"]))
+        shared = {}
+        for s in SHARED:
+            sec = table.column(s)[0].as_py() or {}
+            unknown += sum(1 for k, v in sec.items() if k not in self.known[s] and v is not None)
+            shared[s] = {k: v for k, v in sec.items() if v is not None and k in self.known[s]}
+        self._check_ids(arr)
+        return RankInput(request_id, shared, arr, top_k, unknown)
+
+    def _parse_checked(self, body: bytes) -> RankInput:
         obj = parse_json(body)
         if not isinstance(obj, dict):
             raise BadRequest("body", f"expected a JSON object, got {type(obj).__name__}")
@@ -120,20 +179,26 @@ class RequestCodec:
                 raise BadRequest(f"candidates[{i}]", f"expected an object, got {type(c).__name__}")
             if not c.keys() <= known:
                 unknown += len(c.keys() - known)
-        top_k = obj.get("top_k")
-        if top_k is None:
-            top_k = self.default_top_k
-        elif isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise BadRequest("top_k", f"expected an integer >= 1, got {top_k!r}")
-        # Arrow reads true/false as 1.0/0.0 for numbers; a body with booleans takes the checking path
+        top_k = self._top_k(obj.get("top_k"))
+        # Arrow reads true/false as 1.0/0.0 for numbers: a body with booleans is checked value by value
         careful = b"true" in body or b"false" in body
         arr = self._candidates(cands, careful)
+        self._check_ids(arr)
+        return RankInput(request_id, shared, arr, top_k, unknown)
+
+    def _top_k(self, top_k: Any) -> int:
+        if top_k is None:
+            return self.default_top_k
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise BadRequest("top_k", f"expected an integer >= 1, got {top_k!r}")
+        return top_k
+
+    def _check_ids(self, arr: pa.StructArray) -> None:
         if self.item_id is not None and len(arr):
             ids = arr.field(self.item_id)
             if ids.null_count:
                 i = int(np.argmax(np.asarray(ids.is_null())))
                 raise BadRequest(f"candidates[{i}].{self.item_id}", "is required (it names the item)")
-        return RankInput(request_id, shared, arr, top_k, unknown)
 
     def _clean(self, sec: dict, source: str, where: str) -> dict[str, Any]:
         try:
@@ -224,3 +289,14 @@ class RequestCodec:
                 out["numeric"][:, cols] = one["numeric"][0, cols]
                 out["numeric_mask"][:, cols] = one["numeric_mask"][0, cols]
         return out
+
+
+def _large(t: pa.DataType) -> pa.DataType:
+    """The same type with large_string in place of string, at any depth."""
+    if pa.types.is_string(t):
+        return pa.large_string()
+    if pa.types.is_list(t):
+        return pa.list_(_large(t.value_type))
+    if pa.types.is_struct(t):
+        return pa.struct([pa.field(f.name, _large(f.type)) for f in t])
+    return t

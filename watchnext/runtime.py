@@ -45,13 +45,16 @@ class Session:
         return np.stack(outs, axis=1)
 
 
-def make_session(path: str | os.PathLike, device: str = "auto", threads: int = 0) -> Session:
-    """device: auto (CUDA when available) | cpu | cuda."""
+def make_session(path: str | os.PathLike, device: str = "auto", threads: int = 0,
+                 config_entries: dict[str, str] | None = None) -> Session:
+    """device: auto (CUDA when available) | cpu | cuda. config_entries: ONNX Runtime session config keys."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or usable_cpus()
     opts.inter_op_num_threads = 1
+    for k, v in (config_entries or {}).items():
+        opts.add_session_config_entry(k, v)
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     available = ort.get_available_providers()
     want_cuda = device == "cuda" or (device == "auto" and "CUDAExecutionProvider" in available)

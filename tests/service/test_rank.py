@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from service.inference import InferenceSession
@@ -178,15 +177,26 @@ def test_non_finite_model_output_never_reaches_a_response(trained, server, clien
     assert svc.metrics.nonfinite.get() == 3
 
 
-def test_slow_path_agrees_with_fast_path(trained):
-    """Integer ids (Arrow refuses them) take the checking path; the arrays must come out the same."""
+def test_checking_path_agrees_with_arrow_path(trained):
+    """The same request through Arrow's JSON reader and through json + checks: the same arrays and counts."""
     config = load_config(trained["config_path"])
     codec = RequestCodec(config)
-    cands = candidates_pool(trained["history"], 50)
-    fast = codec.parse(json.dumps({"candidates": cands}).encode())
-    slow = codec._candidates(cands, careful=True)
-    assert fast.candidates.equals(slow)
-    assert fast.candidates.type == pa.struct(list(codec.types["candidate"]))
+    for req in rank_requests(trained["history"], 3):
+        req["candidates"][1]["colour"] = "red"  # unknown features are counted on both paths
+        req["user"]["mood"] = 3
+        req["candidates"][2]["video_views"] = None
+        body = json.dumps(req).encode()
+        fast, checked = codec._parse_arrow(body), codec._parse_checked(body)
+        assert fast is not None
+        assert fast.candidates.equals(checked.candidates)
+        assert fast.shared == checked.shared and fast.unknown_features == checked.unknown_features == 2
+        assert (fast.request_id, fast.top_k) == (checked.request_id, checked.top_k)
+        a, b = codec.encode(fast), codec.encode(checked)
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # integer ids: Arrow refuses them, the checking path reads them as strings
+    assert codec._parse_arrow(b'{"candidates": [{"video_id": 3}]}') is None
+    assert codec.parse(b'{"candidates": [{"video_id": 3}]}').candidates.field("video_id").to_pylist() == ["3"]
+    assert codec._parse_arrow(b'{"candidates": []} {"candidates": []}') is None
 
 
 def test_service_never_imports_torch():
