@@ -96,3 +96,22 @@ def test_dumps_toml_round_trips():
 
     d = {"a": {"x": [1, 2], "y": "s", "z": True, "w": {"k": 1.5}}, "f": [{"n": "q"}, {"n": "r"}]}
     assert tomllib.loads(dumps_toml(d)) == d
+
+
+def test_shared_tables():
+    base = {
+        "features": [
+            {"name": "v", "source": "candidate", "kind": "categorical", "buckets": 10, "dim": 4},
+            {"name": "recent", "source": "user", "kind": "categorical_list", "table": "v"},
+        ],
+        "tasks": [{"name": "click", "kind": "binary", "group": "engagement"}],
+    }
+    c = parse_config(base)
+    recent = c.feature("recent")
+    assert (recent.buckets, recent.dim, recent.table) == (10, 4, "v")
+    wrong_dim = {**base, "features": [base["features"][0], {**base["features"][1], "dim": 8}]}
+    with pytest.raises(ConfigError, match=r"recent\)\.table: shares 'v', whose dim is 4, not 8"):
+        parse_config(wrong_dim)
+    no_owner = {**base, "features": [base["features"][0], {**base["features"][1], "table": "nope"}]}
+    with pytest.raises(ConfigError, match="'nope' must be a categorical feature with a table of its own"):
+        parse_config(no_owner)

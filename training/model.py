@@ -128,11 +128,16 @@ class Ranker(nn.Module):
         self.list_names = [f.name for f in config.features_of("categorical_list")]
         self.vec_names = [f.name for f in config.features_of("vector")]
         self.n_numeric = len(config.features_of("numeric"))
+        # features that name the same things (video ids as candidate, query and history)
+        # share one table, so what is learned about a video in one role serves the others
+        self.table_of = {
+            f.name: f.table or f.name for f in config.features if f.kind in ("categorical", "categorical_list")
+        }
         self.embeddings = nn.ModuleDict(
             {
                 f.name: nn.Embedding(f.buckets + 1, f.dim, padding_idx=0, sparse=True)
                 for f in config.features
-                if f.kind in ("categorical", "categorical_list")
+                if f.kind in ("categorical", "categorical_list") and f.table is None
             }
         )
         for emb in self.embeddings.values():
@@ -179,10 +184,10 @@ class Ranker(nn.Module):
     # ------------------------------------------------------------ pieces
     def shared_input(self, inputs: dict[str, Tensor]) -> Tensor:
         """Embeddings, pooled lists, scaled numerics and vectors, concatenated: (B, D)."""
-        field = {n: self.embeddings[n](inputs[n]) for n in self.cat_names}  # (B, d_f)
+        field = {n: self.embeddings[self.table_of[n]](inputs[n]) for n in self.cat_names}  # (B, d_f)
         for n in self.list_names:
             ids = inputs[n]  # (B, L)
-            e = self.embeddings[n](ids)  # (B, L, d); row 0 is zero
+            e = self.embeddings[self.table_of[n]](ids)  # (B, L, d); row 0 is zero
             count = (ids > 0).sum(1, keepdim=True).clamp_min(1).to(e.dtype)  # (B, 1)
             field[n] = e.sum(1) / count
         for n in self.vec_names:

@@ -15,7 +15,7 @@ import math
 import os
 import tomllib
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class Feature:
     source: str
     kind: str
     buckets: int = 0  # categorical, categorical_list: hashed rows (row 0 is "missing")
+    table: str | None = None  # share the embedding table of this categorical feature (same ids)
     dim: int = 0  # categorical, categorical_list: embedding width
     max_len: int = 0  # categorical_list: longer lists keep their first max_len ids
     transform: str = "none"  # numeric
@@ -255,8 +256,10 @@ def _parse_feature(path: str, i: int, raw: Any) -> Feature:
     kind = s.get("kind", str, choices=FEATURE_KINDS)
     kw: dict[str, Any] = {}
     if kind in ("categorical", "categorical_list"):
-        kw["buckets"] = s.positive("buckets")
-        kw["dim"] = s.positive("dim", 16)
+        kw["table"] = s.get("table", str, None)
+        shared = kw["table"] is not None  # buckets and dim come from the table's feature
+        kw["buckets"] = s.positive("buckets", None if shared else ...) or 0
+        kw["dim"] = s.positive("dim", None if shared else 16) or 0
         if kind == "categorical_list":
             kw["max_len"] = s.positive("max_len", 20)
     elif kind == "numeric":
@@ -303,6 +306,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
     tasks = tuple(_parse_task(path, i, t) for i, t in enumerate(raw_tasks))
 
     _check_names(path, "features", [f.name for f in features])
+    features = _resolve_tables(path, features)
     _check_names(path, "tasks", [t.name for t in tasks])
     if item_id is not None:
         cand = {f.name for f in features if f.source == "candidate"}
@@ -409,6 +413,24 @@ def parse_weights(weights: Mapping[str, Any], config: Config, where: str = "weig
     return _parse_weights(config.path, where, dict(weights), config.tasks)
 
 
+def _resolve_tables(path: str, features: tuple[Feature, ...]) -> tuple[Feature, ...]:
+    by_name = {f.name: f for f in features}
+    out = []
+    for i, f in enumerate(features):
+        if f.table is not None:
+            owner = by_name.get(f.table)
+            where = f"{path}: features[{i}] ({f.name}).table"
+            if owner is None or owner.kind != "categorical" or owner.table is not None:
+                raise ConfigError(f"{where}: {f.table!r} must be a categorical feature with a table of its own")
+            for key in ("buckets", "dim"):
+                mine = getattr(f, key)
+                if mine and mine != getattr(owner, key):
+                    raise ConfigError(f"{where}: shares {f.table!r}, whose {key} is {getattr(owner, key)}, not {mine}")
+            f = replace(f, buckets=owner.buckets, dim=owner.dim)
+        out.append(f)
+    return tuple(out)
+
+
 def _check_names(path: str, where: str, names: list[str]) -> None:
     seen = set()
     for i, n in enumerate(names):
@@ -442,7 +464,7 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
 def config_from_dict(d: Mapping[str, Any], path: str = "<checkpoint>") -> Config:
     """Rebuild a Config from `Config.to_dict()` output (checkpoints, metadata)."""
     d = json.loads(json.dumps(d))  # deep copy, lists for tuples
-    d["features"] = [{k: v for k, v in f.items() if _keep(f, k)} for f in d["features"]]
+    d["features"] = [{k: v for k, v in f.items() if _keep(f, k) and v is not None} for f in d["features"]]
     d["tasks"] = [{k: v for k, v in t.items() if v is not None} for t in d["tasks"]]
     if d.get("item_id") is not None:
         d["item"] = {"id": d.pop("item_id")}
@@ -452,8 +474,8 @@ def config_from_dict(d: Mapping[str, Any], path: str = "<checkpoint>") -> Config
 
 
 _FEATURE_FIELDS = {
-    "categorical": {"buckets", "dim"},
-    "categorical_list": {"buckets", "dim", "max_len"},
+    "categorical": {"buckets", "dim", "table"},
+    "categorical_list": {"buckets", "dim", "max_len", "table"},
     "numeric": {"transform", "default"},
     "vector": {"size"},
 }
