@@ -194,10 +194,13 @@ def main() -> int:
             time.sleep(0.2)
         version = int(ready["model_version"])
         onnx = ModelRepository(models, config.model.name).path(version) / "model.onnx"
-        session = InferenceSession(onnx, args.device, 0)  # the service's own thread choice: usable_cpus()
+        # the service's session settings: $WATCHNEXT_THREADS, else the CPUs this process may use
+        session = InferenceSession(onnx, args.device, int(os.environ.get("WATCHNEXT_THREADS") or 0))
         codec = RequestCodec(config)
+        threads = session.session.sess.get_session_options().intra_op_num_threads
         print(f"[bench] version {version}, service provider {ready['provider']}, floor provider {session.provider}, "
-              f"{usable_cpus()} usable CPUs", file=sys.stderr, flush=True)
+              f"{usable_cpus()} usable CPUs, {threads} ONNX Runtime threads, load average {os.getloadavg()[0]:.1f}",
+              file=sys.stderr, flush=True)
         for n in args.sizes:
             reqs = make_requests(world, n, 16, seed=n)
             bodies = [json.dumps(r).encode() for r in reqs]

@@ -59,8 +59,8 @@ class Service:
             if deps.redis_url else None
         )
         self.ranker = Ranker(deps.config, self.store, self.metrics)
-        # rank work runs in worker threads; more than a few at once only queues inside ONNX Runtime
-        self.limiter = anyio.CapacityLimiter(4)
+        # rank work runs in worker threads; more than a few at once only queue inside ONNX Runtime
+        self.limiter = anyio.CapacityLimiter(settings.rank_workers)
 
     def start(self) -> None:
         self.models.ensure()

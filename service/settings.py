@@ -10,6 +10,7 @@ parameter, so tests never touch `os.environ`)::
     WATCHNEXT_DEVICE        auto | cpu | cuda (default auto: CUDA when ONNX Runtime has it)
     WATCHNEXT_THREADS       ONNX Runtime intra-op threads (0: the CPUs this process may use)
     WATCHNEXT_LOG_LEVEL     debug | info | warning | error
+    WATCHNEXT_RANK_WORKERS  rank requests worked on at once (default 4; more only queue inside ONNX Runtime)
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Settings:
     admin_token: str | None = field(default=None, repr=False)
     device: str = "auto"
     threads: int = 0
+    rank_workers: int = 4
     log_level: str = "info"
     # how often buffered impressions are written to Redis, and the buffer's bound
     flush_interval_s: float = 0.05
@@ -62,6 +64,8 @@ class Settings:
             bad("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.threads < 0:
             bad("threads", f"must be >= 0, got {self.threads}")
+        if self.rank_workers < 1:
+            bad("rank_workers", f"must be >= 1, got {self.rank_workers}")
         if self.admin_token is not None and len(self.admin_token) < MIN_TOKEN_CHARS:
             bad("admin_token (WATCHNEXT_ADMIN_TOKEN)", f"must be at least {MIN_TOKEN_CHARS} characters")
         for name in ("flush_interval_s", "feature_backoff_s"):
@@ -87,6 +91,7 @@ class Settings:
             ("device", "WATCHNEXT_DEVICE", str),
             ("threads", "WATCHNEXT_THREADS", int),
             ("log_level", "WATCHNEXT_LOG_LEVEL", str),
+            ("rank_workers", "WATCHNEXT_RANK_WORKERS", int),
         ):
             if env.get(key):
                 try:
