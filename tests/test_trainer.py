@@ -152,3 +152,15 @@ def test_bad_lines_are_counted_once_across_a_restart(history_file, tmp_path):
     rest = train_files(config, [path], tmp_path / "ck.pt", None)
     assert rest.examples == 6000 - len(BAD)
     assert rest.bad_lines == len(BAD) + 1  # each bad line once, though the first run read past some
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_trains_on_the_gpu(history_file, small_config, tmp_path):
+    res = train_files(small_config, [history_file], tmp_path / "ck.pt", ModelRepository(tmp_path / "m", "ranker"),
+                      fresh=True, device=torch.device("cuda"))
+    assert res.examples == 6000 and res.version == 1
+    blob = torch.load(tmp_path / "ck.pt", map_location="cpu", weights_only=False)
+    assert blob["state"]["examples"] == 6000
+    meta = ModelRepository(tmp_path / "m", "ranker").metadata(1)
+    assert meta["trainer"]["device"].startswith("cuda")
