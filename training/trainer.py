@@ -29,25 +29,11 @@ import torch
 from watchnext.config import Config, config_from_dict
 from watchnext.examples import Chunk, Decoder, ExampleFiles, Position
 from watchnext.repository import ModelRepository, atomic_write
+from watchnext.runtime import usable_cpus
 
 from .export import publish
 from .model import RankerTrain
 from .progressive import ProgressiveMetrics
-
-
-def cpu_count() -> int:
-    """CPUs this process may use (affinity / cgroup aware where the OS says)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    try:  # cgroup v2 quota
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -75,7 +61,7 @@ class Trainer:
         self.config = config
         self.device = device or pick_device()
         torch.manual_seed(config.trainer.seed)
-        threads = config.trainer.threads or cpu_count()
+        threads = config.trainer.threads or usable_cpus()
         torch.set_num_threads(threads)
         self.net = RankerTrain(config).to(self.device)
         sparse = [p for m in self.net.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()]
