@@ -60,7 +60,7 @@ class Service:
         )
         self.ranker = Ranker(deps.config, self.store, self.metrics)
         # rank work runs in worker threads; more than a few at once only queue inside ONNX Runtime
-        self.limiter = anyio.CapacityLimiter(settings.rank_workers)
+        self.limiter = anyio.CapacityLimiter(settings.rank_workers) if settings.rank_workers else None
 
     def start(self) -> None:
         self.models.ensure()
@@ -161,7 +161,10 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         model = svc.models.current
         if model is None:
             raise Unavailable("model", "no model version is loaded yet (the repository is empty or every version was refused)")
-        ranked = await anyio.to_thread.run_sync(svc.ranker.rank, body, model, limiter=svc.limiter)
+        if svc.limiter is None:  # rank_workers = 0: on the event loop itself (no thread hand-off)
+            ranked = svc.ranker.rank(body, model)
+        else:
+            ranked = await anyio.to_thread.run_sync(svc.ranker.rank, body, model, limiter=svc.limiter)
         if svc.log is not None:
             svc.log.add(ranked.impression)
         resp = json_response(ranked.body)

@@ -10,7 +10,7 @@ parameter, so tests never touch `os.environ`)::
     WATCHNEXT_DEVICE        auto | cpu | cuda (default auto: CUDA when ONNX Runtime has it)
     WATCHNEXT_THREADS       ONNX Runtime intra-op threads (0: the CPUs this process may use)
     WATCHNEXT_LOG_LEVEL     debug | info | warning | error
-    WATCHNEXT_RANK_WORKERS  rank requests worked on at once (default 4; more only queue inside ONNX Runtime)
+    WATCHNEXT_RANK_WORKERS  rank requests worked on at once in worker threads (default 4; 0: on the event loop)
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ class Settings:
             bad("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.threads < 0:
             bad("threads", f"must be >= 0, got {self.threads}")
-        if self.rank_workers < 1:
-            bad("rank_workers", f"must be >= 1, got {self.rank_workers}")
+        if self.rank_workers < 0:
+            bad("rank_workers", f"must be >= 0, got {self.rank_workers}")
         if self.admin_token is not None and len(self.admin_token) < MIN_TOKEN_CHARS:
             bad("admin_token (WATCHNEXT_ADMIN_TOKEN)", f"must be at least {MIN_TOKEN_CHARS} characters")
         for name in ("flush_interval_s", "feature_backoff_s"):
