@@ -17,11 +17,10 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# simulate history, train on it, export a version, print its metrics
+# the whole local stack: Redis, the ranking service, the continuous trainer
+# (on an empty models/ it first trains a version on simulated history); Ctrl-C stops it
 run: $(STAMP)
-	$(BIN)/watchnext simulate history --out data/history.jsonl --examples 200000
-	$(BIN)/watchnext train --data data/history.jsonl --fresh --promote
-	$(BIN)/watchnext evaluate --model serving --data data/history.jsonl
+	$(BIN)/watchnext up
 
 test: $(STAMP)
 	$(BIN)/ruff check watchnext training service tests bench
