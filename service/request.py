@@ -120,10 +120,14 @@ class RequestCodec:
         """The fast path; None whenever the body needs the checking path (which then explains why)."""
         try:
             body.decode("utf-8")
-            table = pj.read_json(io.BytesIO(body), read_options=pj.ReadOptions(use_threads=False, block_size=len(body) + 64),
-                                 parse_options=self.json_options)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, UnicodeDecodeError):
+            return self._from_arrow(body)
+        except (pa.ArrowException, UnicodeDecodeError):
+            # anything Arrow trips on (odd keys it had to infer, for one) is left to the checking path
             return None
+
+    def _from_arrow(self, body: bytes) -> RankInput | None:
+        table = pj.read_json(io.BytesIO(body), read_options=pj.ReadOptions(use_threads=False, block_size=len(body) + 64),
+                             parse_options=self.json_options)
         if table.num_rows != 1:
             return None
         lists = table.column("candidates").combine_chunks()
