@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training.trainer import train_files  # noqa: E402
 from watchnext.config import load_config  # noqa: E402
 from watchnext.metrics import auc  # noqa: E402
-from watchnext.simulate import write_history  # noqa: E402
+from watchnext.simulate import WorldSpec, write_history  # noqa: E402
 
 
 def truth_auc(path: Path, tail: int, config) -> dict:
@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--tail", type=int, default=100_000)
     ap.add_argument("--data", type=Path, help="reuse this simulated history instead of writing one")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--users", type=int, default=2000, help="users in the simulated world (about 500 impressions each)")
     args = ap.parse_args()
     base = load_config()
     work = Path(tempfile.mkdtemp(prefix="wn-quality-"))
@@ -69,7 +70,7 @@ def main() -> int:
     if not args.data:
         print(f"simulating {args.examples:,} examples -> {data}", file=sys.stderr)
         with open(data, "w") as fh:
-            write_history(fh, args.examples, args.seed)
+            write_history(fh, args.examples, args.seed, WorldSpec(users=args.users))
     truth = truth_auc(data, args.tail, base)
     results = {}
     for arch in ("mmoe", "shared_bottom"):
