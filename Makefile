@@ -10,7 +10,6 @@ STAMP := $(VENV)/.installed
 # machine's disk; an unpinned torch would pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[train,dev]"
 	touch $(STAMP)
