@@ -42,7 +42,7 @@ def bootstrap(config_args: list[str], examples: int, checkpoint: str) -> Path:
     """Train and promote a first version on simulated history (the continuous trainer carries it on)."""
     history = DATA / "bootstrap.jsonl"
     if not history.is_file():
-        say(f"the model repository is empty: simulating {examples:,} examples of history into {history}")
+        say(f"simulating {examples:,} examples of history into {history}")
         subprocess.run(watchnext_cmd("simulate", "history", "--out", str(history), "--examples", str(examples)),
                        check=True, stdout=subprocess.DEVNULL)
     say("training a first version on it (watchnext train --data ... --fresh --promote)")
@@ -109,7 +109,10 @@ def run_stack(args, settings: Settings) -> int:
         config_args = ["--models", settings.models_dir] + (["--config", settings.config_path] if settings.config_path else [])
         history = DATA / "bootstrap.jsonl"
         ckpt = args.checkpoint or str(Path("checkpoints") / f"{deps.config.model.name}.pt")
-        if not deps.repo.versions():
+        usable = [v for v in deps.repo.versions() if deps.repo.metadata(v).get("config_hash") == deps.config.hash]
+        if not usable:  # empty, or every version was trained under another config
+            if deps.repo.versions():
+                say(f"no version in {deps.repo.dir} was trained under this config (hash {deps.config.hash})")
             history = bootstrap(config_args, args.bootstrap_examples, ckpt)
             load_features(history, deps, settings.redis_url)
         env = {**os.environ, "REDIS_URL": settings.redis_url}
