@@ -1,0 +1,68 @@
+"""`watchnext up`: the whole local stack from an empty folder, the printed curl works, Ctrl-C stops it all."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.service.fixtures import write_config
+from watchnext.redis_embed import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def test_up_bootstraps_serves_and_stops_cleanly(tmp_path):
+    cfg = write_config(tmp_path)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "WATCHNEXT_ADMIN_TOKEN")}
+    env["PYTHONPATH"] = ROOT
+    log = open(tmp_path / "up.log", "w+")
+    # its own process group, as a terminal would run it; Ctrl-C is SIGINT to the whole group
+    up = subprocess.Popen([sys.executable, "-m", "watchnext", "up", "--config", str(cfg), "--models", "models",
+                           "--port", str(port), "--bootstrap-examples", "3000"],
+                          cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 150
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10) as c:
+            while True:
+                try:
+                    if c.get("/readyz").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert up.poll() is None and time.monotonic() < deadline, (tmp_path / "up.log").read_text()[-3000:]
+                time.sleep(0.3)
+            log.seek(0)
+            text = log.read()
+            assert f"service: http://127.0.0.1:{port}" in text and "admin token:" in text
+            curl = re.search(r"curl -s (\S+) -H 'content-type: application/json' -d '(.*)'", text)
+            assert curl is not None
+            r = c.post(curl.group(1).replace(f"http://127.0.0.1:{port}", ""), content=curl.group(2))
+            assert r.status_code == 200 and r.json()["model_version"] == "1" and len(r.json()["items"]) == 3
+            assert json.loads(curl.group(2))["candidates"][0].keys() == {"video_id"}  # the store fills the rest
+            assert c.get("/metrics").text.count("watchnext_feature_store_hits_total 7") == 1
+        kids = children_of(up.pid)
+        os.killpg(up.pid, signal.SIGINT)
+        assert up.wait(90) == 0
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        log.close()
+    time.sleep(0.5)
+    alive = [k for k in kids if subprocess.run(["ps", "-p", str(k)], capture_output=True).returncode == 0]
+    assert alive == [], "children left running after Ctrl-C"
+    text = (tmp_path / "up.log").read_text()
+    assert '"event": "service_stopped", "unwritten_impressions": 0' in text and "[up] stopped" in text
