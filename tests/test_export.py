@@ -126,3 +126,19 @@ def test_cli_evaluate_and_models(trained, history_file):
     res = subprocess.run(base + ["evaluate", "--model", "7", "--data", str(history_file), *common],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "has no version 7" in res.stderr
+
+
+def test_publish_cleans_what_a_killed_export_left(tmp_path):
+    import os
+    import time
+
+    repo = ModelRepository(tmp_path, "m")
+    stale = tmp_path / ".staging" / "m-dead"
+    stale.mkdir(parents=True)
+    (stale / "model.onnx").write_bytes(b"half")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+    live = tmp_path / ".staging" / "m-live"
+    live.mkdir()
+    repo.publish(lambda f: ((f / "model.onnx").write_bytes(b"x"), {"inputs": [], "outputs": []})[1])
+    assert not stale.exists() and live.exists() and repo.versions() == [1]

@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,7 @@ class ModelRepository:
         """
         staging = self.root / STAGING
         staging.mkdir(parents=True, exist_ok=True)
+        self._clean_staging(staging)
         tmp = Path(tempfile.mkdtemp(dir=staging, prefix=f"{self.name}-"))
         try:
             meta = build(tmp)
@@ -127,6 +129,16 @@ class ModelRepository:
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def _clean_staging(self, staging: Path, older_than_s: float = 3600.0) -> None:
+        """Remove what a publisher killed mid-export left behind (never a live build: those are young)."""
+        now = time.time()
+        for p in staging.glob(f"{self.name}-*"):
+            try:
+                if now - p.stat().st_mtime > older_than_s:
+                    shutil.rmtree(p, ignore_errors=True)
+            except FileNotFoundError:
+                pass
 
     def promote(self, version: int) -> dict[str, Any]:
         if version not in self.versions():
