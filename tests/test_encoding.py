@@ -31,13 +31,14 @@ def test_encode_candidates(small_config):
         {"video_id": None, "video_tags": [], "video_duration_s": -0.5},
         {"video_age_days": None, "video_embedding": [1.0, 2.0]},
         {"video_views": float("nan"), "video_embedding": [float("inf")] * 16},
+        {"video_views": 1e300, "video_embedding": [1e39] + [0.0] * 15},
     ]
     arr = pa.array(cands, type=section_type(small_config, "candidate"))
-    out = enc.empty_inputs(4)
-    problems = Problems(4)
-    enc.encode_section("candidate", arr, 4, out, problems)
+    out = enc.empty_inputs(5)
+    problems = Problems(5)
+    enc.encode_section("candidate", arr, 5, out, problems)
     tags_len = small_config.feature("video_tags").max_len
-    assert out["video_tags"].shape == (4, tags_len)
+    assert out["video_tags"].shape == (5, tags_len)
     assert (out["video_tags"][0] > 0).all()  # first max_len kept
     assert (out["video_tags"][1] == 0).all()
     col = {f.name: i for i, f in enumerate(small_config.features_of("numeric"))}
@@ -48,10 +49,13 @@ def test_encode_candidates(small_config):
     assert np.allclose(out["video_embedding"][0], 0.5)
     assert np.allclose(out["video_embedding"][2], 0.0)  # wrong length: not placed
     bad = problems.bad
-    assert bad.tolist() == [False, False, True, True]
+    assert bad.tolist() == [False, False, True, True, True]
+    assert "candidate.video_views: outside the float32 range" in problems.reasons(4)
+    assert "candidate.video_embedding: must hold finite float32 numbers" in problems.reasons(4)
+    assert np.isfinite(out["numeric"]).all() and np.isfinite(out["video_embedding"]).all()
     assert "candidate.video_embedding: expected 16 numbers" in problems.reasons(2)
     assert "candidate.video_views: must be a finite number" in problems.reasons(3)
-    assert "candidate.video_embedding: must hold finite numbers" in problems.reasons(3)
+    assert "candidate.video_embedding: must hold finite float32 numbers" in problems.reasons(3)
     assert "candidate.video_duration_s: must be > -1 for transform log1p" not in problems.reasons(1)
 
 

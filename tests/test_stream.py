@@ -112,3 +112,40 @@ def test_killed_worker_is_taken_over_and_every_entry_trains_once(redis_url, hist
     assert ref[0] == killed[0] == 6000
     assert killed[1] == ref[1]  # the same entries, each once, in the same batches
     assert killed[2] == ref[2]  # bit-identical model
+
+
+def test_worker_rides_out_a_redis_restart(history_file, tmp_path):
+    import threading
+
+    from watchnext.redis_embed import start_embedded
+
+    server = start_embedded(tmp_path / "redis")  # its own server: this test kills it
+    try:
+        r = redis.Redis.from_url(server.url, socket_timeout=2)
+        cfg_path = tmp_path / "c.toml"
+        cfg_path.write_text(small_config_text(trainer={"checkpoint_every_examples": 512}))
+        config = load_config(cfg_path)
+        fill(r, config.stream.key, history_file, 3000)
+        time.sleep(1.2)  # appendfsync everysec: the entries are on disk
+        stop, out, logs = [False], {}, []
+        repo = ModelRepository(tmp_path / "models", "ranker")
+        th = threading.Thread(target=lambda: out.setdefault("res", run_stream(
+            config, r, repo, tmp_path / "ck.pt", consumer="w", idle_exit_s=3.0, log=logs.append, stop=stop)))
+        th.start()
+        deadline = time.monotonic() + 60
+        while not (tmp_path / "ck.pt").exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.proc.kill()  # Redis dies mid-run
+        server.proc.wait()
+        time.sleep(1.0)
+        server2 = start_embedded(tmp_path / "redis", port=server.port)  # and comes back with its AOF
+        th.join(120)
+        assert not th.is_alive()
+        res = out["res"]
+        assert any("Redis unreachable" in m for m in logs) and any("Redis is back" in m for m in logs)
+        assert res.examples == 3000  # every entry trained once: none lost, none twice
+        r2 = redis.Redis.from_url(server2.url)
+        assert r2.xpending(config.stream.key, config.stream.group)["pending"] == 0
+        server2.stop()
+    finally:
+        server.stop()

@@ -49,17 +49,24 @@ class StreamReader:
 
     def __init__(self, r: redis.Redis, key: str, group: str, consumer: str, claim_idle_ms: int):
         self.r, self.key, self.group, self.consumer, self.claim_idle_ms = r, key, group, consumer, claim_idle_ms
-        try:
-            r.xgroup_create(key, group, id="0", mkstream=True)
-        except redis.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        self.has_group = False
         # own: what was delivered to this name before a restart; claim: what dead workers
         # left pending; new: everything after. Ids stay in order across the three.
         self.phase = "own"
         self.waiting_logged = False
 
+    def ensure_group(self) -> None:
+        if self.has_group:
+            return
+        try:
+            self.r.xgroup_create(self.key, self.group, id="0", mkstream=True)
+        except redis.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self.has_group = True
+
     def read(self, count: int, block_ms: int, log=None) -> list[tuple[bytes, dict | None]]:
+        self.ensure_group()
         if self.phase == "own":
             got = self._group_read("0", count, None)
             if got:
@@ -163,10 +170,22 @@ def run_stream(
         nonlocal since_ckpt, t_ckpt
         st.bad_lines = decoder.bad.count
         trainer.save(checkpoint)
-        if unacked:
-            reader.ack(unacked)
-            unacked.clear()
         since_ckpt, t_ckpt = 0, time.monotonic()
+        if unacked:
+            try:
+                reader.ack(unacked)
+                unacked.clear()
+            except (redis.ConnectionError, redis.TimeoutError):
+                pass  # acknowledged at the next checkpoint; delivered again meanwhile, they are skipped
+
+    outage = {"since": None, "wait": 0.2}
+
+    def redis_down(e: Exception) -> None:
+        if outage["since"] is None:
+            outage["since"] = time.monotonic()
+            log(f"[stream] Redis unreachable ({e.__class__.__name__}): retrying; trained work is kept")
+        time.sleep(outage["wait"])
+        outage["wait"] = min(outage["wait"] * 2, 5.0)
 
     def export() -> None:
         nonlocal t_export
@@ -183,7 +202,15 @@ def run_stream(
         f"resuming after id {st.source['last_id']} ({st.examples:,} examples trained so far)")
     try:
         while not stop[0]:
-            entries = reader.read(bs - len(buf_ids), block_ms=200, log=log)
+            try:
+                entries = reader.read(bs - len(buf_ids), block_ms=200, log=log)
+            except (redis.ConnectionError, redis.TimeoutError) as e:
+                redis_down(e)
+                entries = []
+            else:
+                if outage["since"] is not None:
+                    log(f"[stream] Redis is back after {time.monotonic() - outage['since']:.1f} s")
+                    outage.update(since=None, wait=0.2)
             now = time.monotonic()
             skip = []
             for i, fields in entries:

@@ -29,6 +29,7 @@ from .config import SOURCES, Config, Feature
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
 SECTIONS = SOURCES  # request / example sections, one per feature source
+F32_MAX = float(np.finfo(np.float32).max)
 
 
 # ------------------------------------------------------------------ hashing
@@ -210,9 +211,10 @@ class Encoder:
         v = col.to_numpy(zero_copy_only=False).astype(np.float64)
         null = np.asarray(col.is_null()) if col.null_count else np.zeros(len(v), bool)
         problems.add(~null & ~np.isfinite(v), f"{where}: must be a finite number")
+        problems.add(~null & np.isfinite(v) & (np.abs(v) > F32_MAX), f"{where}: outside the float32 range")
         if f.transform == "log1p":
             problems.add(~null & (v <= -1), f"{where}: must be > -1 for transform log1p")
-        ok = ~null & np.isfinite(v) & ((v > -1) if f.transform == "log1p" else True)
+        ok = ~null & np.isfinite(v) & (np.abs(v) <= F32_MAX) & ((v > -1) if f.transform == "log1p" else True)
         j = self.numeric_col[f.name]
         with np.errstate(invalid="ignore", divide="ignore"):
             t = _transform(np.where(ok, v, 0.0), f.transform)
@@ -225,12 +227,14 @@ class Encoder:
         lengths = np.where(null, 0, lengths).astype(np.int64)
         wrong = ~null & (lengths != f.size)
         problems.add(wrong, f"{where}: expected {f.size} numbers")
-        flat = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float32)
-        if np.isnan(flat).any() or np.isinf(flat).any():
+        flat64 = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float64)
+        unfit = ~np.isfinite(flat64) | (np.abs(flat64) > F32_MAX)
+        if unfit.any():
             owner = np.repeat(np.arange(len(col)), lengths)
             badv = np.zeros(len(col), bool)
-            badv[owner[~np.isfinite(flat)]] = True
-            problems.add(badv, f"{where}: must hold finite numbers")
+            badv[owner[unfit]] = True
+            problems.add(badv, f"{where}: must hold finite float32 numbers")
+        flat = np.where(unfit, 0.0, flat64).astype(np.float32)
         if not wrong.any():
             rows = np.flatnonzero(~null)
             out[f.name][rows] = flat.reshape(len(rows), f.size)
