@@ -9,10 +9,10 @@ import pytest
 
 from tests.helpers import small_config_text
 from watchnext.cli import main
-from watchnext.compare import bootstrap_differences, ndcg_per_group, weighted_auc
+from watchnext.compare import bootstrap_differences, weighted_auc
 from watchnext.config import load_config
 from watchnext.evaluate import Scored
-from watchnext.metrics import auc, ndcg_by_group
+from watchnext.metrics import auc, ndcg_by_group, ndcg_per_group
 
 
 def test_weighted_auc_with_unit_weights_is_the_auc_and_weights_are_copies():

@@ -19,7 +19,7 @@ import numpy as np
 
 from .config import Config
 from .evaluate import Scored, ranking_quality, score_files, task_metrics
-from .metrics import auc, rmse
+from .metrics import auc, ndcg_per_group, rmse
 from .repository import ModelRepository
 from .scoring import combine, weight_vector
 
@@ -53,26 +53,6 @@ def sort_once(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores)[order]
     starts = np.flatnonzero(np.concatenate([[True], s[1:] != s[:-1]])) if len(s) else np.zeros(0, np.int64)
     return order, starts
-
-
-def ndcg_per_group(g: np.ndarray, scores: np.ndarray, gains: np.ndarray, k: int = NDCG_K) -> np.ndarray:
-    """NDCG@k of each group (g: (n,) group index 0..G-1) -> (G,), NaN where the group has no gain.
-
-    The per-group form of metrics.ndcg_by_group (whose mean over groups it reproduces).
-    """
-    G = int(g.max()) + 1 if len(g) else 0
-    gains = np.maximum(np.asarray(gains, np.float64), 0.0)
-
-    def dcg(key: np.ndarray) -> np.ndarray:
-        order = np.lexsort((-key, g))
-        gs, gg = g[order], gains[order]
-        start = np.concatenate([[0], np.flatnonzero(gs[1:] != gs[:-1]) + 1])
-        rank = np.arange(len(gs)) - np.repeat(start, np.diff(np.concatenate([start, [len(gs)]])))
-        return np.bincount(gs, weights=np.where(rank < k, (2.0**gg - 1) / np.log2(rank + 2), 0.0), minlength=G)
-
-    ideal = dcg(gains)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(ideal > 0, dcg(np.asarray(scores, np.float64)) / ideal, np.nan)
 
 
 def _interval(point_a: float, point_b: float, reps: np.ndarray, confidence: float) -> dict[str, Any]:

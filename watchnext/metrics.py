@@ -31,15 +31,13 @@ def rmse(y: np.ndarray, yhat: np.ndarray) -> float:
     return float(np.sqrt(np.mean((y - yhat) ** 2))) if len(y) else float("nan")
 
 
-def ndcg_by_group(groups: np.ndarray, scores: np.ndarray, gains: np.ndarray, k: int = 10) -> float:
-    """Mean NDCG@k over groups (requests): how well `scores` orders the realised `gains`.
+def ndcg_per_group(g: np.ndarray, scores: np.ndarray, gains: np.ndarray, k: int = 10) -> np.ndarray:
+    """NDCG@k of each group (g: (n,) group index 0..G-1) -> (G,), NaN where the group has no gain.
 
-    Groups with no positive gain are left out. Vectorised with one sort per key.
+    Vectorised: one sort per key, no loop over groups.
     """
-    groups = np.asarray(groups)
-    if len(groups) == 0:
-        return float("nan")
-    _, g = np.unique(groups, return_inverse=True)
+    g = np.asarray(g)
+    G = int(g.max()) + 1 if len(g) else 0
     gains = np.maximum(np.asarray(gains, np.float64), 0.0)
 
     def dcg(key: np.ndarray) -> np.ndarray:
@@ -47,10 +45,20 @@ def ndcg_by_group(groups: np.ndarray, scores: np.ndarray, gains: np.ndarray, k: 
         gs, gg = g[order], gains[order]
         start = np.concatenate([[0], np.flatnonzero(gs[1:] != gs[:-1]) + 1])
         rank = np.arange(len(gs)) - np.repeat(start, np.diff(np.concatenate([start, [len(gs)]])))
-        contrib = np.where(rank < k, (2.0**gg - 1) / np.log2(rank + 2), 0.0)
-        return np.bincount(gs, weights=contrib, minlength=g.max() + 1)
+        return np.bincount(gs, weights=np.where(rank < k, (2.0**gg - 1) / np.log2(rank + 2), 0.0), minlength=G)
 
     ideal = dcg(gains)
-    actual = dcg(np.asarray(scores, np.float64))
-    keep = ideal > 0
-    return float(np.mean(actual[keep] / ideal[keep])) if keep.any() else float("nan")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(ideal > 0, dcg(np.asarray(scores, np.float64)) / ideal, np.nan)
+
+
+def ndcg_by_group(groups: np.ndarray, scores: np.ndarray, gains: np.ndarray, k: int = 10) -> float:
+    """Mean NDCG@k over groups (requests) of how `scores` orders the realised `gains`.
+
+    Groups with no positive gain are left out.
+    """
+    if len(groups) == 0:
+        return float("nan")
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    per = ndcg_per_group(g, scores, gains, k)
+    return float(np.nanmean(per)) if np.isfinite(per).any() else float("nan")
