@@ -314,6 +314,31 @@ def _simulate(sub) -> None:
     h.add_argument("--users", type=int, help="number of users in the world")
     h.add_argument("--videos", type=int, help="number of videos in the world")
     h.set_defaults(func=cmd_simulate_history)
+    t = ssub.add_parser(
+        "traffic",
+        help="drive live traffic at a running service and send its feedback; print each arm's true outcomes",
+        description="Users of the same world as `simulate history` (same --seed, --world-users, --world-videos) ask "
+        "the service at --url for rankings, act by the world's truth with the position bias of the slots they were "
+        "shown (dismiss, click, watch, like, survey rating) and send that feedback. At the end, per arm and model "
+        "version the service reported: the world's expected click-through rate, watch time per impression, likes "
+        "per click, dismiss rate and mean rating of what it showed, next to the realised values.",
+        epilog="Only loopback URLs are accepted: simulated feedback becomes training data.",
+    )
+    t.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
+    t.add_argument("--users", type=int, default=100, metavar="N", help="users of the world who send requests (default 100)")
+    t.add_argument("--duration", type=float, default=60.0, metavar="S", help="seconds of traffic (default 60)")
+    t.add_argument("--concurrency", type=int, default=4, metavar="C", help="clients sending at once (default 4)")
+    t.add_argument("--seed", type=int, default=0, help="the world's seed (as for `simulate history`) and the users' draws")
+    t.add_argument("--out", metavar="EVENTS.jsonl", help="write every impression's outcome (for `watchnext ab report --events`)")
+    t.add_argument("--candidates", type=int, default=20, metavar="K", help="candidates per request (default 20)")
+    t.add_argument("--top-k", type=int, default=10, metavar="K", help="items shown per request (default 10)")
+    t.add_argument("--experiment", default="live", metavar="NAME",
+                   help="experiment name written into events when the service's answer names none (default live)")
+    t.add_argument("--timeout", type=float, default=10.0, metavar="S", help="per-request timeout (default 10)")
+    t.add_argument("--world-users", type=int, metavar="N", help="users in the world (as `simulate history --users`)")
+    t.add_argument("--world-videos", type=int, metavar="N", help="videos in the world (as `simulate history --videos`)")
+    t.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    t.set_defaults(func=cmd_simulate_traffic)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
@@ -337,6 +362,44 @@ def cmd_simulate_history(args) -> int:
     if bar:
         bar.close()
     print(json.dumps({"out": str(out), "examples": n, "seed": args.seed}))
+    return 0
+
+
+def cmd_simulate_traffic(args) -> int:
+    import contextlib
+
+    from .simulate import World, WorldSpec
+    from .traffic import Traffic, TrafficError, check_url, render_summary
+
+    try:
+        check_url(args.url)  # before building the world (seconds)
+        spec = WorldSpec()
+        spec.users, spec.videos = args.world_users or spec.users, args.world_videos or spec.videos
+        bar = progress_bar(round(args.duration), "simulate traffic", unit="s")
+
+        def on_progress(elapsed: float, st: dict) -> None:
+            if bar is not None:
+                bar.n = round(elapsed, 1)
+                bar.set_postfix_str(f"{st['requests']:,} requests, {st['failed']:,} failed, {st['impressions']:,} impressions")
+
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
+                traffic = Traffic(World(spec, args.seed), args.url, args.users, args.duration, args.concurrency,
+                                  args.candidates, args.top_k, args.seed, args.timeout, args.experiment, out, on_progress)
+                summary = traffic.run()
+        finally:
+            if bar is not None:
+                bar.close()
+    except TrafficError as e:
+        raise CliError(str(e)) from None
+    if args.out:
+        summary["events"] = args.out
+    print(json.dumps(summary, indent=2) if args.json else render_summary(summary))
+    if not summary["succeeded"]:
+        print("watchnext: error: no ranking request succeeded", file=sys.stderr)
+        return 1
     return 0
 
 

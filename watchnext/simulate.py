@@ -28,11 +28,29 @@ DEVICES = np.array(["mobile", "desktop", "tv"])
 DEVICE_P = np.array([0.6, 0.3, 0.1])
 DEVICE_CLICK = np.array([0.0, 0.2, -0.3])
 SLATE = 10
+POOL = 60  # candidates drawn per request before the "production" ranking picks a slate
 DAY = 86_400.0
+# the noise of the sampled outcomes around their means (`World.outcomes`; `World.expected` integrates it)
+WATCH_NOISE = 0.15  # sd of the watched share of a video
+WATCH_SHARE = (0.02, 1.0)  # the watched share is clipped to this range
+SURVEY_SHARE = 0.2  # share of clicks that answer the survey
+RATING_NOISE = 0.6  # sd of a survey answer around its mean (rounded, clipped to 1..5)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
+
+
+_erfc = np.frompyfunc(math.erfc, 1, 1)
+
+
+def norm_cdf(x: np.ndarray) -> np.ndarray:
+    """P(Z <= x) for a standard normal Z, elementwise (exact: math.erfc)."""
+    return 0.5 * _erfc(-np.asarray(x, np.float64) / math.sqrt(2.0)).astype(np.float64)
+
+
+def norm_pdf(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * np.square(x)) / math.sqrt(2.0 * math.pi)
 
 
 @dataclass
@@ -136,10 +154,10 @@ class World:
         dismiss = r.random(n) < p["dismiss"]
         click = ~dismiss & (r.random(n) < p["click"] / np.maximum(1 - p["dismiss"], 1e-9))
         like = click & (r.random(n) < p["like"])
-        frac = np.clip(p["watch_frac"] + r.normal(0, 0.15, n), 0.02, 1.0)
+        frac = np.clip(p["watch_frac"] + r.normal(0, WATCH_NOISE, n), *WATCH_SHARE)
         watch = np.where(click, np.round(frac * self.duration[videos], 1), np.nan)
-        surveyed = click & (r.random(n) < 0.2)
-        rating = np.where(surveyed, np.clip(np.round(p["rating_mean"] + r.normal(0, 0.6, n)), 1, 5), np.nan)
+        surveyed = click & (r.random(n) < SURVEY_SHARE)
+        rating = np.where(surveyed, np.clip(np.round(p["rating_mean"] + r.normal(0, RATING_NOISE, n)), 1, 5), np.nan)
         labels = {
             "click": click.astype(float),
             "watch_time": watch,
@@ -149,6 +167,21 @@ class World:
         }
         return labels, p
 
+    def expected(self, users, videos, ts, positions, devices) -> dict[str, np.ndarray]:
+        """What `outcomes` samples, in expectation: the probabilities plus, per impression (all (n,)),
+        `watch_time` = E[seconds watched | click] and `rating` = E[survey answer | answered].
+
+        The noise is integrated exactly: E[clip(m + sZ, a, b)] for the watched share, and
+        E[clip(round(m + sZ), 1, 5)] = 1 + sum_k P(m + sZ >= k + 0.5), k = 1..4, for the rating.
+        """
+        p = self.probabilities(users, videos, ts, positions, devices)
+        m, s, (lo, hi) = p["watch_frac"], WATCH_NOISE, WATCH_SHARE
+        za, zb = (lo - m) / s, (hi - m) / s
+        ca, cb = norm_cdf(za), norm_cdf(zb)
+        share = lo * ca + hi * (1 - cb) + m * (cb - ca) + s * (norm_pdf(za) - norm_pdf(zb))
+        rating = 1.0 + sum(norm_cdf((p["rating_mean"] - k - 0.5) / RATING_NOISE) for k in range(1, 5))
+        return {**p, "watch_time": share * self.duration[videos], "rating": rating}
+
     # ------------------------------------------------------------ traffic
     def requests(self, ts: np.ndarray) -> dict[str, np.ndarray]:
         """One request per timestamp: who asks, from which video, which slate is shown.
@@ -156,16 +189,21 @@ class World:
         The slate is a noisy "production" ranking, so slot and relevance are correlated
         as they are in logged data.
         """
+        users = self.rng.choice(self.spec.users, size=len(ts), p=self.activity)
+        return self.requests_for(users, ts)
+
+    def requests_for(self, users: np.ndarray, ts: np.ndarray, size: int = SLATE) -> dict[str, np.ndarray]:
+        """`requests` for given users (one per element of `users` and `ts`): `size` candidates each, best first."""
+        if not 1 <= size < POOL:
+            raise ValueError(f"size: expected 1..{POOL - 1} candidates, got {size}")
         r, s, n = self.rng, self.spec, len(ts)
-        users = r.choice(s.users, size=n, p=self.activity)
         query = self.recent[users, r.integers(0, 3, n)]
-        pool = 60
-        cand = r.integers(0, s.videos, size=(n, pool))
+        cand = r.integers(0, s.videos, size=(n, POOL))
         live = self.published[cand] <= ts[:, None]
         rel = np.einsum("nk,npk->np", self.topic[query], self.topic[cand]) + 0.3 * self.popularity[cand]
         g = np.where(live, rel + r.gumbel(size=rel.shape), -np.inf)
         g = np.where(cand == query[:, None], -np.inf, g)
-        order = np.argsort(-g, axis=1)[:, :SLATE]
+        order = np.argsort(-g, axis=1)[:, :size]
         slate = np.take_along_axis(cand, order, axis=1)
         return {"user": users, "query": query, "slate": slate, "device": self.device[users]}
 
