@@ -17,6 +17,7 @@ from watchnext.config import POSITION, Config
 from watchnext.encoding import Encoder
 
 EPS = 1e-6
+EMBEDDING_INIT_STD = 0.15  # measured: 0.05 made learning users' tastes a matter of luck (click AUC 0.778-0.806 over seeds)
 
 
 class RunningNorm(nn.Module):
@@ -141,7 +142,7 @@ class Ranker(nn.Module):
             }
         )
         for emb in self.embeddings.values():
-            nn.init.normal_(emb.weight, std=0.05)
+            nn.init.normal_(emb.weight, std=EMBEDDING_INIT_STD)
             with torch.no_grad():
                 emb.weight[0].zero_()
         # Pairwise dot products between fields (as in DLRM / factorisation machines), in
