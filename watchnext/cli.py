@@ -375,7 +375,9 @@ def cmd_simulate_traffic(args) -> int:
         check_url(args.url)  # before building the world (seconds)
         spec = WorldSpec()
         spec.users, spec.videos = args.world_users or spec.users, args.world_videos or spec.videos
-        bar = progress_bar(round(args.duration), "simulate traffic", unit="s")
+        bar = progress_bar(args.duration, "simulate traffic", unit="s")
+        if bar is not None:
+            bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}"
 
         def on_progress(elapsed: float, st: dict) -> None:
             if bar is not None:

@@ -166,11 +166,18 @@ class Traffic:
         self.feedback: Counter[str] = Counter()
         self.latency: list[float] = []
         self.elapsed = 0.0
+        self.interrupted = False
 
     # ------------------------------------------------------------ run
     def run(self) -> dict[str, Any]:
-        """Drive traffic for `duration` seconds; raises TrafficError when no service answers at `url`."""
-        asyncio.run(self._main())
+        """Drive traffic for `duration` seconds; raises TrafficError when no service answers at `url`.
+
+        Ctrl-C stops early: the summary then covers what was done (`interrupted` is true).
+        """
+        try:
+            asyncio.run(self._main())
+        except KeyboardInterrupt:
+            self.interrupted = True
         return self.summary()
 
     async def _main(self) -> None:
@@ -183,7 +190,12 @@ class Traffic:
             ticker = asyncio.create_task(self._ticker())
             try:
                 # a worker stops starting requests at the deadline; each request and feedback has a timeout
-                await asyncio.wait_for(asyncio.gather(*workers), self.duration + 2 * self.timeout + 5)
+                _, late = await asyncio.wait(workers, timeout=self.duration + 2 * self.timeout + 5)
+                if late:
+                    self.failed["stopped in flight at the time limit"] += len(late)
+                for t in workers:
+                    if t.done() and not t.cancelled() and (err := t.exception()) is not None:
+                        raise err  # a bug in the simulator: do not hide it
             finally:
                 for t in (*workers, ticker):
                     t.cancel()
@@ -356,6 +368,7 @@ class Traffic:
         return {
             "url": self.url,
             "seconds": round(self.elapsed, 2),
+            "interrupted": self.interrupted,
             "users": len(self.users),
             "concurrency": self.concurrency,
             "requests": self.sent,
@@ -377,7 +390,7 @@ def render_summary(s: dict[str, Any]) -> str:
     fb = s["feedback"]
     dropped = sum(v for k, v in fb.items() if k != "accepted")
     lines = [
-        f"simulate traffic: {s['succeeded']:,} rankings from {s['users']:,} users in {s['seconds']:.1f} s "
+        ("interrupted: " if s["interrupted"] else "") + f"simulate traffic: {s['succeeded']:,} rankings from {s['users']:,} users in {s['seconds']:.1f} s "
         f"({s['requests_per_s'] or 0:,.1f}/s, {s['concurrency']} clients), {s['impressions']:,} impressions",
         f"failed requests: {sum(s['failed'].values()):,}" + "".join(f"; {k} {v:,}" for k, v in s["failed"].items())
         + (f"; latency p50 {s['latency_ms']['p50']:.1f} ms, p99 {s['latency_ms']['p99']:.1f} ms" if s["latency_ms"] else ""),
@@ -385,7 +398,8 @@ def render_summary(s: dict[str, Any]) -> str:
         + "".join(f"; {k} {v:,}" for k, v in fb.items() if k != "accepted"),
         "true = the world's expected outcome of each item in the slot it was shown in; realised = what users did",
     ]
-    cols = [f"{a['arm']} (v{a['model_version']})" for a in s["arms"]] + ["candidate order"]
+    cols = [(f"{a['experiment']}: " if a["experiment"] else "") + f"{a['arm']} (v{a['model_version']})"
+            for a in s["arms"]] + ["candidate order"]
     rows = [["", *cols], ["users", *(f"{a['users']:,}" for a in s["arms"]), ""],
             ["impressions", *(f"{a['impressions']:,}" for a in s["arms"]), f"{s['candidate_order']['impressions']:,}"]]
     for m in METRICS:
@@ -395,6 +409,9 @@ def render_summary(s: dict[str, Any]) -> str:
             row.append(f"{_num(tv)} (realised {_num(rv)})")
         row.append(_num(s["candidate_order"]["truth"][m.name]))
         rows.append(row)
+    for key, title in [("clicks", "clicks"), ("likes", "likes"), ("dismisses", "dismisses"),
+                       ("ratings", "survey answers"), ("watch_s", "watch time (s)")]:
+        rows.append([title, *(f"{a['realised']['counts'][key]:,}" for a in s["arms"]), ""])
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for j, r in enumerate(rows):
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
