@@ -4,18 +4,21 @@ and the world's expected outcomes that its truth figures rest on."""
 from __future__ import annotations
 
 import json
+import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 import redis
 
 from tests.helpers import SMALL_WORLD
+from tests.service.fixtures import ADMIN
 from watchnext.abreport import read_events
 from watchnext.cli import main
 from watchnext.experiments import Experiment
 from watchnext.simulate import DAY, SLATE, World, WorldSpec
-from watchnext.traffic import TrafficError, check_url, render_summary
+from watchnext.traffic import Traffic, TrafficError, check_url, render_summary
 
 # the CLI can set the world's users and videos (as `simulate history` can), not its channels and tags
 WORLD = WorldSpec(users=SMALL_WORLD.users, videos=SMALL_WORLD.videos)
@@ -136,3 +139,26 @@ def test_traffic_against_a_live_service(server, redis_url, tmp_path, capsys):
     rep = json.loads(capsys.readouterr().out)
     assert rep["arms"][0]["impressions"] == s["impressions"]
     assert rep["arms"][0]["metrics"]["ctr"]["estimate"] == pytest.approx(arm["realised"]["ctr"])
+
+
+def test_each_version_served_is_tallied_apart(server):
+    """A promotion mid-run: the summary has one row per (arm, version) the service reported, nothing lost."""
+    before = server.service.models.current.version
+    other = 1 if before != 1 else 2
+    traffic = Traffic(World(WORLD, seed=0), server.url, users=10, duration=2.5, concurrency=2, seed=1)
+    out: dict = {}
+    t = threading.Thread(target=lambda: out.update(traffic.run()))
+    t.start()
+    time.sleep(1.0)
+    r = httpx.post(f"{server.url}/v1/models/{other}/promote", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=30)
+    assert r.status_code == 200, r.text
+    t.join(30)
+    assert not t.is_alive()
+    rows = {a["model_version"]: a for a in out["arms"]}
+    assert set(rows) == {str(before), str(other)} and out["failed"] == {}
+    assert sum(a["requests"] for a in rows.values()) == out["succeeded"] == out["requests"]
+    assert sum(a["impressions"] for a in rows.values()) == out["impressions"]
+    clicks = sum(a["realised"]["counts"]["clicks"] + a["realised"]["counts"]["dismisses"] for a in rows.values())
+    assert out["feedback"] == {"accepted": clicks}
+    for a in rows.values():
+        assert 0 < a["truth"]["ctr"] < 1 and 1 <= a["truth"]["rating"] <= 5
