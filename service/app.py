@@ -2,7 +2,8 @@
 
 Endpoints (CONTRACT §3): POST /v1/rank, POST /v1/feedback, GET /v1/models,
 POST /v1/models/{version}/promote and POST /v1/models/rollback (admin token),
-GET /healthz, GET /readyz, GET /metrics.
+PUT/GET/DELETE /v1/experiments/{name} (admin token to change), GET /v1/experiments,
+GET /v1/experiments/{name}/report, GET /healthz, GET /readyz, GET /metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,10 +24,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from watchnext.cli import models_summary
 from watchnext.repository import RepositoryError
 
-from .errors import Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unavailable
+from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unavailable
+from .experiments import Experiments, report_of, view
 from .features import FeatureStore
 from .feedback import MAX_EVENTS, parse_feedback
-from .impressions import REASONS, ImpressionLog
+from .impressions import REASONS, REDIS_ERRORS, ImpressionLog
 from .models import ModelManager, VersionRefused
 from .observability import Metrics, Stopwatch, log, setup_logging
 from .ranker import Ranker
@@ -41,6 +43,26 @@ from .schema import (
 from .settings import Deps, Settings
 
 logger = logging.getLogger("watchnext.service")
+
+# an experiment's name, as watchnext.experiments checks it
+ExperimentName = Annotated[str, Path(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")]
+# PUT /v1/experiments/{name}: checked by watchnext.experiments (this schema documents it)
+EXPERIMENT_BODY: dict[str, Any] = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["arms"],
+    "properties": {
+        "name": {"type": "string", "description": "must equal the URL's name when given"},
+        "salt": {"type": "string", "description": "assignment salt (default: the name)"},
+        "arms": {"type": "array", "minItems": 2, "description": "the control first; shares sum to 1", "items": {
+            "type": "object", "required": ["name", "share"], "additionalProperties": False,
+            "properties": {"name": {"type": "string"}, "share": {"type": "number"},
+                           "version": {"type": ["integer", "null"], "description": "null: the promoted version"},
+                           "weights": {"type": "object", "additionalProperties": {"type": "number"},
+                                       "description": "score weights instead of the config's [score] weights"}}}},
+        "meta": {"type": "object"},
+    },
+}
 
 
 class Service:
@@ -59,6 +81,7 @@ class Service:
             if deps.redis_url else None
         )
         self.ranker = Ranker(deps.config, self.store, self.metrics)
+        self.experiments = Experiments(deps.config, deps.redis_url, self.models) if deps.redis_url else None
         # rank work runs in worker threads; more than a few at once only queue inside ONNX Runtime
         self.limiter = anyio.CapacityLimiter(settings.rank_workers) if settings.rank_workers else None
 
@@ -70,6 +93,8 @@ class Service:
         self.models.start(self.config.service.model_poll_s)
         if self.log is not None:
             self.log.start()
+        if self.experiments is not None:
+            self.experiments.start(self.config.service.model_poll_s)
         cur = self.models.current
         log(logger, logging.INFO, "service_started", config=self.config.path, config_hash=self.config.hash,
             model_version=cur.version if cur else None, provider=cur.provider if cur else None,
@@ -77,6 +102,8 @@ class Service:
 
     def stop(self) -> None:
         self.models.stop()
+        if self.experiments is not None:
+            self.experiments.stop()
         left = self.log.stop() if self.log is not None else 0
         self.store.close()
         log(logger, logging.INFO, "service_stopped", unwritten_impressions=left)
@@ -161,10 +188,11 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         model = svc.models.current
         if model is None:
             raise Unavailable("model", "no model version is loaded yet (the repository is empty or every version was refused)")
+        live = svc.experiments.live if svc.experiments is not None else None  # taken once, like the model
         if svc.limiter is None:  # rank_workers = 0: on the event loop itself (no thread hand-off)
-            ranked = svc.ranker.rank(body, model)
+            ranked = svc.ranker.rank(body, model, live)
         else:
-            ranked = await anyio.to_thread.run_sync(svc.ranker.rank, body, model, limiter=svc.limiter)
+            ranked = await anyio.to_thread.run_sync(svc.ranker.rank, body, model, live, limiter=svc.limiter)
         if svc.log is not None:
             svc.log.add(ranked.impression)
         resp = json_response(ranked.body)
@@ -228,6 +256,72 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
             return switch(svc, prev[-1], deps.repo.rollback)
 
         return await anyio.to_thread.run_sync(do)
+
+    # ------------------------------------------------------------ experiments
+    def experiments_of(svc: Service) -> Experiments:
+        if svc.experiments is None:
+            raise Unavailable("service", "experiments need Redis, and this service runs without it")
+        return svc.experiments
+
+    async def in_redis(fn, *args):
+        try:
+            return await anyio.to_thread.run_sync(fn, *args)
+        except REDIS_ERRORS:
+            raise Unavailable("service", "Redis is unreachable; retry later") from None
+
+    @app.put("/v1/experiments/{name}", responses=errors(400, 401, 409, 413, 422, 503),
+             openapi_extra=json_body(EXPERIMENT_BODY),
+             summary="Create or update an A/B experiment (admin): every arm's version is loaded before it goes live")
+    async def put_experiment(name: ExperimentName, request: Request, svc: ServiceDep) -> dict[str, Any]:
+        svc.require_admin(request)
+        exps = experiments_of(svc)
+        raw = await read_body(request, config.service.max_body_bytes)
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            raise BadRequest("body", f"not valid JSON: {e}", status=400) from None
+        return await in_redis(exps.put, name, body, deps.repo.versions())
+
+    @app.get("/v1/experiments", summary="Every experiment, live and stopped")
+    async def list_experiments(svc: ServiceDep) -> dict[str, Any]:
+        return {"experiments": await in_redis(experiments_of(svc).list)}
+
+    @app.get("/v1/experiments/{name}", responses=errors(404, 503), summary="One experiment's definition and status")
+    async def get_experiment(name: ExperimentName, svc: ServiceDep) -> dict[str, Any]:
+        return view(await in_redis(experiments_of(svc).stored, name))
+
+    @app.delete("/v1/experiments/{name}", responses=errors(401, 404, 503),
+                summary="Stop an experiment (admin): all traffic returns to the promoted version")
+    async def delete_experiment(name: ExperimentName, request: Request, svc: ServiceDep) -> dict[str, Any]:
+        svc.require_admin(request)
+        return await in_redis(experiments_of(svc).delete, name)
+
+    @app.get("/v1/experiments/{name}/report", response_model=None, responses=errors(404, 422, 503),
+             summary="Per-arm metrics with user-level intervals, differences from the control, SRM check")
+    async def experiment_report(name: ExperimentName, svc: ServiceDep, confidence: float = 0.95, format: str = "json",
+                                points: int = 0) -> Response:
+        from watchnext.abreport import render_table
+        from watchnext.experiments import Experiment
+
+        if not 0 < confidence < 1:
+            raise BadRequest("confidence", f"expected a number in (0, 1), got {confidence}")
+        if not 0 <= points <= 200:
+            raise BadRequest("points", f"expected 0..200 time points, got {points}")
+        if format not in ("json", "table"):
+            raise BadRequest("format", f"expected json or table, got {format!r}")
+        exps = experiments_of(svc)
+
+        def build() -> dict[str, Any]:
+            stored = exps.stored(name)
+            exp = Experiment.from_dict(stored["experiment"])
+            rep = report_of(exp, exps.events(name), confidence, points)
+            rep["status"], rep["stopped_at"] = stored["status"], stored.get("stopped_at")
+            return rep
+
+        rep = await in_redis(build)
+        if format == "table":
+            return Response(render_table(rep) + "\n", media_type="text/plain; charset=utf-8")
+        return json_response(rep)
 
     # ------------------------------------------------------------ operations
     @app.get("/healthz", summary="The process is up")

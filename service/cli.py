@@ -17,9 +17,13 @@ REDIS_DIR = Path("data/redis")  # the embedded Redis's append-only files, shared
 
 
 def register(sub) -> None:
+    from watchnext.cli_ab import AB_ACTIONS
+
     _serve(sub)
     _up(sub)
     _features(sub)
+    if _ab_actions not in AB_ACTIONS:  # `watchnext ab create / stop / show`, and `ab report --url`
+        AB_ACTIONS.append(_ab_actions)
 
 
 def server_flags(p: argparse.ArgumentParser) -> None:
@@ -158,4 +162,154 @@ def cmd_features_load(args) -> int:
         if embedded is not None:
             embedded.stop()
     print(json.dumps({"file": args.file, **counts}))
+    return 0
+
+
+# ---------------------------------------------------------------- ab (a running service's experiments)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _ab_actions(asub) -> None:
+    def target(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--url", default=os.environ.get("WATCHNEXT_URL", DEFAULT_URL),
+                       help=f"the service ($WATCHNEXT_URL; default {DEFAULT_URL})")
+        p.add_argument("--token", default=os.environ.get("WATCHNEXT_ADMIN_TOKEN"),
+                       help="admin token ($WATCHNEXT_ADMIN_TOKEN)")
+
+    c = asub.add_parser(
+        "create", help="start (or update) an experiment on a running service",
+        description="PUT /v1/experiments/NAME: every arm's version is loaded and warmed before the experiment goes "
+        "live. Arms: --arm NAME=SHARE[:VERSION][:w=TASK=W,...] once per arm, the control first (no VERSION: the "
+        "promoted one; w=...: score weights instead of the config's [score] weights), or --file with the JSON body.",
+        epilog="example: watchnext ab create sat --arm control=0.5 --arm sat=0.5:w=click=1,like=4")
+    c.add_argument("name", metavar="NAME")
+    src = c.add_mutually_exclusive_group(required=True)
+    src.add_argument("--arm", action="append", metavar="NAME=SHARE[:VERSION][:w=TASK=W,...]")
+    src.add_argument("--file", metavar="JSON", help="the body: {\"arms\": [...], \"salt\": ...}")
+    c.add_argument("--salt", help="assignment salt (default: the name; a new salt reshuffles users)")
+    target(c)
+    c.set_defaults(func=cmd_ab_create)
+
+    st = asub.add_parser("stop", help="stop an experiment: all traffic returns to the promoted version",
+                         description="DELETE /v1/experiments/NAME. Its events are kept for `ab report`.")
+    st.add_argument("name", metavar="NAME")
+    target(st)
+    st.set_defaults(func=cmd_ab_stop)
+
+    sh = asub.add_parser("show", help="an experiment's definition and status (without NAME: every experiment)")
+    sh.add_argument("name", metavar="NAME", nargs="?")
+    target(sh)
+    sh.set_defaults(func=cmd_ab_show)
+
+    r = asub.choices["report"]
+    r.add_argument("--url", help="ask a running service (GET /v1/experiments/NAME/report) instead of reading --events")
+    offline = r.get_default("func")
+    r.set_defaults(func=lambda a: cmd_ab_report_url(a) if a.url else offline(a))
+
+
+def parse_arm(i: int, spec: str) -> dict:
+    """'sat=0.5:3:w=click=1,like=4' -> {"name": "sat", "share": 0.5, "version": 3, "weights": {...}}."""
+    head, *rest = spec.split(":")
+    name, eq, share = head.partition("=")
+    where = f"--arm {spec!r}"
+    try:
+        arm: dict = {"name": name.strip(), "share": float(share)}
+    except ValueError:
+        raise CliError(f"{where}: expected NAME=SHARE[:VERSION][:w=TASK=W,...]") from None
+    if not eq:
+        raise CliError(f"{where}: expected NAME=SHARE[:VERSION][:w=TASK=W,...]")
+    for part in rest:
+        if part.startswith("w="):
+            weights = {}
+            for kv in part[2:].split(","):
+                k, eq, v = kv.partition("=")
+                try:
+                    weights[k.strip()] = float(v)
+                except ValueError:
+                    raise CliError(f"{where}: weight {kv!r}: expected TASK=NUMBER") from None
+            arm["weights"] = weights
+        elif part in ("", "promoted"):
+            continue
+        elif part.isdigit():
+            arm["version"] = int(part)
+        else:
+            raise CliError(f"{where}: {part!r} is neither a version number nor w=TASK=W,...")
+    return arm
+
+
+def call(args, method: str, path: str, body: dict | None = None, admin: bool = False, raw: bool = False):
+    """One request to the service; an error answer becomes a CliError naming the field and the reason."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"}
+    if admin:
+        if not args.token:
+            raise CliError("--token: the admin token is needed (or set WATCHNEXT_ADMIN_TOKEN)")
+        headers["Authorization"] = f"Bearer {args.token}"
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(args.url.rstrip("/") + path, data=data, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            text = resp.read().decode()
+    except urllib.error.HTTPError as e:
+        text = e.read().decode()
+        try:
+            err = json.loads(text)["error"]
+            msg = f"{err['field']}: {err['reason']}"
+        except (ValueError, KeyError, TypeError):
+            msg = text[:300]
+        raise CliError(f"{method} {path}: {e.code}: {msg}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise CliError(f"--url {args.url}: cannot reach the service ({getattr(e, 'reason', e)})") from None
+    return text if raw else json.loads(text)
+
+
+def cmd_ab_create(args) -> int:
+    if args.file:
+        try:
+            body = json.loads(Path(args.file).read_text())
+        except (OSError, ValueError) as e:
+            raise CliError(f"--file: {e}") from None
+    else:
+        body = {"arms": [parse_arm(i, s) for i, s in enumerate(args.arm)]}
+    if args.salt:
+        body["salt"] = args.salt
+    print(json.dumps(call(args, "PUT", f"/v1/experiments/{args.name}", body, admin=True), indent=2))
+    return 0
+
+
+def cmd_ab_stop(args) -> int:
+    print(json.dumps(call(args, "DELETE", f"/v1/experiments/{args.name}", admin=True), indent=2))
+    return 0
+
+
+def cmd_ab_show(args) -> int:
+    print(json.dumps(call(args, "GET", f"/v1/experiments/{args.name}" if args.name else "/v1/experiments"), indent=2))
+    return 0
+
+
+def cmd_ab_report_url(args) -> int:
+    from urllib.parse import urlencode
+
+    from watchnext.abreport import render_table, write_chart
+
+    if args.events or args.pre or args.experiment or args.arms:
+        raise CliError("ab report --url: the service has the events and the definition; "
+                       "drop --events, --pre, --experiment and --arms")
+    q = {"confidence": args.confidence, "points": args.points if args.chart else 0}
+    rep = call(args, "GET", f"/v1/experiments/{args.name}/report?{urlencode(q)}")
+    ts = rep.pop("timeseries", None)
+    if args.chart and ts is not None:
+        rep["chart"] = str(write_chart(ts, args.chart, f"experiment {rep['experiment']}"))
+    if args.json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(render_table(rep))
+        if args.chart:
+            print(f"chart: {rep['chart']}")
+    if rep["srm"]["flagged"]:
+        print("watchnext: warning: sample ratio mismatch (p < 0.001): the split is broken; "
+              "do not trust the differences", file=sys.stderr)
     return 0

@@ -36,6 +36,7 @@ from redis.retry import Retry
 
 from watchnext.config import Config
 
+from .features import key_feature
 from .observability import Metrics, log
 
 logger = logging.getLogger("watchnext.service.impressions")
@@ -44,6 +45,7 @@ IMP = "wn:imp:"
 DUE = "wn:imp:due"
 FB = "wn:fb:"
 DONE = "wn:imp:done:"
+EXP_EVENTS = "wn:exp:ev:"  # per experiment: its closed impressions as JSON lines (see service/experiments.py)
 DONE_TTL_S = 86_400
 CLOSE_BATCH = 500
 CLOSE_MARGIN_S = 0.25
@@ -103,6 +105,7 @@ class ImpressionLog:
         self._pop_due = self.client.register_script(_POP_DUE_LUA)
         self.defaults = {t.name: t.default for t in config.tasks}
         self.tasks = {t.name: t for t in config.tasks}
+        self.user_key = key_feature(config, "user")
 
     # ------------------------------------------------------------ impressions
     def add(self, impression: dict[str, Any]) -> None:
@@ -158,7 +161,8 @@ class ImpressionLog:
         rid = imp["request_id"]
         key = IMP + rid
         due = imp["ts"] + self.window
-        shared = {k: imp[k] for k in ("ts", "request_id", "user", "query", "context", "arm", "model_version")}
+        shared = {k: imp.get(k) for k in ("ts", "request_id", "user", "query", "context", "experiment", "arm",
+                                          "model_version")}
         mapping = {"_": json.dumps(shared, separators=(",", ":")), "_due": repr(due)}
         for item_id, cand, pos in imp["items"]:
             mapping[f"i:{item_id}"] = json.dumps({"candidate": cand, "position": pos}, separators=(",", ":"))
@@ -217,6 +221,8 @@ class ImpressionLog:
             pipe = self.client.pipeline(transaction=False)
             for ex in examples:
                 pipe.xadd(st.key, {"example": json.dumps(ex, separators=(",", ":"))}, maxlen=st.maxlen, approximate=True)
+            for name, lines in self.experiment_events(examples).items():
+                pipe.rpush(EXP_EVENTS + name, b"\n".join(lines))
             for rid in ids:
                 pipe.delete(IMP + rid, FB + rid)
                 pipe.set(DONE + rid, b"1", ex=DONE_TTL_S)
@@ -225,6 +231,18 @@ class ImpressionLog:
             sent += len(examples)
             if len(ids) < CLOSE_BATCH:
                 return sent
+
+    def experiment_events(self, examples: list[dict[str, Any]]) -> dict[str, list[bytes]]:
+        """The report's compact events (ts, user_id, arm, model_version, labels) of examples served in experiments."""
+        out: dict[str, list[bytes]] = {}
+        for ex in examples:
+            name = ex.get("experiment")
+            if name is None:
+                continue
+            ev = {"ts": ex["ts"], "user_id": str(ex["user"].get(self.user_key)), "arm": ex["arm"],
+                  "model_version": ex["model_version"], "labels": ex["labels"]}
+            out.setdefault(name, []).append(json.dumps(ev, separators=(",", ":")).encode())
+        return out
 
     def examples_of(self, imp: dict[bytes, bytes], feedback: list[bytes]) -> list[dict[str, Any]]:
         if not imp or b"_" not in imp:
@@ -247,7 +265,8 @@ class ImpressionLog:
                 "ts": shared["ts"], "request_id": shared["request_id"],
                 "user": shared["user"], "query": shared["query"], "context": shared["context"],
                 "candidate": item["candidate"], "position": item["position"], "labels": labels,
-                "arm": shared.get("arm"), "model_version": shared.get("model_version"),
+                "experiment": shared.get("experiment"), "arm": shared.get("arm"),
+                "model_version": shared.get("model_version"),
             })
         return out
 

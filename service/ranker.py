@@ -15,7 +15,8 @@ import numpy as np
 from watchnext.config import Config
 from watchnext.scoring import combine
 
-from .features import FeatureStore, feature_key
+from .experiments import LiveExperiment
+from .features import FeatureStore, feature_key, key_feature
 from .models import LoadedModel
 from .observability import Metrics
 from .request import SHARED, RankInput, RequestCodec
@@ -36,9 +37,17 @@ class Ranker:
         self.codec = RequestCodec(config)
         self.mode = config.score.combine
         self.source_features = {s: {f.name for f in config.features if f.source == s} for s in SHARED}
+        self.user_key = key_feature(config, "user")  # the id that assigns an experiment's arm
 
-    def rank(self, body: bytes, model: LoadedModel, arm: str = CONTROL) -> Ranked:
+    def rank(self, body: bytes, model: LoadedModel, live: LiveExperiment | None = None) -> Ranked:
+        """Rank one request with `model` (the promoted version), or, when an experiment is live and the request
+        names its user, with the user's arm's version and weights."""
         inp = self.codec.parse(body)
+        arm, experiment, weights = CONTROL, None, model.weights
+        uid = inp.shared["user"].get(self.user_key) if live is not None and self.user_key else None
+        if uid is not None:
+            a, model, weights = live.route(str(uid), model)
+            arm, experiment = a.name, live.exp.name
         if inp.unknown_features:
             self.metrics.unknown_features.inc(inp.unknown_features)
         if self.store.enabled:
@@ -47,7 +56,7 @@ class Ranker:
         inputs = self.codec.encode(inp)
         session = model.session
         heads = session.run(inputs) if n else np.zeros((0, len(session.task_names)), np.float32)  # (B, T)
-        scores = combine(heads, model.weights, self.mode)  # (B,)
+        scores = combine(heads, weights, self.mode)  # (B,)
         finite = np.isfinite(heads).all(axis=1) & np.isfinite(scores)
         if not finite.all():  # never let NaN or inf reach a client; count it
             self.metrics.nonfinite.inc(int((~finite).sum()))
@@ -78,6 +87,7 @@ class Ranker:
             "ts": time.time(),
             "request_id": inp.request_id,
             **{s: inp.shared[s] for s in SHARED},
+            "experiment": experiment,
             "arm": arm,
             "model_version": version,
             "items": [(i, {k: v for k, v in c.items() if v is not None}, pos) for pos, (i, c) in enumerate(zip(ids, served))],

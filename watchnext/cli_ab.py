@@ -80,7 +80,8 @@ def _ab(sub) -> None:
         "check; CUPED when --pre gives a pre-period log.",
     )
     r.add_argument("name", metavar="NAME", help="the experiment (events of other experiments are skipped)")
-    r.add_argument("--events", required=True, nargs="+", metavar="FILE", help="event logs (JSON lines)")
+    r.add_argument("--events", nargs="+", metavar="FILE",
+                   help="event logs (JSON lines); or --url to ask a running service")
     src = r.add_mutually_exclusive_group()
     src.add_argument("--experiment", metavar="FILE", help="the experiment's definition (JSON: name, salt, arms)")
     src.add_argument("--arms", metavar="NAME=SHARE,...", help="arms and shares instead, the control first")
@@ -128,6 +129,8 @@ def cmd_ab_report(args) -> int:
     from .abstats import report, timeseries
     from .cli import CliError
 
+    if not args.events:
+        raise CliError("ab report: give --events FILE... (an event log) or --url URL (a running service)")
     exp = experiment_of(args)
     for f in args.events + (args.pre or []):
         if not Path(f).is_file():

@@ -1,0 +1,234 @@
+"""Online A/B experiments through the API: two service processes on one Redis, a restart, a stop under load,
+validation, and the report from real impressions and feedback. Nothing is mocked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from tests.service.fixtures import ADMIN, live_service
+from tests.service.test_feedback import stream_examples, wait_for
+from watchnext.experiments import Experiment
+from watchnext.redis_embed import free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+AUTH = {"Authorization": f"Bearer {ADMIN}"}
+CANDS = [{"video_id": "v1"}, {"video_id": "v2"}, {"video_id": "v3"}]
+SPLIT = {"arms": [{"name": "control", "share": 0.6},
+                  {"name": "old", "share": 0.4, "version": 1, "weights": {"click": 1.0, "like": 4.0}}]}
+
+
+def rank(c: httpx.Client, user: str | None) -> dict:
+    body = {"candidates": CANDS, "top_k": 3, **({"user": {"user_id": user}} if user is not None else {})}
+    r = c.post("/v1/rank", json=body)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@contextmanager
+def serve_process(trained, models: Path, redis_url: str) -> Iterator[str]:
+    """`watchnext serve` as its own OS process on the same Redis and repository."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "WATCHNEXT_ADMIN_TOKEN": ADMIN,
+           "WATCHNEXT_CONFIG": str(trained["config_path"]), "WATCHNEXT_MODELS": str(models),
+           "WATCHNEXT_THREADS": "1", "WATCHNEXT_LOG_LEVEL": "warning"}
+    proc = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--port", str(port)], env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            try:
+                if httpx.get(url + "/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "watchnext serve did not become ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        proc.stderr.close()
+
+
+def test_assignment_is_the_same_in_two_processes_and_after_a_restart(trained, models_dir, redis_url):
+    users = [f"u{i}" for i in range(2000)]
+    with live_service(trained["config_path"], models_dir, redis_url) as a, httpx.Client(base_url=a.url) as ca:
+        r = ca.put("/v1/experiments/sat", json=SPLIT, headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert r.json()["status"] == "live" and r.json()["salt"] == "sat"
+        shown = ca.get("/v1/experiments/sat").json()
+        exp = Experiment.from_dict({k: v for k, v in shown.items() if k not in ("status", "stopped_at")})
+        got_a = {u: rank(ca, u) for u in users}
+        arms = {u: g["arm"] for u, g in got_a.items()}
+        want = np.array(exp.arm_names())[exp.assign(np.array(users))]
+        assert [arms[u] for u in users] == want.tolist()
+        assert {(g["arm"], g["model_version"]) for g in got_a.values()} == {("control", "2"), ("old", "1")}
+        share = np.mean([arms[u] == "old" for u in users])
+        assert abs(share - 0.4) < 0.035  # 2,000 users: sd ~0.011
+        assert rank(ca, None)["arm"] == "control"  # no user id: the promoted version, outside the experiment
+
+        sample = users[:300]
+        for restart in range(2):  # a second process, then that process restarted
+            with serve_process(trained, models_dir, redis_url) as url, httpx.Client(base_url=url) as cb:
+                got_b = {u: rank(cb, u) for u in sample}
+            for u in sample:
+                assert (got_b[u]["arm"], got_b[u]["model_version"]) == (arms[u], got_a[u]["model_version"]), (restart, u)
+                # the same arm scores the same: version and weights agree across processes
+                assert [i["id"] for i in got_b[u]["items"]] == [i["id"] for i in got_a[u]["items"]]
+                assert np.allclose([i["score"] for i in got_b[u]["items"]], [i["score"] for i in got_a[u]["items"]],
+                                   rtol=1e-5)
+
+
+def test_stopping_under_load_returns_all_traffic_to_the_promoted_version(trained, models_dir, redis_url):
+    with live_service(trained["config_path"], models_dir, redis_url) as a, \
+            live_service(trained["config_path"], models_dir, redis_url) as b, httpx.Client(base_url=a.url) as ca:
+        assert ca.put("/v1/experiments/sat", json=SPLIT, headers=AUTH).status_code == 200
+        wait_for(lambda: b.service.experiments.live is not None, timeout=5)
+        results: list[tuple[float, int, str, str]] = []
+        failures: list[str] = []
+        stop = threading.Event()
+
+        def client(k: int) -> None:
+            with httpx.Client(base_url=(a.url, b.url)[k % 2], timeout=10) as c:
+                i = 0
+                while not stop.is_set():
+                    i += 1
+                    try:
+                        r = c.post("/v1/rank", json={"user": {"user_id": f"c{k}-{i % 50}"}, "candidates": CANDS})
+                        if r.status_code != 200:
+                            failures.append(f"{r.status_code} {r.text[:200]}")
+                            continue
+                        g = r.json()
+                        results.append((time.monotonic(), k, g["arm"], g["model_version"]))
+                    except httpx.HTTPError as e:
+                        failures.append(repr(e))
+
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)
+        r = ca.delete("/v1/experiments/sat", headers=AUTH)
+        stopped = time.monotonic()
+        assert r.status_code == 200 and r.json()["status"] == "stopped", r.text
+        time.sleep(1.5)
+        stop.set()
+        for t in threads:
+            t.join(10)
+    assert failures == []
+    before = [x for x in results if x[0] < stopped]
+    after = [x for x in results if x[0] > stopped + 0.5]  # model_poll_s = 0.2: process b follows within a poll
+    assert {x[2] for x in before} == {"control", "old"} and len(before) > 40
+    assert len(after) > 40 and {(x[2], x[3]) for x in after} == {("control", "2")}
+    assert {x[1] % 2 for x in after} == {0, 1}  # both processes
+
+
+def test_validation_errors_name_the_field(client):
+    def put(body, headers=AUTH, name="e1"):
+        return client.put(f"/v1/experiments/{name}", json=body, headers=headers)
+
+    assert put(SPLIT, headers={}).status_code == 401
+    for body, field in [
+        ({"arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": "x"}]}, "arms[1].share"),
+        ({"arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "version": 9}]}, "arms[1].version"),
+        ({"arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "weights": {"nope": 1}}]},
+         "arms[1].weights.nope"),
+        ({"arms": [{"name": "a", "share": 0.5}, {"name": "a", "share": 0.5}]}, "arms[1].name"),
+        ({"arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.4}]}, "arms"),
+        ({"arms": [{"name": "a", "share": 1.0}]}, "arms"),
+        ({**SPLIT, "name": "other"}, "name"),
+        ({**SPLIT, "colour": 1}, "colour"),
+    ]:
+        r = put(body)
+        assert r.status_code == 422, (body, r.text)
+        assert r.json()["error"]["field"] == field, (body, r.json())
+    r = client.put("/v1/experiments/e1", content=b"{not json", headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["field"] == "body"
+    assert client.get("/v1/experiments/e1").status_code == 404
+    assert put(SPLIT).status_code == 200
+    r = put(SPLIT, name="e2")
+    assert r.status_code == 409 and r.json()["error"]["field"] == "name" and "'e1' is live" in r.json()["error"]["reason"]
+    assert client.delete("/v1/experiments/e2", headers=AUTH).status_code == 404
+    assert client.delete("/v1/experiments/e1").status_code == 401
+    assert client.delete("/v1/experiments/e1", headers=AUTH).status_code == 200
+    assert put(SPLIT, name="e2").status_code == 200
+    listed = client.get("/v1/experiments").json()["experiments"]
+    assert [(e["name"], e["status"]) for e in listed] == [("e1", "stopped"), ("e2", "live")]
+    r = client.get("/v1/experiments/e2/report", params={"confidence": 2})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "confidence"
+
+
+def test_report_gives_per_arm_metrics_from_impressions_and_feedback(client, redis_url):
+    exp_body = {"arms": [{"name": "control", "share": 0.5}, {"name": "treat", "share": 0.5, "version": 1}]}
+    assert client.put("/v1/experiments/rep", json=exp_body, headers=AUTH).status_code == 200
+    rng = np.random.default_rng(7)
+    clicks = {"control": 0, "treat": 0}
+    served = {"control": 0, "treat": 0}
+    users = {"control": set(), "treat": set()}
+    accepted = 0
+    for i in range(300):
+        user = f"r{i % 120}"
+        g = rank(client, user)
+        served[g["arm"]] += len(g["items"])
+        users[g["arm"]].add(user)
+        p = 0.3 if g["arm"] == "treat" else 0.1
+        feedback = [{"request_id": g["request_id"], "item_id": it["id"], "labels": {"click": 1}}
+                    for it in g["items"] if rng.random() < p]
+        if feedback:  # at once: the test config's attribution window is 1 s
+            clicks[g["arm"]] += len(feedback)
+            accepted += client.post("/v1/feedback", json=feedback).json()["accepted"]
+    assert accepted == sum(clicks.values()) > 50
+    want = sum(served.values())
+
+    def done():
+        rep = client.get("/v1/experiments/rep/report").json()
+        return rep if rep["impressions"] == want else None
+
+    rep = wait_for(done, timeout=10)  # the 1 s attribution window closes
+    by = {a["name"]: a for a in rep["arms"]}
+    for arm in ("control", "treat"):
+        assert by[arm]["users"] == len(users[arm]) and by[arm]["impressions"] == served[arm]
+        assert abs(by[arm]["metrics"]["ctr"]["estimate"] - clicks[arm] / served[arm]) < 1e-9
+        lo, hi = by[arm]["metrics"]["ctr"]["ci"]
+        assert lo < clicks[arm] / served[arm] < hi
+    d = rep["differences"][0]["metrics"]["ctr"]
+    assert d["significant"] and d["ci"][0] > 0  # 0.3 against 0.1
+    assert rep["srm"]["flagged"] is False and rep["status"] == "live"
+    table = client.get("/v1/experiments/rep/report", params={"format": "table"})
+    assert table.status_code == 200 and "experiment rep" in table.text and "treat" in table.text
+    # each impression on the training stream says which experiment, arm and version served it
+    ex = stream_examples(redis_url)
+    assert len(ex) == want
+    assert {(e["experiment"], e["arm"], e["model_version"]) for e in ex} == {("rep", "control", "2"),
+                                                                           ("rep", "treat", "1")}
+
+
+def test_cli_creates_shows_reports_and_stops(server, capsys):
+    from watchnext.cli import main
+
+    target = ["--url", server.url, "--token", ADMIN]
+    assert main(["ab", "create", "cli", "--arm", "control=0.5", "--arm", "sat=0.5:1:w=click=1,like=4", *target]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["arms"][1] == {"name": "sat", "share": 0.5, "version": 1, "weights": {"click": 1.0, "like": 4.0}}
+    assert main(["ab", "show", "cli", *target]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "live"
+    assert main(["ab", "report", "cli", "--json", "--url", server.url]) == 0
+    assert json.loads(capsys.readouterr().out)["experiment"] == "cli"
+    assert main(["ab", "create", "bad", "--arm", "control=0.5", "--arm", "b=2", *target]) == 2
+    assert "422: arms[1].share: must be between" in capsys.readouterr().err
+    assert main(["ab", "stop", "cli", *target]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "stopped"
+    assert main(["ab", "show", "nope", *target]) == 2
+    assert "404: name: no experiment 'nope'" in capsys.readouterr().err
