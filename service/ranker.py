@@ -92,7 +92,8 @@ class Ranker:
             "model_version": version,
             "items": [(i, {k: v for k, v in c.items() if v is not None}, pos) for pos, (i, c) in enumerate(zip(ids, served))],
         }
-        body_out = {"request_id": inp.request_id, "model_version": version, "arm": arm, "items": items}
+        body_out = {"request_id": inp.request_id, "model_version": version, "arm": arm, "experiment": experiment,
+                    "items": items}
         return Ranked(body_out, impression, n)
 
     def fill(self, inp: RankInput) -> None:

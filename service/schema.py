@@ -110,6 +110,7 @@ class RankResponse(BaseModel):
     request_id: str
     model_version: str
     arm: str
+    experiment: str | None = Field(None, description="the live experiment that assigned `arm` (null outside one)")
     items: list[RankedItem]
 
 

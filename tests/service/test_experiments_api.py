@@ -78,7 +78,9 @@ def test_assignment_is_the_same_in_two_processes_and_after_a_restart(trained, mo
         assert {(g["arm"], g["model_version"]) for g in got_a.values()} == {("control", "2"), ("old", "1")}
         share = np.mean([arms[u] == "old" for u in users])
         assert abs(share - 0.4) < 0.035  # 2,000 users: sd ~0.011
-        assert rank(ca, None)["arm"] == "control"  # no user id: the promoted version, outside the experiment
+        assert {g["experiment"] for g in got_a.values()} == {"sat"}
+        outside = rank(ca, None)  # no user id: the promoted version, outside the experiment
+        assert (outside["arm"], outside["model_version"], outside["experiment"]) == ("control", "2", None)
 
         sample = users[:300]
         for restart in range(2):  # a second process, then that process restarted
