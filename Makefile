@@ -19,7 +19,7 @@ install: $(STAMP)
 # the whole local stack: Redis, the ranking service, the continuous trainer
 # (on an empty models/ it first trains a version on simulated history); Ctrl-C stops it
 run: $(STAMP)
-	$(BIN)/watchnext up
+	$(BIN)/watchnext up --demo 60
 
 test: $(STAMP)
 	$(BIN)/ruff check watchnext training service tests bench

@@ -299,7 +299,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
     @app.get("/v1/experiments/{name}/report", response_model=None, responses=errors(404, 422, 503),
              summary="Per-arm metrics with user-level intervals, differences from the control, SRM check")
     async def experiment_report(name: ExperimentName, svc: ServiceDep, confidence: float = 0.95, format: str = "json",
-                                points: int = 0) -> Response:
+                                points: int = 0, include_open: bool = False) -> Response:
         from watchnext.abreport import render_table
         from watchnext.experiments import Experiment
 
@@ -314,7 +314,11 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         def build() -> dict[str, Any]:
             stored = exps.stored(name)
             exp = Experiment.from_dict(stored["experiment"])
-            rep = report_of(exp, exps.events(name), confidence, points)
+            lines = exps.events(name)
+            if include_open and svc.log is not None:  # after the closed ones (see ImpressionLog.open_events)
+                lines = b"\n".join(x for x in (lines, svc.log.open_events(name)) if x)
+            rep = report_of(exp, lines, confidence, points)
+            rep["include_open"] = include_open
             rep["status"], rep["stopped_at"] = stored["status"], stored.get("stopped_at")
             return rep
 

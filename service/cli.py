@@ -104,6 +104,9 @@ def _up(sub) -> None:
                    help="simulated examples to train the first version on, when the repository is empty (default 100000)")
     p.add_argument("--checkpoint", metavar="PATH", help="the continuous trainer's checkpoint (default checkpoints/<model>.pt)")
     p.add_argument("--no-trainer", action="store_true", help="do not start the continuous trainer")
+    p.add_argument("--demo", type=float, default=0, metavar="S",
+                   help="once serving, run an A/B experiment (engagement-only against satisfaction weights) with "
+                   "S seconds of simulated traffic, print its report and write data/demo.png (make run: 60)")
     p.set_defaults(func=cmd_up)
 
 
@@ -204,6 +207,8 @@ def _ab_actions(asub) -> None:
 
     r = asub.choices["report"]
     r.add_argument("--url", help="ask a running service (GET /v1/experiments/NAME/report) instead of reading --events")
+    r.add_argument("--open", action="store_true",
+                   help="with --url: also impressions whose attribution window is still open (feedback so far)")
     offline = r.get_default("func")
     r.set_defaults(func=lambda a: cmd_ab_report_url(a) if a.url else offline(a))
 
@@ -298,7 +303,8 @@ def cmd_ab_report_url(args) -> int:
     if args.events or args.pre or args.experiment or args.arms:
         raise CliError("ab report --url: the service has the events and the definition; "
                        "drop --events, --pre, --experiment and --arms")
-    q = {"confidence": args.confidence, "points": args.points if args.chart else 0}
+    q = {"confidence": args.confidence, "points": args.points if args.chart else 0,
+         "include_open": "true" if args.open else "false"}
     rep = call(args, "GET", f"/v1/experiments/{args.name}/report?{urlencode(q)}")
     ts = rep.pop("timeseries", None)
     if args.chart and ts is not None:

@@ -232,6 +232,32 @@ class ImpressionLog:
             if len(ids) < CLOSE_BATCH:
                 return sent
 
+    def open_events(self, name: str) -> bytes:
+        """Experiment `name`'s impressions whose window is still open, with the feedback so far (labels without
+        feedback take the task defaults), as the report's JSON lines. Read after the closed ones: an impression
+        closing in between is missed, never counted twice."""
+        ids = [i.decode() for i in self.client.zrange(DUE, 0, -1)]
+        lines: list[bytes] = []
+        for at in range(0, len(ids), CLOSE_BATCH):
+            chunk = ids[at:at + CLOSE_BATCH]
+            pipe = self.client.pipeline(transaction=False)
+            for rid in chunk:
+                pipe.hget(IMP + rid, "_")
+            shared = pipe.execute()
+            mine = [rid for rid, sh in zip(chunk, shared) if sh is not None and json.loads(sh).get("experiment") == name]
+            if not mine:
+                continue
+            pipe = self.client.pipeline(transaction=False)
+            for rid in mine:
+                pipe.hgetall(IMP + rid)
+                pipe.lrange(FB + rid, 0, -1)
+            res = pipe.execute()
+            examples = []
+            for i in range(len(mine)):
+                examples += self.examples_of(res[2 * i], res[2 * i + 1])
+            lines += self.experiment_events(examples).get(name, [])
+        return b"\n".join(lines)
+
     def experiment_events(self, examples: list[dict[str, Any]]) -> dict[str, list[bytes]]:
         """The report's compact events (ts, user_id, arm, model_version, labels) of examples served in experiments."""
         out: dict[str, list[bytes]] = {}

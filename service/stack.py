@@ -131,6 +131,9 @@ def run_stack(args, settings: Settings) -> int:
         say(f"for other shells: export REDIS_URL={settings.redis_url}")
         print("\nTry:\n  curl -s " + f"{url}/v1/rank -H 'content-type: application/json' -d '{json.dumps(req)}'\n",
               file=sys.stderr, flush=True)
+        if getattr(args, "demo", 0):
+            threading.Thread(target=run_demo, args=(url, settings.admin_token, deps.config, args.demo, env),
+                             daemon=True).start()
         app = create_app(settings, deps)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
                     timeout_graceful_shutdown=10)
@@ -155,3 +158,58 @@ def _watch(proc: subprocess.Popen) -> None:
     code = proc.wait()
     if code not in (0, -signal.SIGTERM):
         say(f"the continuous trainer exited with status {code}; the service keeps serving the current version")
+
+
+# ---------------------------------------------------------------- the demo (`watchnext up --demo S`, `make run`)
+
+DEMO = "demo"
+
+
+def demo_arms(config) -> dict:
+    """Engagement-only weights (the config's weights on engagement tasks) against the config's own weights,
+    which also value satisfaction (likes, ratings, dismissals)."""
+    groups = {t.name: t.group for t in config.tasks}
+    weights = dict(config.score.weights)
+    engagement = {t: w for t, w in weights.items() if groups.get(t) == "engagement"}
+    return {"arms": [{"name": "engagement", "share": 0.5, "weights": engagement},
+                     {"name": "satisfaction", "share": 0.5, "weights": weights}]}
+
+
+def run_demo(url: str, token: str, config, seconds: float, env: dict, chart: Path = DATA / "demo.png") -> bool:
+    """Once the service is ready: start experiment `demo`, drive `simulate traffic` at it for `seconds`, print the
+    report (impressions with open windows included) and write the chart, then stop the experiment."""
+    import time
+
+    import httpx
+
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                say("demo: the service did not become ready; skipped")
+                return False
+            time.sleep(0.2)
+        r = httpx.put(f"{url}/v1/experiments/{DEMO}", json=demo_arms(config), headers=auth, timeout=120)
+        if r.status_code != 200:
+            say(f"demo: could not start the experiment: {r.status_code} {r.text[:300]}")
+            return False
+        say(f"demo: experiment {DEMO!r} live (engagement-only weights against satisfaction weights); "
+            f"simulated users for {seconds:g} s")
+        subprocess.run(watchnext_cmd("simulate", "traffic", "--url", url, "--users", "300", "--duration", str(seconds)),
+                       env=env, check=True)
+        time.sleep(0.5)  # the last feedback is joined
+        subprocess.run(watchnext_cmd("ab", "report", DEMO, "--url", url, "--open", "--chart", str(chart)),
+                       env=env, check=True)
+        httpx.delete(f"{url}/v1/experiments/{DEMO}", headers=auth, timeout=30)
+        say(f"demo: experiment stopped (all traffic back on the promoted version); "
+            f"again: watchnext ab report {DEMO} --url {url} --open")
+        return True
+    except (httpx.HTTPError, subprocess.CalledProcessError, OSError) as e:
+        say(f"demo: failed ({e}); the service keeps serving")
+        return False

@@ -193,6 +193,11 @@ def test_report_gives_per_arm_metrics_from_impressions_and_feedback(client, redi
             accepted += client.post("/v1/feedback", json=feedback).json()["accepted"]
     assert accepted == sum(clicks.values()) > 50
     want = sum(served.values())
+    # before the windows close: the open impressions with their feedback so far
+    now = client.get("/v1/experiments/rep/report", params={"include_open": "true"}).json()
+    assert now["impressions"] == want and now["include_open"] is True
+    open_ctr = {a["name"]: a["metrics"]["ctr"]["estimate"] for a in now["arms"]}
+    assert all(abs(open_ctr[a] - clicks[a] / served[a]) < 1e-9 for a in served)
 
     def done():
         rep = client.get("/v1/experiments/rep/report").json()
@@ -226,7 +231,7 @@ def test_cli_creates_shows_reports_and_stops(server, capsys):
     assert made["arms"][1] == {"name": "sat", "share": 0.5, "version": 1, "weights": {"click": 1.0, "like": 4.0}}
     assert main(["ab", "show", "cli", *target]) == 0
     assert json.loads(capsys.readouterr().out)["status"] == "live"
-    assert main(["ab", "report", "cli", "--json", "--url", server.url]) == 0
+    assert main(["ab", "report", "cli", "--json", "--open", "--url", server.url]) == 0
     assert json.loads(capsys.readouterr().out)["experiment"] == "cli"
     assert main(["ab", "create", "bad", "--arm", "control=0.5", "--arm", "b=2", *target]) == 2
     assert "422: arms[1].share: must be between" in capsys.readouterr().err
@@ -234,3 +239,14 @@ def test_cli_creates_shows_reports_and_stops(server, capsys):
     assert json.loads(capsys.readouterr().out)["status"] == "stopped"
     assert main(["ab", "show", "nope", *target]) == 2
     assert "404: name: no experiment 'nope'" in capsys.readouterr().err
+
+
+def test_up_demo_runs_an_experiment_prints_its_report_and_writes_the_chart(server, tmp_path, capfd):
+    from service.stack import run_demo
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert run_demo(server.url, ADMIN, server.service.config, 4, env, tmp_path / "demo.png")
+    out = capfd.readouterr()
+    assert "experiment demo:" in out.out and "engagement" in out.out and "satisfaction" in out.out
+    assert (tmp_path / "demo.png").stat().st_size > 10_000
+    assert server.service.experiments.live is None  # stopped at the end
