@@ -228,6 +228,8 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         cur = svc.models.current
         summary["loaded"] = {"version": cur.version, "provider": cur.provider} if cur else None
         summary["refused"] = {str(v): reason for v, (_, reason) in svc.models.refused.items()}
+        live = svc.experiments.live if svc.experiments is not None else None
+        summary["experiment"] = {"name": live.exp.name, "loaded": sorted(live.models)} if live is not None else None
         return summary
 
     @app.post("/v1/models/{version}/promote", responses=errors(401, 404, 409),

@@ -79,6 +79,7 @@ def test_assignment_is_the_same_in_two_processes_and_after_a_restart(trained, mo
         share = np.mean([arms[u] == "old" for u in users])
         assert abs(share - 0.4) < 0.035  # 2,000 users: sd ~0.011
         assert {g["experiment"] for g in got_a.values()} == {"sat"}
+        assert ca.get("/v1/models").json()["experiment"] == {"name": "sat", "loaded": [1]}  # side by side with 2
         outside = rank(ca, None)  # no user id: the promoted version, outside the experiment
         assert (outside["arm"], outside["model_version"], outside["experiment"]) == ("control", "2", None)
 
