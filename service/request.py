@@ -238,7 +238,9 @@ class RequestCodec:
         for r, d in zip(rows.tolist(), stored):
             full[r] = d
         extra = pa.array(full, type=self.types["candidate"])
-        cols = [pc.coalesce(arr.field(i), extra.field(i)) for i in range(arr.type.num_fields)]
+        # flatten(), not field(): it applies the struct's own nulls (and offset) to the children; a
+        # null row's children are otherwise "" and [], which would pass for stored values
+        cols = [pc.coalesce(a, b) for a, b in zip(arr.flatten(), extra.flatten(), strict=True)]
         return pa.StructArray.from_arrays(cols, fields=list(arr.type))
 
     def clean_stored(self, source: str, d: Any) -> dict[str, Any] | None:

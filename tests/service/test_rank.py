@@ -203,3 +203,19 @@ def test_service_never_imports_torch():
     code = "import sys, service.app, service.cli; assert 'torch' not in sys.modules, 'torch imported'; " \
            "assert not any(m == 'training' or m.startswith('training.') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_store_fill_leaves_a_candidate_without_an_entry_missing(small_config):
+    """A candidate the store has no entry for stays missing (its vector is not an empty list)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from service.request import RequestCodec
+
+    codec = RequestCodec(small_config)
+    arr = pa.array([{"video_id": "a"}, {"video_id": "b"}], type=codec.types["candidate"])
+    stored = [{"video_embedding": [0.5] * 16, "video_age_days": 2.0}, None]
+    filled = codec.fill_candidates(arr, np.array([0, 1]), stored)
+    emb = filled.field("video_embedding").to_pylist()
+    assert emb[0] == [0.5] * 16 and emb[1] is None
+    assert filled.field("video_age_days").to_pylist() == [2.0, None]
