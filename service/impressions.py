@@ -208,14 +208,7 @@ class ImpressionLog:
             ids = [i.decode() for i in self._pop_due(keys=[DUE], args=[now, CLOSE_BATCH])]
             if not ids:
                 return sent
-            pipe = self.client.pipeline(transaction=False)
-            for rid in ids:
-                pipe.hgetall(IMP + rid)
-                pipe.lrange(FB + rid, 0, -1)
-            res = pipe.execute()
-            examples = []
-            for i in range(len(ids)):
-                examples += self.examples_of(res[2 * i], res[2 * i + 1])
+            examples = self._examples_for(ids)
             examples.sort(key=lambda e: (e["ts"], e["request_id"], e.get("position") or 0))
             st = self.config.stream
             pipe = self.client.pipeline(transaction=False)
@@ -232,6 +225,18 @@ class ImpressionLog:
             if len(ids) < CLOSE_BATCH:
                 return sent
 
+    def _examples_for(self, ids: list[str]) -> list[dict]:
+        """The labelled examples of impressions `ids`: their records and feedback, in one round trip."""
+        pipe = self.client.pipeline(transaction=False)
+        for rid in ids:
+            pipe.hgetall(IMP + rid)
+            pipe.lrange(FB + rid, 0, -1)
+        res = pipe.execute()
+        examples: list[dict] = []
+        for i in range(len(ids)):
+            examples += self.examples_of(res[2 * i], res[2 * i + 1])
+        return examples
+
     def open_events(self, name: str) -> bytes:
         """Experiment `name`'s impressions whose window is still open, with the feedback so far (labels without
         feedback take the task defaults), as the report's JSON lines. Read after the closed ones: an impression
@@ -247,15 +252,7 @@ class ImpressionLog:
             mine = [rid for rid, sh in zip(chunk, shared) if sh is not None and json.loads(sh).get("experiment") == name]
             if not mine:
                 continue
-            pipe = self.client.pipeline(transaction=False)
-            for rid in mine:
-                pipe.hgetall(IMP + rid)
-                pipe.lrange(FB + rid, 0, -1)
-            res = pipe.execute()
-            examples = []
-            for i in range(len(mine)):
-                examples += self.examples_of(res[2 * i], res[2 * i + 1])
-            lines += self.experiment_events(examples).get(name, [])
+            lines += self.experiment_events(self._examples_for(mine)).get(name, [])
         return b"\n".join(lines)
 
     def experiment_events(self, examples: list[dict[str, Any]]) -> dict[str, list[bytes]]:
