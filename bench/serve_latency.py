@@ -67,64 +67,35 @@ def percentiles(lat: list[float]) -> tuple[float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
-def run_clients(port: int, bodies: list[bytes], concurrency: int, total: int) -> tuple[list[float], float]:
-    """`total` requests from `concurrency` keep-alive connections; (latencies, requests/s)."""
+def drive(concurrency: int, total: int, open_worker) -> tuple[list[float], float]:
+    """`total` timed calls shared by `concurrency` threads; (latencies, calls/s).
+
+    open_worker() -> (call, close): `call(i)` does call number i (raising on failure), `close()` tidies up.
+    """
     lat: list[float] = []
     lock = threading.Lock()
     counter = [0]
-    errors: list[str] = []
-
-    def worker(k: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
-        mine = []
-        while True:
-            with lock:
-                i = counter[0]
-                counter[0] += 1
-            if i >= total:
-                break
-            body = bodies[i % len(bodies)]
-            t0 = time.perf_counter()
-            conn.request("POST", "/v1/rank", body, {"content-type": "application/json"})
-            resp = conn.getresponse()
-            data = resp.read()
-            mine.append(time.perf_counter() - t0)
-            if resp.status != 200:
-                errors.append(data[:200].decode(errors="replace"))
-        conn.close()
-        with lock:
-            lat.extend(mine)
-
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise RuntimeError(f"{len(errors)} failed requests, first: {errors[0]}")
-    return lat, total / wall
-
-
-def run_floor(session: InferenceSession, batches: list[dict], concurrency: int, total: int) -> tuple[list[float], float]:
-    lat: list[float] = []
-    lock = threading.Lock()
-    counter = [0]
+    failures: list[BaseException] = []
 
     def worker() -> None:
+        call, close = open_worker()
         mine = []
-        while True:
+        try:
+            while True:
+                with lock:
+                    i = counter[0]
+                    counter[0] += 1
+                if i >= total:
+                    break
+                t0 = time.perf_counter()
+                call(i)
+                mine.append(time.perf_counter() - t0)
+        except BaseException as e:  # reported after the join
+            failures.append(e)
+        finally:
+            close()
             with lock:
-                i = counter[0]
-                counter[0] += 1
-            if i >= total:
-                break
-            t0 = time.perf_counter()
-            session.run(batches[i % len(batches)])
-            mine.append(time.perf_counter() - t0)
-        with lock:
-            lat.extend(mine)
+                lat.extend(mine)
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     t0 = time.perf_counter()
@@ -132,7 +103,33 @@ def run_floor(session: InferenceSession, batches: list[dict], concurrency: int, 
         t.start()
     for t in threads:
         t.join()
-    return lat, total / (time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
+    if failures:
+        raise RuntimeError(f"{len(failures)} workers failed, first: {failures[0]}")
+    return lat, total / wall
+
+
+def run_clients(port: int, bodies: list[bytes], concurrency: int, total: int) -> tuple[list[float], float]:
+    """`total` requests from `concurrency` keep-alive connections; (latencies, requests/s)."""
+
+    def open_worker():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+
+        def call(i: int) -> None:
+            conn.request("POST", "/v1/rank", bodies[i % len(bodies)], {"content-type": "application/json"})
+            resp = conn.getresponse()
+            data = resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"HTTP {resp.status}: {data[:200].decode(errors='replace')}")
+
+        return call, conn.close
+
+    return drive(concurrency, total, open_worker)
+
+
+def run_floor(session: InferenceSession, batches: list[dict], concurrency: int, total: int) -> tuple[list[float], float]:
+    """The same calls straight into one ONNX Runtime session."""
+    return drive(concurrency, total, lambda: (lambda i: session.run(batches[i % len(batches)]), lambda: None))
 
 
 def ensure_model(models: Path, config_path: Path, work: Path) -> Path:
