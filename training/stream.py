@@ -157,7 +157,9 @@ def run_stream(
         table, lines, row_end = decoder.parse_lines(block, f"stream {sc.key}", 1)
         chunk = decoder.encode(table, lines, row_end, f"stream {sc.key}")
         if len(chunk):
-            ids = b",".join(buf_ids[i - 1] for i in chunk.line.tolist())
+            # the ids of the rows kept (all of them, unless bad entries were skipped)
+            kept = buf_ids if len(chunk) == len(buf_ids) else [buf_ids[i - 1] for i in chunk.line.tolist()]
+            ids = b",".join(kept)
             trainer.step(chunk, ids)
             trained_now += len(chunk)
             since_ckpt += len(chunk)
