@@ -219,3 +219,21 @@ def test_store_fill_leaves_a_candidate_without_an_entry_missing(small_config):
     emb = filled.field("video_embedding").to_pylist()
     assert emb[0] == [0.5] * 16 and emb[1] is None
     assert filled.field("video_age_days").to_pylist() == [2.0, None]
+
+
+def test_feature_store_reads_a_reply_in_one_parse_and_survives_a_corrupt_entry(small_config, redis_url):
+    import redis
+
+    from service.features import FeatureStore
+    from service.observability import Metrics
+
+    r = redis.Redis.from_url(redis_url)
+    r.set("wn:f:candidate:a", b'{"video_age_days": 1.0}')
+    r.set("wn:f:candidate:b", b"{not json")
+    m = Metrics()
+    store = FeatureStore(small_config, redis_url, m, timeout_ms=500)
+    keys = ["wn:f:candidate:a", "wn:f:candidate:absent"]
+    assert store.get(keys) == [{"video_age_days": 1.0}, None]
+    assert store.get(keys + ["wn:f:candidate:b"]) == [{"video_age_days": 1.0}, None, None]
+    assert m.feature_hits.get() == 2
+    store.close()
