@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import tomllib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
+
 from watchnext.config import default_config_path
+from watchnext.redis_embed import free_port
 from watchnext.simulate import WorldSpec, write_history
 
 
@@ -61,3 +72,132 @@ def write_small_history(path: Path, n: int, seed: int = 0) -> Path:
     with open(path, "w") as fh:
         write_history(fh, n, seed, WorldSpec(**vars(SMALL_WORLD)))
     return path
+
+
+# ---------------------------------------------------------------- waiting, the stream, real processes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(pred, timeout: float = 10.0, what: str = "the condition", step: float = 0.05):
+    """Poll `pred` until it returns something truthy (returned); fail after `timeout` seconds naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = pred()
+        if got:
+            return got
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(step)
+
+
+def stream_id(i: bytes | str) -> tuple[int, int]:
+    """A Redis stream entry id as a comparable pair."""
+    a, b = (i.decode() if isinstance(i, bytes) else i).split("-")
+    return int(a), int(b)
+
+
+def stream_examples(url: str, key: str = "watchnext:training") -> list[dict]:
+    """Every labelled example on the training stream, oldest first."""
+    import redis
+
+    r = redis.Redis.from_url(url)
+    try:
+        return [json.loads(f[b"example"]) for _, f in r.xrange(key)]
+    finally:
+        r.close()
+
+
+def _tail(path: Path, n: int = 3000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError:
+        return ""
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
+class ServeProcess:
+    """`watchnext serve` as its own OS process (a real uvicorn) on a loopback port."""
+
+    def __init__(self, config_path: Path, models: Path, redis_url: str, admin_token: str, log_path: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "WATCHNEXT_ADMIN_TOKEN": admin_token,
+               "WATCHNEXT_CONFIG": str(config_path), "WATCHNEXT_MODELS": str(models), "WATCHNEXT_THREADS": "1",
+               "WATCHNEXT_LOG_LEVEL": "warning"}
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--port", str(self.port)], env=env,
+                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log)
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            assert self.proc.poll() is None, f"watchnext serve exited:\n{_tail(self.log_path)}"
+            try:
+                return httpx.get(self.url + "/readyz", timeout=5).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(ready, timeout, f"watchnext serve on port {self.port} to be ready", step=0.1)
+
+    def stop(self) -> int:
+        code = _stop(self.proc, timeout=20)
+        self._log.close()
+        return code
+
+
+@contextmanager
+def serve_processes(n: int, config_path: Path, models: Path, redis_url: str, admin_token: str,
+                    log_dir: Path) -> Iterator[list[str]]:
+    """`n` `watchnext serve` processes on one Redis and one model repository, started side by side; yields their
+    URLs once every one answers /readyz."""
+    procs: list[ServeProcess] = []
+    try:
+        for k in range(n):
+            procs.append(ServeProcess(config_path, models, redis_url, admin_token, Path(log_dir) / f"serve-{k}.log"))
+        for p in procs:
+            p.wait_ready()
+        yield [p.url for p in procs]
+    finally:
+        for p in procs:
+            p.stop()
+
+
+@contextmanager
+def serve_process(config_path: Path, models: Path, redis_url: str, admin_token: str, log_dir: Path) -> Iterator[str]:
+    """One `watchnext serve` process; yields its URL once it is ready."""
+    with serve_processes(1, config_path, models, redis_url, admin_token, log_dir) as (url,):
+        yield url
+
+
+class TrainerProcess:
+    """`watchnext train --stream` as a child process; `stop()` sends SIGTERM (it checkpoints, acknowledges and
+    exits 0) and returns the exit status."""
+
+    def __init__(self, config_path: Path, models: Path, checkpoint: Path, redis_url: str, log_path: Path,
+                 consumer: str, promote: bool = True, idle_exit_s: float = 60.0):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        argv = [sys.executable, "-m", "watchnext", "train", "--stream", "--idle-exit", f"{idle_exit_s:g}",
+                "--config", str(config_path), "--models", str(models), "--checkpoint", str(checkpoint),
+                "--consumer", consumer] + (["--promote"] if promote else [])
+        self.proc = subprocess.Popen(argv, env={**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)},
+                                     cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return _tail(self.log_path)
+
+    def stop(self) -> int:
+        code = _stop(self.proc)
+        self._log.close()
+        return code

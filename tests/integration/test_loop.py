@@ -8,38 +8,18 @@ A real redis-server, a real uvicorn on a loopback port, the real trainer as a ch
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import httpx
 import redis
 
+from tests.helpers import TrainerProcess, stream_id, wait_for
 from tests.service.fixtures import live_service, write_config
 from tests.service.traffic import rank_requests
 from watchnext.config import load_config
 from watchnext.repository import ModelRepository
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STREAM_FAST = {"export_every_examples": 1, "export_interval_s": 1.0, "checkpoint_interval_s": 1.0}
-
-
-def wait_for(pred, timeout: float, what: str, step: float = 0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def stream_id(i: bytes | str) -> tuple[int, int]:
-    a, b = (i.decode() if isinstance(i, bytes) else i).split("-")
-    return int(a), int(b)
 
 
 def test_rank_feedback_stream_train_promote_serve(trained, models_dir, redis_url, tmp_path):
@@ -51,16 +31,10 @@ def test_rank_feedback_stream_train_promote_serve(trained, models_dir, redis_url
     shutil.copy(trained["root"] / "ckpt.pt", ckpt)  # the trainer carries on from version 2
     repo = ModelRepository(models_dir, config.model.name)
     r = redis.Redis.from_url(redis_url)
-    log = open(tmp_path / "trainer.log", "w")
     trainer = None
     try:
         with live_service(cfg_path, models_dir, redis_url) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
-            trainer = subprocess.Popen(
-                [sys.executable, "-m", "watchnext", "train", "--stream", "--promote", "--idle-exit", "60",
-                 "--config", str(cfg_path), "--models", str(models_dir), "--checkpoint", str(ckpt),
-                 "--consumer", "loop-test"],
-                env={**os.environ, "REDIS_URL": redis_url, "PYTHONPATH": ROOT}, stdout=log, stderr=subprocess.STDOUT,
-            )
+            trainer = TrainerProcess(cfg_path, models_dir, ckpt, redis_url, tmp_path / "trainer.log", "loop-test")
             # 1. rank: served by version 2
             req = rank_requests(trained["history"], 1, top_k=5)[0]
             first = c.post("/v1/rank", json=req).json()
@@ -92,13 +66,6 @@ def test_rank_feedback_stream_train_promote_serve(trained, models_dir, redis_url
             # the trainer acknowledged what it trained
             wait_for(lambda: r.xpending(config.stream.key, config.stream.group)["pending"] == 0, 10, "acknowledgements")
     finally:
-        if trainer is not None and trainer.poll() is None:
-            trainer.send_signal(signal.SIGTERM)
-            try:
-                trainer.wait(60)
-            except subprocess.TimeoutExpired:
-                trainer.kill()
-                trainer.wait()
-        log.close()
+        code = trainer.stop() if trainer is not None else None
         r.close()
-    assert trainer.returncode == 0, (tmp_path / "trainer.log").read_text()[-3000:]
+    assert code == 0, trainer.log()

@@ -5,21 +5,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 
+from tests.helpers import serve_process, stream_examples, wait_for
 from tests.service.fixtures import ADMIN, live_service
-from tests.service.test_feedback import stream_examples, wait_for
 from watchnext.experiments import Experiment
-from watchnext.redis_embed import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
@@ -35,35 +30,7 @@ def rank(c: httpx.Client, user: str | None) -> dict:
     return r.json()
 
 
-@contextmanager
-def serve_process(trained, models: Path, redis_url: str) -> Iterator[str]:
-    """`watchnext serve` as its own OS process on the same Redis and repository."""
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "WATCHNEXT_ADMIN_TOKEN": ADMIN,
-           "WATCHNEXT_CONFIG": str(trained["config_path"]), "WATCHNEXT_MODELS": str(models),
-           "WATCHNEXT_THREADS": "1", "WATCHNEXT_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--port", str(port)], env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            try:
-                if httpx.get(url + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "watchnext serve did not become ready"
-            time.sleep(0.1)
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        proc.stderr.close()
-
-
-def test_assignment_is_the_same_in_two_processes_and_after_a_restart(trained, models_dir, redis_url):
+def test_assignment_is_the_same_in_two_processes_and_after_a_restart(trained, models_dir, redis_url, tmp_path):
     users = [f"u{i}" for i in range(2000)]
     with live_service(trained["config_path"], models_dir, redis_url) as a, httpx.Client(base_url=a.url) as ca:
         r = ca.put("/v1/experiments/sat", json=SPLIT, headers=AUTH)
@@ -85,7 +52,8 @@ def test_assignment_is_the_same_in_two_processes_and_after_a_restart(trained, mo
 
         sample = users[:300]
         for restart in range(2):  # a second process, then that process restarted
-            with serve_process(trained, models_dir, redis_url) as url, httpx.Client(base_url=url) as cb:
+            with serve_process(trained["config_path"], models_dir, redis_url, ADMIN, tmp_path) as url, \
+                    httpx.Client(base_url=url) as cb:
                 got_b = {u: rank(cb, u) for u in sample}
             for u in sample:
                 assert (got_b[u]["arm"], got_b[u]["model_version"]) == (arms[u], got_a[u]["model_version"]), (restart, u)

@@ -6,34 +6,16 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import redis
 
+from tests.helpers import stream_examples, wait_for
 from tests.service.traffic import rank_requests
 from watchnext.config import load_config
 from watchnext.examples import Decoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def stream_examples(url: str, key: str = "watchnext:training") -> list[dict]:
-    r = redis.Redis.from_url(url)
-    try:
-        return [json.loads(f[b"example"]) for _, f in r.xrange(key)]
-    finally:
-        r.close()
-
-
-def wait_for(pred, timeout: float = 10.0, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 def test_feedback_joins_and_window_close_emits_labelled_examples(trained, server, client, redis_url):
