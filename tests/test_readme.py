@@ -1,0 +1,197 @@
+"""The README documents every setting: each config key the parser accepts, each environment variable the code reads,
+each command with each of its flags. The lists are derived from the code, so a new key, variable or flag fails here,
+naming what the README does not mention, until it is documented (and a documented one the code dropped fails too)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+import watchnext.config as config_module
+from service.settings import Settings
+from watchnext.cli import build_parser
+from watchnext.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+CODE = re.compile(r"`([^`]+)`")
+OUTSIDE_CODE_PIPE = re.compile(r"\|(?=(?:[^`]*`[^`]*`)*[^`]*$)")  # a cell border: a | not inside `code`
+
+
+def section(title: str) -> str:
+    """The text under a heading, up to the next heading of the same or a higher level."""
+    level = len(title) - len(title.lstrip("#"))
+    m = re.search(rf"^{re.escape(title)}\s*$", README, re.M)
+    assert m, f"README has no {title!r} heading"
+    rest = README[m.end():]
+    nxt = re.search(rf"^#{{1,{level}}} ", rest, re.M)
+    return rest[: nxt.start() if nxt else len(rest)]
+
+
+def table_rows(text: str, header_starts: str) -> list[list[str]]:
+    """The cells of each body row of the markdown table whose header row starts with `header_starts`."""
+    lines = text.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.startswith(f"| {header_starts}")), None)
+    assert start is not None, f"no table with header {header_starts!r}"
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in OUTSIDE_CODE_PIPE.split(line.strip().strip("|"))])
+    return rows
+
+
+def codes(cell: str) -> list[str]:
+    return CODE.findall(cell)
+
+
+# ---------------------------------------------------------------- the config file
+
+
+def config_keys_the_parser_reads(monkeypatch) -> dict[str, set[str]]:
+    """Every key the config parser looks up, per section (`[item]`, `[[features]]`, ...), recorded while it parses
+    the shipped file (which has every feature kind): the keys a user can write."""
+    seen: dict[str, set[str]] = {}
+    done = config_module._Section.done
+
+    def recording(self) -> None:
+        where = self.where.split("[")[0].split(" ")[0]  # "features[3] (hour)" -> "features"
+        seen.setdefault(where, set()).update(self.used)
+        done(self)
+
+    monkeypatch.setattr(config_module._Section, "done", recording)
+    config = load_config()
+    kinds = {f.kind for f in config.features}
+    assert kinds == set(config_module.FEATURE_KINDS), f"the shipped config lacks a feature kind: has {sorted(kinds)}"
+    top = seen.pop("")
+    out = {}
+    for name, keys in seen.items():
+        value = dataclasses.fields(config)  # features and tasks are arrays of tables, the rest tables
+        array = any(f.name == name and f.type.startswith("tuple") for f in value)
+        out[f"[[{name}]]" if array else f"[{name}]"] = keys
+    assert {s.strip("[]") for s in out} == top, (sorted(out), sorted(top))
+    return out
+
+
+def documented_config_keys() -> dict[str, set[str]]:
+    doc: dict[str, set[str]] = {}
+    current = None
+    for cells in table_rows(section("## Configuration"), "section | key"):
+        if cells[0]:
+            current = cells[0].strip("`")
+        assert current, f"a row before any section: {cells}"
+        doc.setdefault(current, set()).update(codes(cells[1]))
+    return doc
+
+
+def test_every_config_key_is_in_the_configuration_table(monkeypatch):
+    code = config_keys_the_parser_reads(monkeypatch)
+    doc = documented_config_keys()
+    missing = [f"{sec} {k}" for sec, keys in sorted(code.items()) for k in sorted(keys - doc.get(sec, set()))]
+    assert not missing, f"config keys the README's Configuration table does not document: {missing}"
+    stale = [f"{sec} {k}" for sec, keys in sorted(doc.items()) for k in sorted(keys - code.get(sec, set()))]
+    assert not stale, f"the Configuration table documents keys the config parser does not read: {stale}"
+    assert len(code) == 9 and sum(map(len, code.values())) > 50  # the recording saw every section
+
+
+# ---------------------------------------------------------------- the environment
+
+
+ENV_READ = re.compile(r"""(?:environ|env)(?:\.get\(|\[)\s*["']([A-Z][A-Z0-9_]*)["']""")
+ENV_NAMED = re.compile(r"\b(WATCHNEXT_[A-Z0-9_]+|REDIS_URL)\b")
+
+
+def env_vars_the_code_reads() -> set[str]:
+    """Variables read with os.environ / env .get or [...], and every WATCHNEXT_* name (and REDIS_URL) the code
+    mentions: Settings.from_env reads its names from a table."""
+    names: set[str] = set()
+    for pkg in ("watchnext", "service", "training"):
+        for p in sorted((ROOT / pkg).rglob("*.py")):
+            text = p.read_text()
+            names |= set(ENV_READ.findall(text)) | set(ENV_NAMED.findall(text))
+    return names
+
+
+def test_every_environment_variable_is_in_the_settings_section():
+    names = env_vars_the_code_reads()
+    assert {"WATCHNEXT_CONFIG", "WATCHNEXT_MODELS", "REDIS_URL", "WATCHNEXT_ADMIN_TOKEN", "WATCHNEXT_URL"} <= names
+    documented = set(codes(section("### Settings")))
+    missing = sorted(names - documented)
+    assert not missing, f"environment variables the README's Settings section does not mention: {missing}"
+
+
+def test_every_service_setting_is_in_the_settings_table():
+    fields = {f.name for f in dataclasses.fields(Settings)}
+    rows = table_rows(section("### Settings"), "setting")
+    documented = {c for cells in rows for c in codes(cells[0])}
+    missing = sorted(fields - documented)
+    assert not missing, f"Settings fields the README's Settings table does not document: {missing}"
+    stale = sorted(c for c in documented - fields if re.fullmatch(r"[a-z_]+", c))
+    assert not stale, f"the Settings table documents fields Settings does not have: {stale}"
+    # each row's environment and flag cells name only real variables and flags
+    env = env_vars_the_code_reads()
+    flags = {o for _, p in commands() for o in long_options(p)}
+    for cells in rows:
+        assert all(c.split(" ")[0] in env for c in codes(cells[1]) if not c.endswith("://")), cells
+        assert all(c in flags for c in codes(cells[2])), cells
+
+
+# ---------------------------------------------------------------- commands and flags
+
+
+def commands(parser: argparse.ArgumentParser | None = None, path: tuple[str, ...] = ("watchnext",)):
+    """(path, parser) of every command that runs something: the leaves of the subcommand tree."""
+    parser = parser or build_parser()
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield " ".join(path), parser
+        return
+    for action in subs:
+        for name, sub in action.choices.items():
+            yield from commands(sub, path + (name,))
+
+
+def long_options(parser: argparse.ArgumentParser) -> set[str]:
+    return {o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help"}
+
+
+def positionals(parser: argparse.ArgumentParser) -> int:
+    return sum(1 for a in parser._actions if not a.option_strings and not isinstance(a, argparse._SubParsersAction))
+
+
+def documented_commands() -> dict[str, tuple[int, set[str]]]:
+    """command path -> (positional arguments shown, flags listed), from the Commands table."""
+    out = {}
+    for cells in table_rows(section("### Commands"), "command | flags"):
+        (usage,) = codes(cells[0])
+        words = usage.split()
+        path = " ".join(w for w in words if re.fullmatch(r"[a-z-]+", w))
+        args = [w for w in words if not re.fullmatch(r"[a-z-]+", w)]
+        assert all(re.fullmatch(r"\[?[A-Z]+\]?", a) for a in args), usage
+        assert path not in out, f"{path} has two rows"
+        out[path] = (len(args), {c.split(" ")[0] for c in codes(cells[1]) if c.startswith("--")})
+    return out
+
+
+@pytest.mark.parametrize("path", [p for p, _ in commands()])
+def test_every_command_and_flag_is_in_the_commands_table(path):
+    parser = dict(commands())[path]
+    doc = documented_commands()
+    assert path in doc, f"the README's Commands table has no row for `{path}`"
+    shown, flags = doc[path]
+    assert shown == positionals(parser), f"`{path}` takes {positionals(parser)} positional argument(s), shown {shown}"
+    missing = sorted(long_options(parser) - flags)
+    assert not missing, f"flags of `{path}` the README's Commands table does not list: {missing}"
+    stale = sorted(flags - long_options(parser))
+    assert not stale, f"the Commands table lists flags `{path}` does not take: {stale}"
+
+
+def test_the_commands_table_lists_only_real_commands():
+    real = {p for p, _ in commands()}
+    assert len(real) >= 15
+    stale = sorted(set(documented_commands()) - real)
+    assert not stale, f"the README's Commands table has rows for commands that do not exist: {stale}"
