@@ -30,6 +30,7 @@ import time
 from collections import deque
 from typing import Any
 
+import orjson
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -163,9 +164,10 @@ class ImpressionLog:
         due = imp["ts"] + self.window
         shared = {k: imp.get(k) for k in ("ts", "request_id", "user", "query", "context", "experiment", "arm",
                                           "model_version")}
-        mapping = {"_": json.dumps(shared, separators=(",", ":")), "_due": repr(due)}
+        # orjson: this runs for every response, beside the rank threads
+        mapping = {"_": orjson.dumps(shared), "_due": repr(due)}
         for item_id, cand, pos in imp["items"]:
-            mapping[f"i:{item_id}"] = json.dumps({"candidate": cand, "position": pos}, separators=(",", ":"))
+            mapping[f"i:{item_id}"] = orjson.dumps({"candidate": cand, "position": pos})
         pipe.hset(key, mapping=mapping)
         pipe.expire(key, self.ttl)
         pipe.zadd(DUE, {rid: due})

@@ -1,10 +1,10 @@
 """A rank request, from JSON bytes to the model's input arrays.
 
-A well-formed body is parsed by Arrow's C++ JSON reader straight into columns:
-the candidates become one struct array without a Python loop per candidate, and
-are encoded by the same `watchnext.encoding.Encoder` the trainer uses; the
+A well-formed body is parsed by orjson, and Arrow turns the candidate objects
+into one struct array in C++, without a Python loop per candidate; they are
+encoded by the same `watchnext.encoding.Encoder` the trainer uses; the
 shared sections (user, query, context) are encoded once as a one-row batch and
-broadcast. A body Arrow refuses (a wrong type somewhere) or one holding a
+broadcast. A body either refuses (NaN, a wrong type somewhere) or one holding a
 boolean is parsed by `json` and checked value by value, to name the field and
 the index::
 
@@ -13,16 +13,15 @@ the index::
 
 from __future__ import annotations
 
-import io
 import json
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pj
 
 from watchnext.config import Config
 from watchnext.encoding import Encoder, Problems, section_type
@@ -32,7 +31,6 @@ from .errors import BadRequest, split_reason
 
 SHARED = ("user", "query", "context")
 MAX_REQUEST_ID = 128
-F32_MAX = float(np.finfo(np.float32).max)  # the model reads float32: larger numbers would become inf
 
 
 @dataclass
@@ -54,6 +52,20 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest("body", "not valid UTF-8", status=400) from None
     except RecursionError:
         raise BadRequest("body", "nested too deeply", status=400) from None
+
+
+# bytes after which an unquoted true / false can start
+_BEFORE_LITERAL = np.zeros(256, bool)
+_BEFORE_LITERAL[list(b":,[ \t\n\r")] = True
+
+
+def may_hold_boolean(body: bytes) -> bool:
+    """Whether a JSON body may hold a true or false literal: a 't' or 'f' after ':', ',', '[' or
+    whitespace (strings can match too; that only costs the checking path). One vectorised scan."""
+    a = np.frombuffer(body, np.uint8)
+    tf = a[1:] == ord("t")
+    tf |= a[1:] == ord("f")
+    return bool(_BEFORE_LITERAL[a[np.flatnonzero(tf)]].any())
 
 
 def ident(v: Any, field: str, required: bool = True) -> str | None:
@@ -79,14 +91,6 @@ class RequestCodec:
         self.encoder = Encoder(config)
         # large strings: the id hashing reads them without a cast
         self.types = {s: _large(section_type(config, s)) for s in (*SHARED, "candidate")}
-        request_schema = pa.schema([
-            ("request_id", pa.large_string()),
-            *[(s, self.types[s]) for s in SHARED],
-            ("candidates", pa.list_(self.types["candidate"])),
-            ("top_k", pa.int64()),
-        ])
-        self.json_options = pj.ParseOptions(explicit_schema=request_schema, unexpected_field_behavior="infer",
-                                            newlines_in_values=True)
         self.known = {s: frozenset(self.types[s].names) for s in self.types}
         self.item_id = config.item_id
         svc = config.service
@@ -96,61 +100,60 @@ class RequestCodec:
             s: [self.encoder.numeric_col[f.name] for f in self.encoder.numeric if f.source == s] for s in SHARED
         }
         self.shared_inputs = [f.name for f in config.features if f.source in SHARED and f.kind != "numeric"]
-        # values read as float32 as they are (log1p shrinks the rest into range)
-        self.float32_fields = {
-            s: [f for f in config.features if f.source == s and (f.kind == "vector" or f.kind == "numeric" and f.transform == "none")]
-            for s in (*SHARED, "candidate")
-        }
 
     # ------------------------------------------------------------ parsing
     def parse(self, body: bytes) -> RankInput:
         """Check a rank request; raises BadRequest naming the field.
 
-        Arrow's C++ JSON reader parses a well-formed body straight into columns. Anything it
-        refuses, and any body with a boolean (Arrow would read true as 1.0 where a number is
-        expected), takes the checking path, which names the field at fault.
+        orjson parses a well-formed body, and Arrow converts the candidate objects to one
+        struct array in C++ (no Python loop per candidate). Anything either refuses (NaN,
+        a wrong type somewhere), and any body with a boolean (Arrow would read true as 1.0
+        where a number is expected), takes the checking path, which names the field at fault.
         """
-        if b"true" not in body and b"false" not in body:
-            fast = self._parse_arrow(body)
+        if not may_hold_boolean(body):
+            fast = self._parse_fast(body)
             if fast is not None:
                 return fast
         return self._parse_checked(body)
 
-    def _parse_arrow(self, body: bytes) -> RankInput | None:
+    def _parse_fast(self, body: bytes) -> RankInput | None:
         """The fast path; None whenever the body needs the checking path (which then explains why)."""
         try:
-            body.decode("utf-8")
-            return self._from_arrow(body)
-        except (pa.ArrowException, UnicodeDecodeError):
-            # anything Arrow trips on (odd keys it had to infer, for one) is left to the checking path
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
             return None
-
-    def _from_arrow(self, body: bytes) -> RankInput | None:
-        table = pj.read_json(io.BytesIO(body), read_options=pj.ReadOptions(use_threads=False, block_size=len(body) + 64),
-                             parse_options=self.json_options)
-        if table.num_rows != 1:
+        if type(obj) is not dict:
             return None
-        lists = table.column("candidates").combine_chunks()
-        if lists.null_count:
+        cands = obj.get("candidates")
+        if type(cands) is not list:
             return None
-        flat = pc.list_flatten(lists)
-        if flat.null_count:
-            return None
-        n = len(flat)
+        n = len(cands)
         if n > self.max_candidates:
             raise BadRequest("candidates", f"at most {self.max_candidates} candidates per request, got {n}", status=413)
-        top_k = self._top_k(table.column("top_k")[0].as_py())
-        request_id = ident(table.column("request_id")[0].as_py(), "request_id", required=False) or uuid.uuid4().hex
-        children = dict(zip([f.name for f in flat.type], flat.flatten()))
-        known = self.known["candidate"]
-        unknown = sum(n - a.null_count for name, a in children.items() if name not in known)
-        arr = pa.StructArray.from_arrays([children[f.name] for f in self.types["candidate"]],
-                                         fields=list(self.types["candidate"]))
+        try:
+            arr = pa.array(cands, type=self.types["candidate"])
+        except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            return None
+        if arr.null_count:  # a candidate that is null, not an object
+            return None
+        top_k = self._top_k(obj.get("top_k"))
+        request_id = ident(obj.get("request_id"), "request_id", required=False) or uuid.uuid4().hex
+        unknown = 0
         shared = {}
         for s in SHARED:
-            sec = table.column(s)[0].as_py() or {}
-            unknown += sum(1 for k, v in sec.items() if k not in self.known[s] and v is not None)
-            shared[s] = {k: v for k, v in sec.items() if v is not None and k in self.known[s]}
+            sec = obj.get(s)
+            if sec is None:
+                shared[s] = {}
+                continue
+            if type(sec) is not dict:
+                return None
+            unknown += len(sec.keys() - self.known[s])
+            shared[s] = self._clean(sec, s, s)
+        # keys Arrow dropped: every key beyond the known values present is unknown, or a null
+        known_present = sum(n - arr.field(i).null_count for i in range(arr.type.num_fields))
+        if sum(map(len, cands)) > known_present:  # rare: count exactly
+            known = self.known["candidate"]
+            unknown += sum(len(c.keys() - known) for c in cands)
         self._check_ids(arr)
         return RankInput(request_id, shared, arr, top_k, unknown)
 
@@ -185,7 +188,7 @@ class RequestCodec:
                 unknown += len(c.keys() - known)
         top_k = self._top_k(obj.get("top_k"))
         # Arrow reads true/false as 1.0/0.0 for numbers: a body with booleans is checked value by value
-        careful = b"true" in body or b"false" in body
+        careful = may_hold_boolean(body)
         arr = self._candidates(cands, careful)
         self._check_ids(arr)
         return RankInput(request_id, shared, arr, top_k, unknown)
@@ -253,19 +256,6 @@ class RequestCodec:
             return None
 
     # ------------------------------------------------------------ encoding
-    def check_range(self, source: str, arr: pa.StructArray, where: str) -> None:
-        """Refuse numbers a float32 cannot hold (vectorised; `where` is formatted with the row)."""
-        for f in self.float32_fields[source]:
-            col = arr.field(f.name)
-            values = pc.list_flatten(col) if f.kind == "vector" else col
-            if not len(values):
-                continue
-            big = pc.greater(pc.abs(values), F32_MAX)
-            if pc.any(big).as_py():
-                i = int(np.argmax(big.fill_null(False).to_numpy(zero_copy_only=False)))
-                row = int(pc.list_parent_indices(col)[i].as_py()) if f.kind == "vector" else i
-                raise BadRequest(f"{where.format(row=row)}.{f.name}", "must be a finite number within the float32 range")
-
     def encode(self, inp: RankInput) -> dict[str, np.ndarray]:
         """Model inputs for every candidate; raises BadRequest naming the first bad field."""
         n = len(inp.candidates)
@@ -274,14 +264,12 @@ class RequestCodec:
         for s in SHARED:
             if inp.shared[s]:
                 arr = pa.array([inp.shared[s]], type=self.types[s])
-                self.check_range(s, arr, s)
                 self.encoder.encode_section(s, arr, 1, one, problems)
         bad = problems.first()
         if bad is not None:
             raise BadRequest(*split_reason(bad[1].split("; ")[0]))
         out = self.encoder.empty_inputs(n)
         problems = Problems(n)
-        self.check_range("candidate", inp.candidates, "candidates[{row}]")
         self.encoder.encode_section("candidate", inp.candidates, n, out, problems)
         bad = problems.first()
         if bad is not None:

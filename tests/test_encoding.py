@@ -14,6 +14,14 @@ def test_fnv1a_known_values_and_vectorised_agrees():
     assert got.tolist() == [fnv1a(w) for w in words]
     # a sliced array (non-zero offset) hashes its own rows
     assert fnv1a_strings(pa.array(words).slice(2, 3)).tolist() == [fnv1a(w) for w in words[2:5]]
+    # all empty, one string, and random lengths (the shortest-prefix and ragged steps both run)
+    assert fnv1a_strings(pa.array(["", ""])).tolist() == [fnv1a("")] * 2
+    assert fnv1a_strings(pa.array(["only"])).tolist() == [fnv1a("only")]
+    rng = np.random.default_rng(7)
+    alphabet = np.array(list("abcxyz019-_é"))
+    rand = ["".join(rng.choice(alphabet, size=int(k))) for k in rng.integers(0, 30, size=300)]
+    assert fnv1a_strings(pa.array(rand)).tolist() == [fnv1a(w) for w in rand]
+    assert fnv1a_strings(pa.array(rand).slice(17, 100)).tolist() == [fnv1a(w) for w in rand[17:117]]
 
 
 def test_rows_reserve_zero_for_missing():

@@ -38,26 +38,34 @@ F32_MAX = float(np.finfo(np.float32).max)
 def fnv1a_strings(arr: pa.Array) -> np.ndarray:
     """64-bit FNV-1a of each string's UTF-8 bytes; stable across machines and processes.
 
-    Nulls hash like the empty string; callers mask them. Shape (n,) uint64.
+    Nulls hash like the empty string; callers mask them. Shape (n,) uint64. The bytes are
+    gathered once into a (longest, n) matrix; the loop then runs over character positions,
+    each step two in-place operations on a contiguous row.
     """
     arr = arr.cast(pa.large_string()) if not pa.types.is_large_string(arr.type) else arr
     n = len(arr)
     h = np.full(n, FNV_OFFSET, dtype=np.uint64)
-    if n == 0:
-        return h
     bufs = arr.buffers()
+    if n == 0 or bufs[2] is None or not len(bufs[2]):
+        return h
     offsets = np.frombuffer(bufs[1], dtype=np.int64, count=arr.offset + n + 1)[arr.offset :]
-    data = np.frombuffer(bufs[2], dtype=np.uint8) if bufs[2] is not None else np.zeros(1, np.uint8)
-    starts, lengths = offsets[:-1], np.diff(offsets)
-    maxlen = int(lengths.max(initial=0))
-    shortest = int(lengths.min(initial=0))
+    data = np.frombuffer(bufs[2], dtype=np.uint8)
+    starts = offsets[:-1]
+    lengths = offsets[1:] - starts
+    longest, shortest = int(lengths.max()), int(lengths.min())
+    pos = np.arange(longest)[:, None]
+    chars = data[np.minimum(starts + pos, len(data) - 1)].astype(np.uint64)  # (longest, n)
+    inside = pos < lengths  # past a string's end its hash stays as it is
+    step = np.empty(n, np.uint64)
     with np.errstate(over="ignore"):
-        for j in range(maxlen):  # over character positions, not over examples
+        for j in range(longest):  # over character positions, not over examples
             if j < shortest:
-                h = (h ^ data[starts + j]) * FNV_PRIME
+                np.bitwise_xor(h, chars[j], out=h)
+                np.multiply(h, FNV_PRIME, out=h)
             else:
-                active = np.flatnonzero(lengths > j)
-                h[active] = (h[active] ^ data[starts[active] + j]) * FNV_PRIME
+                np.bitwise_xor(h, chars[j], out=step)
+                np.multiply(step, FNV_PRIME, out=step)
+                np.copyto(h, step, where=inside[j])
     return h
 
 

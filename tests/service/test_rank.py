@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from service.errors import BadRequest
 from service.inference import InferenceSession
 from service.request import RequestCodec
 from tests.service.traffic import candidates_pool, rank_requests
@@ -177,8 +178,8 @@ def test_non_finite_model_output_never_reaches_a_response(trained, server, clien
     assert svc.metrics.nonfinite.get() == 3
 
 
-def test_checking_path_agrees_with_arrow_path(trained):
-    """The same request through Arrow's JSON reader and through json + checks: the same arrays and counts."""
+def test_checking_path_agrees_with_fast_path(trained):
+    """The same request through orjson + Arrow and through json + checks: the same arrays and counts."""
     config = load_config(trained["config_path"])
     codec = RequestCodec(config)
     for req in rank_requests(trained["history"], 3):
@@ -186,7 +187,7 @@ def test_checking_path_agrees_with_arrow_path(trained):
         req["user"]["mood"] = 3
         req["candidates"][2]["video_views"] = None
         body = json.dumps(req).encode()
-        fast, checked = codec._parse_arrow(body), codec._parse_checked(body)
+        fast, checked = codec._parse_fast(body), codec._parse_checked(body)
         assert fast is not None
         assert fast.candidates.equals(checked.candidates)
         assert fast.shared == checked.shared and fast.unknown_features == checked.unknown_features == 2
@@ -194,9 +195,15 @@ def test_checking_path_agrees_with_arrow_path(trained):
         a, b = codec.encode(fast), codec.encode(checked)
         assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # integer ids: Arrow refuses them, the checking path reads them as strings
-    assert codec._parse_arrow(b'{"candidates": [{"video_id": 3}]}') is None
+    assert codec._parse_fast(b'{"candidates": [{"video_id": 3}]}') is None
     assert codec.parse(b'{"candidates": [{"video_id": 3}]}').candidates.field("video_id").to_pylist() == ["3"]
-    assert codec._parse_arrow(b'{"candidates": []} {"candidates": []}') is None
+    assert codec._parse_fast(b'{"candidates": []} {"candidates": []}') is None
+    # NaN, a null candidate, a list where an object belongs: the checking path names the field
+    for body in (b'{"candidates": [{"video_id": "a", "video_views": NaN}]}', b'{"candidates": [{"video_id": "a"}, null]}',
+                 b'{"user": [], "candidates": [{"video_id": "a"}]}'):
+        assert codec._parse_fast(body) is None
+    with pytest.raises(BadRequest, match="candidates\\[1\\]"):
+        codec.parse(b'{"candidates": [{"video_id": "a"}, null]}')
 
 
 def test_service_never_imports_torch():
