@@ -95,6 +95,8 @@ class ImpressionLog:
         self.window = config.service.attribution_window_s
         self.ttl = int(self.window * 2 + 3600)
         self.flush_interval_s, self.max_buffer = flush_interval_s, max_buffer
+        # how long an unknown request_id is waited for: a replica's flush interval, its write, and a margin
+        self.unknown_grace_s = 3 * flush_interval_s + 0.1
         self.close_interval_s = close_interval_s or min(1.0, max(0.05, self.window / 4))
         self.buf: deque[dict] = deque()
         self.pending: dict[str, int] = {}  # request_id -> impressions of it still in the buffer
@@ -183,22 +185,33 @@ class ImpressionLog:
         """
         if any(e["request_id"] in self.pending for e in events):
             self.flush()  # the impression may still be in the buffer
+        out = self._join(events)
+        # another replica may still hold the impression in its buffer (it writes every flush interval):
+        # an unknown request_id gets one more look after that long, so feedback sent to any replica
+        # behind a load balancer joins as it would with one
+        late = [i for i, r in enumerate(out) if r == "unknown"]
+        if late and self.unknown_grace_s > 0:
+            time.sleep(self.unknown_grace_s)
+            for i, r in zip(late, self._join([events[i] for i in late]), strict=True):
+                out[i] = r
+        for r in out:
+            self.metrics.feedback.inc(1, "accepted" if r == "ok" else r)
+        return out
+
+    def _join(self, events: list[dict[str, Any]]) -> list[str]:
         now = time.time()
         try:
             pipe = self.client.pipeline(transaction=False)
             for e in events:
                 rid = e["request_id"]
-                payload = json.dumps({"item_id": e["item_id"], "labels": e["labels"], "ts": now}, separators=(",", ":"))
+                payload = orjson.dumps({"item_id": e["item_id"], "labels": e["labels"], "ts": now})
                 self._feedback(keys=[IMP + rid, FB + rid, DONE + rid], args=[f"i:{e['item_id']}", payload, now, self.ttl],
                                client=pipe)
             res = pipe.execute()
         except REDIS_ERRORS as e:
             self.metrics.redis_up.set(0)
             raise ConnectionError(str(e)) from None
-        out = [r.decode() if isinstance(r, bytes) else str(r) for r in res]
-        for r in out:
-            self.metrics.feedback.inc(1, "accepted" if r == "ok" else r)
-        return out
+        return [r.decode() if isinstance(r, bytes) else str(r) for r in res]
 
     # ------------------------------------------------------------ closing windows
     def close_due(self, now: float | None = None) -> int:

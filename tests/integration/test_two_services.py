@@ -134,9 +134,8 @@ def test_two_services_one_trainer_agree_on_assignment_promotion_and_feedback(tra
             items_a = [it["id"] for it in on_a["items"]]
             items_b = [it["id"] for it in on_b["items"]]
             assert len(set(items_a)) == len(set(items_b)) == 4
-            # a user acts after the page is shown: by then the impression is in Redis (written within 50 ms)
-            wait_for(lambda: r.exists(f"wn:imp:{req_a['request_id']}", f"wn:imp:{req_b['request_id']}") == 2, 2,
-                     "both impressions to be written")
+            # at once, before the other process has written its impressions (every 50 ms): the process that
+            # gets the feedback looks again after its grace period instead of dropping it as unknown
             ra, rb = req_a["request_id"], req_b["request_id"]
             assert feedback(b, [  # ranked by A, fed back to B
                 {"request_id": ra, "item_id": items_a[0], "labels": {"click": 1, "watch_time": 42.5}},
