@@ -72,7 +72,8 @@ class Service:
         self.settings, self.deps = settings, deps
         self.config = deps.config
         self.metrics = Metrics()
-        self.models = ModelManager(deps.config, deps.repo, self.metrics, settings.device, settings.threads)
+        self.models = ModelManager(deps.config, deps.repo, self.metrics, settings.device, settings.threads,
+                                   settings.backend, settings.triton_url)
         self.store = FeatureStore(deps.config, deps.redis_url, self.metrics, deps.config.service.feature_timeout_ms,
                                   settings.feature_backoff_s)
         self.log = (
@@ -98,7 +99,7 @@ class Service:
         cur = self.models.current
         log(logger, logging.INFO, "service_started", config=self.config.path, config_hash=self.config.hash,
             model_version=cur.version if cur else None, provider=cur.provider if cur else None,
-            redis=bool(self.deps.redis_url))
+            backend=self.settings.backend, redis=bool(self.deps.redis_url))
 
     def stop(self) -> None:
         self.models.stop()
@@ -334,20 +335,27 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Ready to rank: a model is loaded (also reports the provider and Redis)",
-             responses={503: {"description": "no model loaded yet"}})
+    @app.get("/readyz", summary="Ready to rank: a model is loaded, and with --backend triton Triton has it ready "
+             "(also reports the provider and Redis)",
+             responses={503: {"description": "no model loaded yet, or Triton cannot run it"}})
     async def readyz(svc: ServiceDep) -> Response:
         cur = svc.models.current
         redis_ok = await anyio.to_thread.run_sync(svc.log.ping) if svc.log is not None else None
+        triton = svc.models.triton
+        problem = await anyio.to_thread.run_sync(svc.models.backend_problem, cur) if triton is not None else None
+        ready = cur is not None and problem is None
         body = {
-            "ready": cur is not None,
+            "ready": ready,
             "model_version": str(cur.version) if cur else None,
             "provider": cur.provider if cur else None,
+            "backend": svc.settings.backend,
             "redis": redis_ok,
             "degraded": redis_ok is False,
             "impression_backlog": svc.log.backlog() if svc.log is not None else 0,
         }
-        return json_response(body, 200 if cur is not None else 503)
+        if triton is not None:
+            body["triton_url"], body["backend_error"] = triton.url, problem
+        return json_response(body, 200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics(svc: ServiceDep) -> Response:

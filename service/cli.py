@@ -33,16 +33,32 @@ def server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device ($WATCHNEXT_DEVICE; default auto)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads ($WATCHNEXT_THREADS; default: the CPUs this process may use)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="($WATCHNEXT_LOG_LEVEL; default info)")
+    p.add_argument("--backend", choices=["onnxruntime", "triton"],
+                   help="who runs the model: ONNX Runtime in this process, or a Triton Inference Server serving the "
+                   "same model repository ($WATCHNEXT_BACKEND; default onnxruntime; triton needs "
+                   "`pip install 'watchnext[triton]'`)")
+    p.add_argument("--triton-url", metavar="HOST:PORT",
+                   help="Triton's HTTP endpoint, e.g. localhost:8000 ($WATCHNEXT_TRITON_URL; required with --backend triton)")
 
 
 def settings_of(args, env=None, **extra):
     from .settings import Settings, SettingsError
 
     try:
-        return Settings.from_env(env, config_path=args.config, models_dir=args.models, host=args.host, port=args.port,
-                                 device=args.device, threads=args.threads, log_level=args.log_level, **extra)
+        settings = Settings.from_env(env, config_path=args.config, models_dir=args.models, host=args.host,
+                                     port=args.port, device=args.device, threads=args.threads,
+                                     log_level=args.log_level, backend=args.backend, triton_url=args.triton_url,
+                                     **extra)
     except SettingsError as e:
         raise CliError(str(e)) from None
+    if settings.backend == "triton":  # before anything starts: a missing client is a set-up error, said plainly
+        from .triton import TritonError, import_tritonclient
+
+        try:
+            import_tritonclient()
+        except TritonError as e:
+            raise CliError(str(e)) from None
+    return settings
 
 
 # ---------------------------------------------------------------- serve

@@ -7,6 +7,13 @@ whose config hash differs from the service's config, whose file does not match
 its recorded checksum or does not load, or whose outputs are not finite on a
 warm-up batch, is refused with one log line, and the current version keeps
 serving.
+
+With `backend = "triton"` the model call goes to a Triton Inference Server that
+serves the same repository (service/triton.py): a version is loaded when Triton
+says it is ready and its inputs and outputs match the config. A version Triton
+does not have ready yet (it polls the repository on its own schedule), or a
+Triton that cannot be reached, is refused as well, once in the log, but tried
+again on every poll until it serves.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from watchnext.encoding import Encoder
 from watchnext.repository import ModelRepository, RepositoryError, sha256_file
 from watchnext.scoring import weight_vector
 
+from .errors import Unavailable
 from .inference import InferenceSession
 from .observability import Metrics, log
 
@@ -46,15 +54,28 @@ class LoadedModel:
 
 
 class VersionRefused(Exception):
-    pass
+    """`retry`: the version itself may be fine, but its backend cannot take it now (Triton not ready or unreachable)."""
+
+    def __init__(self, reason: str, retry: bool = False):
+        super().__init__(reason)
+        self.retry = retry
 
 
 class ModelManager:
     """Serves the repository's serving version; a background thread polls for promotions."""
 
-    def __init__(self, config: Config, repo: ModelRepository, metrics: Metrics, device: str = "auto", threads: int = 0):
+    def __init__(self, config: Config, repo: ModelRepository, metrics: Metrics, device: str = "auto", threads: int = 0,
+                 backend: str = "onnxruntime", triton_url: str | None = None):
         self.config, self.repo, self.metrics = config, repo, metrics
         self.device, self.threads = device, threads
+        self.backend = backend
+        self.triton = None  # TritonBackend when backend == "triton" (imports tritonclient)
+        if backend == "triton":
+            from .triton import TritonBackend
+
+            if not triton_url:
+                raise ValueError("backend triton needs triton_url (host:port of Triton's HTTP endpoint)")
+            self.triton = TritonBackend(triton_url)
         self.encoder = Encoder(config)
         self.current: LoadedModel | None = None
         self.refused: dict[int, tuple[str, str]] = {}  # version -> (file stamp, reason)
@@ -80,22 +101,52 @@ class ModelManager:
         want = (meta.get("onnx") or {}).get("sha256")
         if want and sha256_file(onnx) != want:
             raise VersionRefused(f"{onnx}: checksum does not match metadata.json (corrupt or partly written file)")
-        try:
-            session = InferenceSession(onnx, self.device, self.threads)
-        except Exception as e:  # onnxruntime raises its own exception types for bad files
-            raise VersionRefused(f"{onnx}: ONNX Runtime cannot load it: {str(e).splitlines()[0][:300]}") from None
+        if self.triton is not None:
+            session = self._triton_session(version)
+        else:
+            try:
+                session = InferenceSession(onnx, self.device, self.threads)
+            except Exception as e:  # onnxruntime raises its own exception types for bad files
+                raise VersionRefused(f"{onnx}: ONNX Runtime cannot load it: {str(e).splitlines()[0][:300]}") from None
         specs = [name for name, _, _ in self.encoder.input_specs()]
         if sorted(session.input_names) != sorted(specs):
             raise VersionRefused(f"inputs {session.input_names} do not match the config's {specs}")
         tasks = [t.name for t in self.config.tasks]
         if sorted(session.task_names) != sorted(tasks):
             raise VersionRefused(f"outputs {session.task_names} do not match the config's tasks {tasks}")
+        if self.triton is not None:
+            wrong = session.check_inputs(self.encoder.input_specs())
+            if wrong:
+                raise VersionRefused(f"on Triton at {self.triton.url}: {wrong}")
         for n in WARM_BATCHES:  # first runs allocate; do it before traffic sees this version
-            heads = session.run(self.encoder.empty_inputs(n))
+            try:
+                heads = session.run(self.encoder.empty_inputs(n))
+            except Unavailable as e:  # Triton went away, or answered an error, mid warm-up
+                raise VersionRefused(f"warm-up batch of {n}: {e.reason}", retry=True) from None
             if heads.shape != (n, len(tasks)) or not np.isfinite(heads).all():
                 raise VersionRefused(f"warm-up batch of {n} gave outputs of shape {heads.shape} or non-finite values")
         w = weight_vector(session.task_names, self.config.score.weights)
         return LoadedModel(version, session, meta, w, time.time())
+
+    def _triton_session(self, version: int):
+        from .triton import TritonError
+
+        try:
+            return self.triton.session(self.repo.name, version)
+        except TritonError as e:
+            raise VersionRefused(str(e), retry=True) from None
+
+    def backend_problem(self, model: LoadedModel | None) -> str | None:
+        """Why `model` cannot be run now by its backend (Triton down, or the version unloaded there); None if it can.
+
+        Without a model: why the serving version was refused, when its backend refused it."""
+        if self.triton is None:
+            return None
+        if model is None:
+            target = self.repo.serving()
+            refused = self.refused.get(target) if target is not None else None
+            return refused[1] if refused else None
+        return self.triton.problem(self.repo.name, model.version)
 
     def ensure(self, version: int | None = None) -> LoadedModel | None:
         """Make `version` (default: the repository's serving version) the one that serves, if it can be."""
@@ -111,10 +162,13 @@ class ModelManager:
             try:
                 new = self.load(target)
             except VersionRefused as e:
-                self.refused[target] = (stamp, str(e))
-                self.metrics.model_refused.inc()
-                log(logger, logging.ERROR, "model_refused", version=target, reason=str(e),
-                    serving=cur.version if cur else None)
+                before = self.refused.get(target)
+                # a retryable refusal is tried again on every poll, but logged once (until its reason changes)
+                self.refused[target] = ("" if e.retry else stamp, str(e))
+                if not e.retry or before is None or before[1] != str(e):
+                    self.metrics.model_refused.inc()
+                    log(logger, logging.ERROR, "model_refused", version=target, reason=str(e),
+                        serving=cur.version if cur else None, **({"retry": True} if e.retry else {}))
                 return cur
             self.swap(new, t0)
             return new

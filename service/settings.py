@@ -11,6 +11,14 @@ parameter, so tests never touch `os.environ`)::
     WATCHNEXT_THREADS       ONNX Runtime intra-op threads (0: the CPUs this process may use)
     WATCHNEXT_LOG_LEVEL     debug | info | warning | error
     WATCHNEXT_RANK_WORKERS  rank requests worked on at once in worker threads (default 4; 0: on the event loop)
+    WATCHNEXT_BACKEND       onnxruntime | triton: who runs the model (default onnxruntime, in this process);
+                            triton sends the model call to a Triton Inference Server serving the same
+                            model repository (needs `pip install 'watchnext[triton]'`)
+    WATCHNEXT_TRITON_URL    host:port of Triton's HTTP endpoint, e.g. localhost:8000 (required with triton)
+
+With the triton backend, WATCHNEXT_DEVICE and WATCHNEXT_THREADS do not apply
+(Triton's config decides); encoding, scoring and the impression log stay in the
+service, which still reads the repository for versions and their metadata.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from watchnext.config import Config, load_config
 from watchnext.repository import ModelRepository
 
 DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("onnxruntime", "triton")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MIN_TOKEN_CHARS = 16
 
@@ -44,6 +53,9 @@ class Settings:
     threads: int = 0
     rank_workers: int = 4
     log_level: str = "info"
+    # who runs the model: ONNX Runtime in this process, or a Triton Inference Server at triton_url (host:port)
+    backend: str = "onnxruntime"
+    triton_url: str | None = None
     # how often buffered impressions are written to Redis, and the buffer's bound
     flush_interval_s: float = 0.05
     impression_buffer: int = 100_000
@@ -75,6 +87,16 @@ class Settings:
             bad("close_interval_s", f"must be >= 0, got {self.close_interval_s}")
         if self.impression_buffer < 1:
             bad("impression_buffer", f"must be >= 1, got {self.impression_buffer}")
+        if self.backend not in BACKENDS:
+            bad("backend (WATCHNEXT_BACKEND, --backend)", f"expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "triton":
+            if not self.triton_url:
+                bad("triton_url (WATCHNEXT_TRITON_URL, --triton-url)",
+                    "backend triton needs the host:port of Triton's HTTP endpoint, e.g. localhost:8000")
+            host, sep, port = self.triton_url.partition("/")[0].rpartition(":")  # host:port[/base-path]
+            if "://" in self.triton_url or not (sep and host and port.isdigit() and 0 < int(port) <= 65535):
+                bad("triton_url (WATCHNEXT_TRITON_URL, --triton-url)",
+                    f"expected host:port without a scheme, e.g. localhost:8000, got {self.triton_url!r}")
         if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             bad("redis_url (REDIS_URL)", f"expected redis://, rediss:// or unix://, got {self.redis_url!r}")
 
@@ -92,6 +114,8 @@ class Settings:
             ("threads", "WATCHNEXT_THREADS", int),
             ("log_level", "WATCHNEXT_LOG_LEVEL", str),
             ("rank_workers", "WATCHNEXT_RANK_WORKERS", int),
+            ("backend", "WATCHNEXT_BACKEND", str),
+            ("triton_url", "WATCHNEXT_TRITON_URL", str),
         ):
             if env.get(key):
                 try:

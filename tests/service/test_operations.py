@@ -55,8 +55,8 @@ def test_serve_stops_at_start_on_bad_settings_or_config(tmp_path):
 def test_health_ready_and_metrics(trained, server, client):
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
-    assert ready == {"ready": True, "model_version": "2", "provider": "CPUExecutionProvider", "redis": True,
-                     "degraded": False, "impression_backlog": 0}
+    assert ready == {"ready": True, "model_version": "2", "provider": "CPUExecutionProvider", "backend": "onnxruntime",
+                     "redis": True, "degraded": False, "impression_backlog": 0}
     for req in rank_requests(trained["history"], 3):
         assert client.post("/v1/rank", json=req).status_code == 200
     text = client.get("/metrics").text
