@@ -19,8 +19,9 @@ COPY pyproject.toml README.md watchnext.toml ./
 COPY watchnext ./watchnext
 COPY service ./service
 COPY training ./training
-# the core dependencies only: onnxruntime-gpu, FastAPI, Redis client; torch is in the [train] extra
-RUN pip install --no-cache-dir . \
+# the core dependencies (onnxruntime-gpu, FastAPI, Redis client) and the Triton HTTP client for
+# --backend triton (the [triton] extra); torch is in the [train] extra
+RUN pip install --no-cache-dir "./[triton]" \
     && useradd --create-home --uid 10001 watchnext \
     && mkdir -p /models \
     && chown watchnext /models

@@ -21,6 +21,7 @@ tritonclient is imported here only, and only when the backend is triton.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -52,9 +53,12 @@ class TritonBackend:
     """One Triton server (host:port of its HTTP endpoint): per-thread clients, readiness, and sessions on it."""
 
     def __init__(self, url: str, connect_timeout_s: float = CONNECT_TIMEOUT_S,
-                 network_timeout_s: float = NETWORK_TIMEOUT_S):
+                 network_timeout_s: float = NETWORK_TIMEOUT_S, on_failure: Callable[[], None] | None = None):
+        """`on_failure`: called when an inference fails (the service's model poll is woken: after a promotion
+        Triton may have unloaded the old version before the service moved to the new one)."""
         self.http = import_tritonclient()
         self.url = url
+        self.on_failure = on_failure
         self.connect_timeout_s, self.network_timeout_s = connect_timeout_s, network_timeout_s
         self._local = threading.local()
 
@@ -141,5 +145,7 @@ class TritonSession:
                                     lambda c: c.infer(self.model, request, model_version=self.version,
                                                       outputs=self._outputs))
         except TritonError as e:
+            if self.backend.on_failure is not None:
+                self.backend.on_failure()
             raise Unavailable("model", f"{e}; retry later") from None
         return np.stack([res.as_numpy(n) for n in self.task_names], axis=1).astype(np.float32, copy=False)

@@ -90,13 +90,14 @@ def test_compose_matches_the_code():
     assert "--appendonly" in redis["command"] and "everysec" in redis["command"]
     assert redis["healthcheck"]["test"][-1] == "ping"
     known = env_vars_the_code_reads()
+    images = {"redis", "triton"}  # third-party images, not our commands
     for name, svc in services.items():
         build = svc.get("build")
         if build:
             assert (ROOT / build["context"] / build["dockerfile"]).is_file(), name
         for key in svc.get("environment", {}):
             assert key in known, f"{name}: environment {key} is read by nothing"
-        if name != "redis":
+        if name not in images:
             parses_as_watchnext(svc["command"])
             env = svc["environment"]
             mounts = {m.split(":")[1]: m.split(":")[0] for m in svc["volumes"]}
@@ -115,6 +116,27 @@ def test_compose_matches_the_code():
     ckpt = trainer["command"][trainer["command"].index("--checkpoint") + 1]
     assert any(ckpt.startswith(m.split(":")[1] + "/") for m in trainer["volumes"])
     assert set(COMPOSE["volumes"]) == {"redis-data", "models", "checkpoints"}
+
+
+def test_compose_triton_profile_serves_the_shared_repository():
+    """`--profile triton`: Triton polls the service's model repository; the service sends it the model call."""
+    from service.settings import Settings
+
+    services = COMPOSE["services"]
+    triton, svc = services["triton"], services["service-triton"]
+    assert triton["profiles"] == svc["profiles"] == ["triton"]
+    cmd = triton["command"]
+    assert cmd[0] == "tritonserver" and "--model-control-mode=poll" in cmd
+    repo = next(a.split("=", 1)[1] for a in cmd if a.startswith("--model-repository="))
+    mounts = {m.split(":")[1]: m.split(":")[0] for m in triton["volumes"]}
+    assert mounts[repo] == "models" and svc["environment"]["WATCHNEXT_MODELS"] in {m.split(":")[1] for m in svc["volumes"]}
+    assert triton["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    env = svc["environment"]
+    s = Settings.from_env({k: str(v) for k, v in env.items() if k != "WATCHNEXT_CONFIG"})  # validated as at start
+    assert s.backend == "triton" and s.triton_url.split(":")[0] == "triton"
+    assert svc["depends_on"]["triton"]["condition"] == "service_started"  # the service waits for Triton itself
+    run = " ".join(rest for op, rest in instructions(ROOT / "docker" / "service.Dockerfile") if op == "RUN")
+    assert '"./[triton]"' in run  # the image has tritonclient
 
 
 def test_dockerignore_keeps_local_state_out():
