@@ -206,6 +206,14 @@ class RequestCodec:
             if ids.null_count:
                 i = int(np.argmax(np.asarray(ids.is_null())))
                 raise BadRequest(f"candidates[{i}].{self.item_id}", "is required (it names the item)")
+            if pc.count_distinct(ids).as_py() != len(ids):  # feedback names items by id: each must be one item
+                first = pc.index_in(ids, value_set=pc.unique(ids)).to_numpy()
+                seen = np.zeros(len(ids), bool)
+                seen[np.unique(first, return_index=True)[1]] = True
+                i = int(np.argmin(seen))
+                j = int(np.argmax(first == first[i]))
+                raise BadRequest(f"candidates[{i}].{self.item_id}", f"repeats candidates[{j}] ({ids[i].as_py()!r}): "
+                                 "each item may appear once, since feedback names items by id")
 
     def _clean(self, sec: dict, source: str, where: str) -> dict[str, Any]:
         try:

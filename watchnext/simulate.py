@@ -203,6 +203,12 @@ class World:
         rel = np.einsum("nk,npk->np", self.topic[query], self.topic[cand]) + 0.3 * self.popularity[cand]
         g = np.where(live, rel + r.gumbel(size=rel.shape), -np.inf)
         g = np.where(cand == query[:, None], -np.inf, g)
+        # the pool is drawn with replacement: a video drawn twice is offered once (a slate names each item once)
+        by_id = np.argsort(cand, axis=1, kind="stable")
+        ids = np.take_along_axis(cand, by_id, axis=1)
+        again = np.zeros(cand.shape, bool)
+        np.put_along_axis(again, by_id[:, 1:], ids[:, 1:] == ids[:, :-1], axis=1)
+        g = np.where(again, -np.inf, g)
         order = np.argsort(-g, axis=1)[:, :size]
         slate = np.take_along_axis(cand, order, axis=1)
         return {"user": users, "query": query, "slate": slate, "device": self.device[users]}

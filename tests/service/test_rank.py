@@ -106,6 +106,8 @@ BAD = [
     (b'{"candidates": [{"video_id": "v1", "video_age_days": -3}]}', 422, "candidates[0].video_age_days", "> -1"),
     (b'{"candidates": [{"video_channel": "c1"}]}', 422, "candidates[0].video_id", "is required"),
     (b'{"candidates": [{"video_id": [1]}]}', 422, "candidates[0].video_id", "expected a string"),
+    (b'{"candidates": [{"video_id": "v1"}, {"video_id": "v2"}, {"video_id": "v3"}, {"video_id": "v2"}]}', 422,
+     "candidates[3].video_id", "repeats candidates[1]"),
     (b'{"query": {"query_embedding": [1, NaN, 3]}, "candidates": []}', 422, "query.query_embedding", None),
     (b'{"context": {"hour": "noon"}, "candidates": []}', 422, "context.hour", "expected a number"),
     (b'{"candidates": [], "top_k": 0}', 422, "top_k", ">= 1"),
