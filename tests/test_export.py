@@ -97,9 +97,12 @@ def test_promote_and_rollback(tmp_path):
     assert repo.serving() == 3 and repo.promoted() is None
     repo.promote(1)
     assert repo.serving() == 1 and "versions: [ 1 ]" in (repo.dir / "config.pbtxt").read_text()
-    repo.promote(2)
-    assert repo.rollback()["promoted"] == 1
-    assert repo.serving() == 1
+    repo.promote(2)  # Triton keeps the previous promoted version loaded beside the new one
+    assert "versions: [ 1, 2 ]" in (repo.dir / "config.pbtxt").read_text()
+    repo.promote(3)
+    assert repo.triton_versions() == [2, 3]
+    assert repo.rollback()["promoted"] == 2
+    assert repo.serving() == 2 and repo.triton_versions() == [2, 3]
     with pytest.raises(RepositoryError, match="no version 9"):
         repo.promote(9)
     repo2 = ModelRepository(tmp_path, "other")

@@ -166,9 +166,18 @@ class ModelRepository:
         self.write_triton_config(self.metadata(target))
         return st
 
+    def triton_versions(self) -> list[int]:
+        """What Triton should keep loaded: the promoted version and the one promoted before it (a service
+        still on the old one while it swaps, and a rollback, find it loaded). Empty: none promoted yet."""
+        st = self.state()
+        promoted, have = st.get("promoted"), set(self.versions())
+        if promoted is None:
+            return []
+        before = [h["version"] for h in st.get("history") or [] if h["version"] != promoted and h["version"] in have]
+        return sorted({promoted, *before[-1:]})
+
     def write_triton_config(self, meta: dict[str, Any]) -> None:
-        promoted = self.promoted()
-        atomic_write(self.dir / "config.pbtxt", triton_config(self.name, meta, promoted))
+        atomic_write(self.dir / "config.pbtxt", triton_config(self.name, meta, self.triton_versions()))
 
 
 def now_iso() -> str:
@@ -182,7 +191,7 @@ def input_layout(config: Config) -> list[dict[str, Any]]:
     return [{"name": n, "dtype": d, "shape": [-1, *s]} for n, d, s in Encoder(config).input_specs()]
 
 
-def triton_config(name: str, meta: dict[str, Any], promoted: int | None) -> str:
+def triton_config(name: str, meta: dict[str, Any], versions: list[int]) -> str:
     """A Triton model config for the ONNX Runtime backend; every axis 0 is the batch."""
 
     def tensor(t: dict[str, Any]) -> str:
@@ -190,8 +199,8 @@ def triton_config(name: str, meta: dict[str, Any], promoted: int | None) -> str:
         return f'  {{ name: "{t["name"]}" data_type: {_TRITON_TYPES[t["dtype"]]} dims: [ {dims} ] }}'
 
     policy = (
-        f"version_policy: {{ specific: {{ versions: [ {promoted} ] }} }}"
-        if promoted is not None
+        f"version_policy: {{ specific: {{ versions: [ {', '.join(map(str, versions))} ] }} }}"
+        if versions
         else "version_policy: { latest: { num_versions: 1 } }"
     )
     return "\n".join(
