@@ -194,9 +194,9 @@ def main() -> int:
         # the service's session settings: $WATCHNEXT_THREADS, else the CPUs this process may use
         session = InferenceSession(onnx, args.device, int(os.environ.get("WATCHNEXT_THREADS") or 0))
         codec = RequestCodec(config)
-        threads = session.session.sess.get_session_options().intra_op_num_threads
+        threads = session.parts
         print(f"[bench] version {version}, service provider {ready['provider']}, floor provider {session.provider}, "
-              f"{usable_cpus()} usable CPUs, {threads} ONNX Runtime threads, load average {os.getloadavg()[0]:.1f}",
+              f"{usable_cpus()} usable CPUs, batches run as up to {threads} parts at once, load average {os.getloadavg()[0]:.1f}",
               file=sys.stderr, flush=True)
         for n in args.sizes:
             reqs = make_requests(world, n, 16, seed=n)

@@ -32,7 +32,7 @@ def server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device ($WATCHNEXT_DEVICE; default auto)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads ($WATCHNEXT_THREADS; default: the CPUs this process may use)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime threads: on the CPU a batch runs as up to this many parts at once, one thread each ($WATCHNEXT_THREADS; default: the CPUs this process may use)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="($WATCHNEXT_LOG_LEVEL; default info)")
     p.add_argument("--backend", choices=["onnxruntime", "triton"],
                    help="who runs the model: ONNX Runtime in this process, or a Triton Inference Server serving the "

@@ -8,7 +8,7 @@ parameter, so tests never touch `os.environ`)::
     REDIS_URL               Redis; unset: `watchnext serve` starts an embedded redis-server
     WATCHNEXT_ADMIN_TOKEN   bearer token for promote / rollback (unset: those endpoints answer 401)
     WATCHNEXT_DEVICE        auto | cpu | cuda (default auto: CUDA when ONNX Runtime has it)
-    WATCHNEXT_THREADS       ONNX Runtime intra-op threads (0: the CPUs this process may use)
+    WATCHNEXT_THREADS       ONNX Runtime threads: on the CPU a batch runs as this many parts at once (0: the CPUs this process may use)
     WATCHNEXT_LOG_LEVEL     debug | info | warning | error
     WATCHNEXT_RANK_WORKERS  rank requests worked on at once in worker threads (default 4; 0: on the event loop)
     WATCHNEXT_BACKEND       onnxruntime | triton: who runs the model (default onnxruntime, in this process);

@@ -28,6 +28,23 @@ def direct_scores(config, onnx_path, req: dict) -> tuple[np.ndarray, np.ndarray,
     return heads, combine(heads, w, config.score.combine), sess.task_names
 
 
+def test_batch_in_parts_equals_one_run(trained):
+    """On the CPU a batch runs as parts at once (one ORT thread each): the same heads as one run, in order."""
+    config = load_config(trained["config_path"])
+    onnx = trained["models"] / "ranker" / "2" / "model.onnx"
+    codec = RequestCodec(config)
+    pool = candidates_pool(trained["history"], 300)
+    whole = InferenceSession(onnx, "cpu", 1)
+    split3 = InferenceSession(onnx, "cpu", 3)
+    assert (whole.parts, split3.parts) == (1, 3)
+    for n in (1, 47, 96, 97, 145, 300):
+        inputs = codec.encode(codec.parse(json.dumps({"candidates": pool[:n]}).encode()))
+        a, b = whole.run(inputs), split3.run(inputs)
+        assert a.shape == b.shape == (n, len(whole.task_names))
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(split3.run(inputs), b)  # and the same on every call
+
+
 def test_rank_returns_top_k_best_first_in_label_units(trained, client):
     config = load_config(trained["config_path"])
     req = rank_requests(trained["history"], 1, top_k=4)[0]
@@ -147,7 +164,7 @@ def test_limits_on_candidates_and_body_size(trained, client):
 
 
 def test_2000_candidates_rank(trained, client):
-    pool = candidates_pool(trained["history"], 400)
+    pool = candidates_pool(trained["history"], 300)
     cands = [{**pool[i % len(pool)], "video_id": f"x{i}"} for i in range(2000)]
     r = client.post("/v1/rank", json={"candidates": cands, "top_k": 2000})
     assert r.status_code == 200
