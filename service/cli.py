@@ -9,6 +9,7 @@ import argparse
 import gc
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -79,6 +80,18 @@ def _serve(sub) -> None:
     p.set_defaults(func=cmd_serve)
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (`docker stop`, systemd, `kill`) end this process as Ctrl-C does: `finally` blocks run, so
+    an embedded redis-server and the continuous trainer are stopped, not orphaned. uvicorn handles SIGTERM
+    itself while it serves (a graceful shutdown), then restores this handler and raises the signal again;
+    Python's default for SIGTERM would end the process on the spot."""
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+
+
 def cmd_serve(args) -> int:
     import uvicorn
 
@@ -88,6 +101,7 @@ def cmd_serve(args) -> int:
     from .settings import build_deps
 
     settings = settings_of(args)
+    exit_on_sigterm()
     embedded = None
     if settings.redis_url is None:
         embedded = start_embedded(REDIS_DIR)
@@ -137,7 +151,9 @@ def cmd_up(args) -> int:
 
     if args.bootstrap_examples <= 0:
         raise CliError(f"--bootstrap-examples: must be > 0, got {args.bootstrap_examples}")
-    return run_stack(args, settings_of(args))
+    settings = settings_of(args)
+    exit_on_sigterm()
+    return run_stack(args, settings)
 
 
 # ---------------------------------------------------------------- features

@@ -1,4 +1,4 @@
-"""`watchnext up`: the whole local stack from an empty folder, the printed curl works, Ctrl-C stops it all."""
+"""`watchnext up`: the whole local stack from an empty folder, the printed curl works, Ctrl-C or SIGTERM stops it all."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from tests.service.fixtures import write_config
 from watchnext.redis_embed import free_port
@@ -23,7 +24,8 @@ def children_of(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
-def test_up_bootstraps_serves_and_stops_cleanly(tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_up_bootstraps_serves_and_stops_cleanly(tmp_path, stop):
     cfg = write_config(tmp_path)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "WATCHNEXT_ADMIN_TOKEN")}
@@ -54,8 +56,13 @@ def test_up_bootstraps_serves_and_stops_cleanly(tmp_path):
             assert json.loads(curl.group(2))["candidates"][0].keys() == {"video_id"}  # the store fills the rest
             assert c.get("/metrics").text.count("watchnext_feature_store_hits_total 7") == 1
         kids = children_of(up.pid)
-        os.killpg(up.pid, signal.SIGINT)
-        assert up.wait(90) == 0
+        assert len(kids) == 2  # the embedded redis-server and the continuous trainer
+        if stop == "ctrl-c":  # SIGINT to the whole group, as a terminal sends it
+            os.killpg(up.pid, signal.SIGINT)
+            assert up.wait(90) == 0
+        else:  # SIGTERM to `up` alone, as `kill` or a process manager sends it
+            os.kill(up.pid, signal.SIGTERM)
+            assert up.wait(90) == 128 + signal.SIGTERM
     finally:
         if up.poll() is None:
             os.killpg(up.pid, signal.SIGKILL)
@@ -63,6 +70,6 @@ def test_up_bootstraps_serves_and_stops_cleanly(tmp_path):
         log.close()
     time.sleep(0.5)
     alive = [k for k in kids if subprocess.run(["ps", "-p", str(k)], capture_output=True).returncode == 0]
-    assert alive == [], "children left running after Ctrl-C"
+    assert alive == [], f"children left running after {stop}"
     text = (tmp_path / "up.log").read_text()
     assert '"event": "service_stopped", "unwritten_impressions": 0' in text and "[up] stopped" in text

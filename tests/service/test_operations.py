@@ -99,3 +99,41 @@ def test_cuda_provider_with_io_binding_matches_cpu(trained):
     assert gpu.provider == CUDA
     x = Encoder(config).empty_inputs(257)
     assert np.allclose(gpu.run(x), cpu.run(x), rtol=1e-4, atol=1e-5)
+
+
+def test_serve_stops_its_embedded_redis_on_sigterm(trained, tmp_path):
+    """`kill` / `docker stop` send SIGTERM: serve shuts down gracefully and takes its embedded redis-server with it."""
+    import signal
+    import time
+
+    from watchnext.redis_embed import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(PYTHONPATH=ROOT, WATCHNEXT_LOG_LEVEL="info")
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--config", str(trained["config_path"]),
+                                 "--models", str(trained["models"]), "--port", str(port)],
+                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
+                              text=True).stdout.split()
+        assert len(kids) == 1  # the embedded redis-server
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    time.sleep(0.3)
+    assert subprocess.run(["ps", "-p", kids[0]], capture_output=True).returncode != 0, "redis-server left running"
+    assert "service_stopped" in (tmp_path / "serve.log").read_text()
