@@ -336,7 +336,8 @@ def cmd_ab_show(args) -> int:
 def cmd_ab_report_url(args) -> int:
     from urllib.parse import urlencode
 
-    from watchnext.abreport import render_table, write_chart
+    from watchnext.abreport import write_chart
+    from watchnext.cli_ab import print_report
 
     if args.events or args.pre or args.experiment or args.arms:
         raise CliError("ab report --url: the service has the events and the definition; "
@@ -347,12 +348,7 @@ def cmd_ab_report_url(args) -> int:
     ts = rep.pop("timeseries", None)
     if args.chart and ts is not None:
         rep["chart"] = str(write_chart(ts, args.chart, f"experiment {rep['experiment']}"))
-    if args.json:
-        print(json.dumps(rep, indent=2))
-    else:
-        print(render_table(rep))
-        if args.chart:
-            print(f"chart: {rep['chart']}")
+    print_report(rep, args.json)
     if rep["srm"]["flagged"]:
         print("watchnext: warning: sample ratio mismatch (p < 0.001): the split is broken; "
               "do not trust the differences", file=sys.stderr)

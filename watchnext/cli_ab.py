@@ -125,7 +125,7 @@ def experiment_of(args) -> Any:
 
 
 def cmd_ab_report(args) -> int:
-    from .abreport import read_events, render_table, write_chart
+    from .abreport import read_events, write_chart
     from .abstats import report, timeseries
     from .cli import CliError
 
@@ -149,12 +149,7 @@ def cmd_ab_report(args) -> int:
     if args.chart:
         path = write_chart(timeseries(exp, events, args.points, args.confidence), args.chart, f"experiment {exp.name}")
         rep["chart"] = str(path)
-    if args.json:
-        print(json.dumps(rep, indent=2))
-    else:
-        print(render_table(rep))
-        if args.chart:
-            print(f"chart: {rep['chart']}")
+    print_report(rep, args.json)
     skipped = {k: v for k, v in dropped.items() if v and k != "other_experiment"}
     if skipped:
         print(f"watchnext: skipped events: {', '.join(f'{k} {v:,}' for k, v in skipped.items())}", file=sys.stderr)
@@ -162,3 +157,15 @@ def cmd_ab_report(args) -> int:
         print("watchnext: warning: sample ratio mismatch (p < 0.001): the split is broken; "
               "do not trust the differences", file=sys.stderr)
     return 0
+
+
+def print_report(rep: dict, as_json: bool) -> None:
+    """A report on stdout: JSON, or the table (and where its chart was written)."""
+    from .abreport import render_table
+
+    if as_json:
+        print(json.dumps(rep, indent=2))
+    else:
+        print(render_table(rep))
+        if rep.get("chart"):
+            print(f"chart: {rep['chart']}")

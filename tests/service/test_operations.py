@@ -13,6 +13,7 @@ import redis
 
 from service.inference import CUDA, InferenceSession, cuda_driver_present
 from service.settings import Settings, SettingsError
+from tests.helpers import wait_for
 from tests.service.fixtures import live_service
 from tests.service.traffic import rank_requests
 from watchnext.config import load_config
@@ -115,16 +116,15 @@ def test_serve_stops_its_embedded_redis_on_sigterm(trained, tmp_path):
         proc = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--config", str(trained["config_path"]),
                                  "--models", str(trained["models"]), "--port", str(port)],
                                 cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    def ready() -> bool:
+        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
+        except httpx.TransportError:
+            return False
+
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_for(ready, 60, "watchnext serve to be ready", step=0.2)
         kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
                               text=True).stdout.split()
         assert len(kids) == 1  # the embedded redis-server
