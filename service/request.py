@@ -4,7 +4,7 @@ A well-formed body is parsed by orjson, and Arrow turns the candidate objects
 into one struct array in C++, without a Python loop per candidate; they are
 encoded by the same `watchnext.encoding.Encoder` the trainer uses; the
 shared sections (user, query, context) are encoded once as a one-row batch and
-broadcast. A body either refuses (NaN, a wrong type somewhere) or one holding a
+broadcast. A body that orjson or Arrow refuses (NaN, a wrong type somewhere) or one holding a
 boolean is parsed by `json` and checked value by value, to name the field and
 the index::
 
@@ -106,7 +106,7 @@ class RequestCodec:
         """Check a rank request; raises BadRequest naming the field.
 
         orjson parses a well-formed body, and Arrow converts the candidate objects to one
-        struct array in C++ (no Python loop per candidate). Anything either refuses (NaN,
+        struct array in C++ (no Python loop per candidate). Anything either of them refuses (NaN,
         a wrong type somewhere), and any body with a boolean (Arrow would read true as 1.0
         where a number is expected), takes the checking path, which names the field at fault.
         """
