@@ -86,11 +86,10 @@ def example_request(history: Path | None, item_id: str | None) -> dict:
 
 
 def run_stack(args, settings: Settings) -> int:
-    import uvicorn
-
     from watchnext.redis_embed import start_embedded
 
     from .app import create_app
+    from .cli import run_server
 
     embedded = None
     if settings.redis_url is None:
@@ -134,9 +133,7 @@ def run_stack(args, settings: Settings) -> int:
         if getattr(args, "demo", 0):
             threading.Thread(target=run_demo, args=(url, settings.admin_token, deps.config, args.demo, env),
                              daemon=True).start()
-        app = create_app(settings, deps)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                    timeout_graceful_shutdown=10)
+        run_server(create_app(settings, deps), settings)
     except subprocess.CalledProcessError as e:
         raise CliError(f"bootstrap step failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}") from None
     finally:
