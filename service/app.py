@@ -213,8 +213,17 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
             raise Unavailable("service", "feedback needs Redis, and this service runs without it")
         try:
             results = await anyio.to_thread.run_sync(svc.log.record_feedback, events)
+            # another replica may not have written the impression yet: one more look after its flush
+            # interval, waiting on the event loop (no thread is held), so any replica can take any feedback
+            late = [i for i, r in enumerate(results) if r == "unknown"]
+            if late and svc.log.unknown_grace_s > 0:
+                await anyio.sleep(svc.log.unknown_grace_s)
+                again = await anyio.to_thread.run_sync(svc.log.record_feedback, [events[i] for i in late])
+                for i, r in zip(late, again, strict=True):
+                    results[i] = r
         except ConnectionError:
             raise Unavailable("service", "Redis is unreachable; retry the feedback later") from None
+        svc.log.count_feedback(results)
         dropped = [
             {"index": i, "request_id": e["request_id"], "item_id": e["item_id"], "reason": REASONS.get(r, r)}
             for i, (e, r) in enumerate(zip(events, results)) if r != "ok"

@@ -181,22 +181,18 @@ class ImpressionLog:
     def record_feedback(self, events: list[dict[str, Any]]) -> list[str]:
         """Join checked feedback events with their impressions. Returns 'ok' or a reason key per event.
 
+        An 'unknown' answer may be early: another replica may still hold the impression in its buffer (it
+        writes every flush interval). The caller looks again after `unknown_grace_s` (app.py does, without
+        holding a thread) and then counts the final answers with `count_feedback`.
         Raises ConnectionError when Redis cannot be reached.
         """
         if any(e["request_id"] in self.pending for e in events):
             self.flush()  # the impression may still be in the buffer
-        out = self._join(events)
-        # another replica may still hold the impression in its buffer (it writes every flush interval):
-        # an unknown request_id gets one more look after that long, so feedback sent to any replica
-        # behind a load balancer joins as it would with one
-        late = [i for i, r in enumerate(out) if r == "unknown"]
-        if late and self.unknown_grace_s > 0:
-            time.sleep(self.unknown_grace_s)
-            for i, r in zip(late, self._join([events[i] for i in late]), strict=True):
-                out[i] = r
-        for r in out:
+        return self._join(events)
+
+    def count_feedback(self, results: list[str]) -> None:
+        for r in results:
             self.metrics.feedback.inc(1, "accepted" if r == "ok" else r)
-        return out
 
     def _join(self, events: list[dict[str, Any]]) -> list[str]:
         now = time.time()
