@@ -138,17 +138,7 @@ class RequestCodec:
             return None
         top_k = self._top_k(obj.get("top_k"))
         request_id = ident(obj.get("request_id"), "request_id", required=False) or uuid.uuid4().hex
-        unknown = 0
-        shared = {}
-        for s in SHARED:
-            sec = obj.get(s)
-            if sec is None:
-                shared[s] = {}
-                continue
-            if type(sec) is not dict:
-                return None
-            unknown += len(sec.keys() - self.known[s])
-            shared[s] = self._clean(sec, s, s)
+        shared, unknown = self._shared(obj)
         # keys Arrow dropped: every key beyond the known values present is unknown, or a null
         known_present = sum(n - arr.field(i).null_count for i in range(arr.type.num_fields))
         if sum(map(len, cands)) > known_present:  # rare: count exactly
@@ -162,17 +152,7 @@ class RequestCodec:
         if not isinstance(obj, dict):
             raise BadRequest("body", f"expected a JSON object, got {type(obj).__name__}")
         request_id = ident(obj.get("request_id"), "request_id", required=False) or uuid.uuid4().hex
-        unknown = 0
-        shared = {}
-        for s in SHARED:
-            sec = obj.get(s)
-            if sec is None:
-                shared[s] = {}
-                continue
-            if not isinstance(sec, dict):
-                raise BadRequest(s, f"expected an object, got {type(sec).__name__}")
-            unknown += len(sec.keys() - self.known[s])
-            shared[s] = self._clean(sec, s, s)
+        shared, unknown = self._shared(obj)
         cands = obj.get("candidates")
         if cands is None:
             raise BadRequest("candidates", "is required (a list of candidate objects)")
@@ -192,6 +172,20 @@ class RequestCodec:
         arr = self._candidates(cands, careful)
         self._check_ids(arr)
         return RankInput(request_id, shared, arr, top_k, unknown)
+
+    def _shared(self, obj: dict) -> tuple[dict[str, dict[str, Any]], int]:
+        """The cleaned user / query / context sections, and how many unknown features they hold."""
+        shared, unknown = {}, 0
+        for s in SHARED:
+            sec = obj.get(s)
+            if sec is None:
+                shared[s] = {}
+                continue
+            if not isinstance(sec, dict):
+                raise BadRequest(s, f"expected an object, got {type(sec).__name__}")
+            unknown += len(sec.keys() - self.known[s])
+            shared[s] = self._clean(sec, s, s)
+        return shared, unknown
 
     def _top_k(self, top_k: Any) -> int:
         if top_k is None:

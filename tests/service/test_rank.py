@@ -217,12 +217,15 @@ def test_checking_path_agrees_with_fast_path(trained):
     assert codec._parse_fast(b'{"candidates": [{"video_id": 3}]}') is None
     assert codec.parse(b'{"candidates": [{"video_id": 3}]}').candidates.field("video_id").to_pylist() == ["3"]
     assert codec._parse_fast(b'{"candidates": []} {"candidates": []}') is None
-    # NaN, a null candidate, a list where an object belongs: the checking path names the field
-    for body in (b'{"candidates": [{"video_id": "a", "video_views": NaN}]}', b'{"candidates": [{"video_id": "a"}, null]}',
-                 b'{"user": [], "candidates": [{"video_id": "a"}]}'):
+    # NaN, a null candidate: the checking path names the field
+    for body in (b'{"candidates": [{"video_id": "a", "video_views": NaN}]}', b'{"candidates": [{"video_id": "a"}, null]}'):
         assert codec._parse_fast(body) is None
     with pytest.raises(BadRequest, match="candidates\\[1\\]"):
         codec.parse(b'{"candidates": [{"video_id": "a"}, null]}')
+    # a list where a section belongs: both paths name the section
+    for parse in (codec._parse_fast, codec._parse_checked):
+        with pytest.raises(BadRequest, match="^user: expected an object"):
+            parse(b'{"user": [], "candidates": [{"video_id": "a"}]}')
 
 
 def test_service_never_imports_torch():

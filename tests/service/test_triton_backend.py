@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from service.settings import Settings, SettingsError
+from tests.helpers import wait_for
 from tests.service.fixtures import ADMIN, live_service
 from tests.service.traffic import rank_requests
 from tests.service.triton_standin import TritonStandin
@@ -32,17 +33,6 @@ from watchnext.repository import ModelRepository
 ROOT = Path(__file__).resolve().parents[2]
 AUTH = {"Authorization": f"Bearer {ADMIN}"}
 MODEL = "ranker"
-
-
-def until(pred, timeout: float = 10.0, what: str = "the condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = pred()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.05)
 
 
 def readyz(c: httpx.Client) -> dict:
@@ -182,7 +172,7 @@ def test_promotion_is_served_through_triton_once_triton_has_it(trained, models_d
 
     before = standin.calls[(MODEL, "1")]
     standin.hidden.clear()  # Triton's poll picks it up: so does the service's
-    until(lambda: serving(tc, 1), 10, "version 1 to serve through Triton")
+    wait_for(lambda: serving(tc, 1), 10, "version 1 to serve through Triton")
     got = tc.post("/v1/rank", json=req).json()
     assert got["model_version"] == "1"
     assert standin.calls[(MODEL, "1")] == before + 3 + 1  # warm-up, then the request
@@ -217,7 +207,7 @@ def test_triton_down_is_a_clear_error_not_a_fallback(trained, standin, triton_se
     assert body["ready"] is False and body["model_version"] == "2" and body["provider"] == "triton"
     assert "unreachable" in body["backend_error"]
     standin.start()  # back on the same port
-    until(lambda: readyz(tc)["ready"], 10, "ready again")
+    wait_for(lambda: readyz(tc)["ready"], 10, "ready again")
     assert tc.post("/v1/rank", json=req).status_code == 200
 
 
@@ -234,7 +224,7 @@ def test_service_started_before_triton_waits_for_it(trained, models_dir, redis_u
         r = c.post("/v1/rank", json={"candidates": [{"video_id": "a"}]})
         assert r.status_code == 503 and r.json()["error"]["field"] == "model"
         with t:
-            until(lambda: serving(c, 2), 10, "version 2 to serve once Triton is up")
+            wait_for(lambda: serving(c, 2), 10, "version 2 to serve once Triton is up")
 
 
 # ---------------------------------------------------------------- the command
@@ -257,7 +247,7 @@ def test_watchnext_serve_backend_triton(trained, models_dir, redis_url, standin)
                 except httpx.TransportError:
                     return False
 
-            until(up, 60, "watchnext serve --backend triton to be ready")
+            wait_for(up, 60, "watchnext serve --backend triton to be ready")
             assert readyz(c)["provider"] == "triton"
             req = rank_requests(trained["history"], 1, top_k=3)[0]
             r = c.post("/v1/rank", json=req)
