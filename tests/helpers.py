@@ -115,6 +115,16 @@ def _tail(path: Path, n: int = 3000) -> str:
         return ""
 
 
+def children_of(pid: int) -> list[int]:
+    """The process ids whose parent is `pid`."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(x) for x in out.split()]
+
+
+def running(pid: int) -> bool:
+    return subprocess.run(["ps", "-p", str(pid)], capture_output=True).returncode == 0
+
+
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -127,18 +137,25 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 60
 
 
 class ServeProcess:
-    """`watchnext serve` as its own OS process (a real uvicorn) on a loopback port."""
+    """`watchnext serve` as its own OS process (a real uvicorn) on a loopback port.
 
-    def __init__(self, config_path: Path, models: Path, redis_url: str, admin_token: str, log_path: Path):
+    `redis_url` None: REDIS_URL is unset, so serve starts an embedded redis-server (its data under `cwd`)."""
+
+    def __init__(self, config_path: Path, models: Path, redis_url: str | None, admin_token: str | None,
+                 log_path: Path, cwd: Path = ROOT, log_level: str = "warning"):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "REDIS_URL": redis_url, "WATCHNEXT_ADMIN_TOKEN": admin_token,
-               "WATCHNEXT_CONFIG": str(config_path), "WATCHNEXT_MODELS": str(models), "WATCHNEXT_THREADS": "1",
-               "WATCHNEXT_LOG_LEVEL": "warning"}
+        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "WATCHNEXT_ADMIN_TOKEN")}
+        env.update({"PYTHONPATH": str(ROOT), "WATCHNEXT_CONFIG": str(config_path), "WATCHNEXT_MODELS": str(models),
+                    "WATCHNEXT_THREADS": "1", "WATCHNEXT_LOG_LEVEL": log_level})
+        if redis_url is not None:
+            env["REDIS_URL"] = redis_url
+        if admin_token is not None:
+            env["WATCHNEXT_ADMIN_TOKEN"] = admin_token
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--port", str(self.port)], env=env,
-                                     cwd=ROOT, stdout=subprocess.DEVNULL, stderr=self._log)
+                                     cwd=cwd, stdout=subprocess.DEVNULL, stderr=self._log)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         def ready() -> bool:

@@ -13,15 +13,11 @@ import time
 import httpx
 import pytest
 
+from tests.helpers import children_of, running
 from tests.service.fixtures import write_config
 from watchnext.redis_embed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def children_of(pid: int) -> list[int]:
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
@@ -69,7 +65,7 @@ def test_up_bootstraps_serves_and_stops_cleanly(tmp_path, stop):
             up.wait()
         log.close()
     time.sleep(0.5)
-    alive = [k for k in kids if subprocess.run(["ps", "-p", str(k)], capture_output=True).returncode == 0]
+    alive = [k for k in kids if running(k)]
     assert alive == [], f"children left running after {stop}"
     text = (tmp_path / "up.log").read_text()
     assert '"event": "service_stopped", "unwritten_impressions": 0' in text and "[up] stopped" in text

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import numpy as np
@@ -13,7 +15,7 @@ import redis
 
 from service.inference import CUDA, InferenceSession, cuda_driver_present
 from service.settings import Settings, SettingsError
-from tests.helpers import wait_for
+from tests.helpers import ServeProcess, children_of, running
 from tests.service.fixtures import live_service
 from tests.service.traffic import rank_requests
 from watchnext.config import load_config
@@ -104,36 +106,15 @@ def test_cuda_provider_with_io_binding_matches_cpu(trained):
 
 def test_serve_stops_its_embedded_redis_on_sigterm(trained, tmp_path):
     """`kill` / `docker stop` send SIGTERM: serve shuts down gracefully and takes its embedded redis-server with it."""
-    import signal
-    import time
-
-    from watchnext.redis_embed import free_port
-
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
-    env.update(PYTHONPATH=ROOT, WATCHNEXT_LOG_LEVEL="info")
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--config", str(trained["config_path"]),
-                                 "--models", str(trained["models"]), "--port", str(port)],
-                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log)
-    def ready() -> bool:
-        assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
+    serve = ServeProcess(trained["config_path"], trained["models"], None, None, tmp_path / "serve.log", cwd=tmp_path,
+                         log_level="info")
     try:
-        wait_for(ready, 60, "watchnext serve to be ready", step=0.2)
-        kids = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True,
-                              text=True).stdout.split()
+        serve.wait_ready()
+        kids = children_of(serve.proc.pid)
         assert len(kids) == 1  # the embedded redis-server
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 128 + signal.SIGTERM
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        code = serve.stop()  # SIGTERM
+    assert code == 128 + signal.SIGTERM
     time.sleep(0.3)
-    assert subprocess.run(["ps", "-p", kids[0]], capture_output=True).returncode != 0, "redis-server left running"
+    assert not running(kids[0]), "redis-server left running"
     assert "service_stopped" in (tmp_path / "serve.log").read_text()
