@@ -73,9 +73,7 @@ class ModelManager:
         if backend == "triton":
             from .triton import TritonBackend
 
-            if not triton_url:
-                raise ValueError("backend triton needs triton_url (host:port of Triton's HTTP endpoint)")
-            self.triton = TritonBackend(triton_url, on_failure=self.wake)
+            self.triton = TritonBackend(triton_url, on_failure=self.wake)  # Settings checked the url
         self.encoder = Encoder(config)
         self.current: LoadedModel | None = None
         self.refused: dict[int, tuple[str, str]] = {}  # version -> (file stamp, reason)
