@@ -16,7 +16,8 @@ from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 import anyio
-from fastapi import Depends, FastAPI, Path, Request
+import orjson
+from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -137,13 +138,6 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body, separators=(",", ":"), allow_nan=False), status, media_type="application/json")
 
 
-def get_service(request: Request) -> Service:
-    return request.app.state.service
-
-
-ServiceDep = Annotated[Service, Depends(get_service)]
-
-
 def create_app(settings: Settings, deps: Deps) -> FastAPI:
     """Build the app around `deps`; the lifespan starts the model poller and the impression threads."""
     setup_logging(settings.log_level)
@@ -183,7 +177,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
     @app.post("/v1/rank", response_model=None, openapi_extra=json_body(rank_request_schema(config)),
               responses={200: {"model": RankResponse}, **errors(400, 413, 422, 503)},
               summary="Rank candidates for one request; the best first")
-    async def rank(request: Request, svc: ServiceDep) -> Response:
+    async def rank(request: Request) -> Response:
         clock = Stopwatch()
         body = await read_body(request, config.service.max_body_bytes)
         model = svc.models.current
@@ -196,7 +190,8 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
             ranked = await anyio.to_thread.run_sync(svc.ranker.rank, body, model, live, limiter=svc.limiter)
         if svc.log is not None:
             svc.log.add(ranked.impression)
-        resp = json_response(ranked.body)
+        # orjson: the body holds only str, float and None (the ranker's own), and json.dumps took 0.3 ms
+        resp = Response(orjson.dumps(ranked.body), media_type="application/json")
         svc.metrics.rank_latency.observe(clock.seconds)
         svc.metrics.rank_candidates.observe(ranked.candidates)
         svc.metrics.requests.inc(1, "/v1/rank", "200")
@@ -206,7 +201,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
     @app.post("/v1/feedback", response_model=None, openapi_extra=json_body(feedback_request_schema(config, MAX_EVENTS)),
               responses={200: {"model": FeedbackResponse}, **errors(400, 413, 422, 503)},
               summary="Record what the user did with served items (one event or a list)")
-    async def feedback(request: Request, svc: ServiceDep) -> Response:
+    async def feedback(request: Request) -> Response:
         body = await read_body(request, config.service.max_body_bytes)
         events = parse_feedback(body, config)
         if svc.log is None:
@@ -233,7 +228,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
 
     # ------------------------------------------------------------ models
     @app.get("/v1/models", summary="Versions, their metrics, and which one serves")
-    async def models(svc: ServiceDep) -> dict[str, Any]:
+    async def models() -> dict[str, Any]:
         summary = await anyio.to_thread.run_sync(models_summary, deps.repo)
         cur = svc.models.current
         summary["loaded"] = {"version": cur.version, "provider": cur.provider} if cur else None
@@ -244,7 +239,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
 
     @app.post("/v1/models/{version}/promote", responses=errors(401, 404, 409),
               summary="Serve VERSION (admin): loaded and warmed before the swap")
-    async def promote(version: int, request: Request, svc: ServiceDep) -> dict[str, Any]:
+    async def promote(version: int, request: Request) -> dict[str, Any]:
         svc.require_admin(request)
 
         def do() -> dict[str, Any]:
@@ -256,7 +251,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
 
     @app.post("/v1/models/rollback", responses=errors(401, 409),
               summary="Serve the previously promoted version again (admin)")
-    async def rollback(request: Request, svc: ServiceDep) -> dict[str, Any]:
+    async def rollback(request: Request) -> dict[str, Any]:
         svc.require_admin(request)
 
         def do() -> dict[str, Any]:
@@ -284,7 +279,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
     @app.put("/v1/experiments/{name}", responses=errors(400, 401, 409, 413, 422, 503),
              openapi_extra=json_body(EXPERIMENT_BODY),
              summary="Create or update an A/B experiment (admin): every arm's version is loaded before it goes live")
-    async def put_experiment(name: ExperimentName, request: Request, svc: ServiceDep) -> dict[str, Any]:
+    async def put_experiment(name: ExperimentName, request: Request) -> dict[str, Any]:
         svc.require_admin(request)
         exps = experiments_of(svc)
         raw = await read_body(request, config.service.max_body_bytes)
@@ -295,22 +290,22 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         return await in_redis(exps.put, name, body, deps.repo.versions())
 
     @app.get("/v1/experiments", summary="Every experiment, live and stopped")
-    async def list_experiments(svc: ServiceDep) -> dict[str, Any]:
+    async def list_experiments() -> dict[str, Any]:
         return {"experiments": await in_redis(experiments_of(svc).list)}
 
     @app.get("/v1/experiments/{name}", responses=errors(404, 503), summary="One experiment's definition and status")
-    async def get_experiment(name: ExperimentName, svc: ServiceDep) -> dict[str, Any]:
+    async def get_experiment(name: ExperimentName) -> dict[str, Any]:
         return view(await in_redis(experiments_of(svc).stored, name))
 
     @app.delete("/v1/experiments/{name}", responses=errors(401, 404, 503),
                 summary="Stop an experiment (admin): all traffic returns to the promoted version")
-    async def delete_experiment(name: ExperimentName, request: Request, svc: ServiceDep) -> dict[str, Any]:
+    async def delete_experiment(name: ExperimentName, request: Request) -> dict[str, Any]:
         svc.require_admin(request)
         return await in_redis(experiments_of(svc).delete, name)
 
     @app.get("/v1/experiments/{name}/report", response_model=None, responses=errors(404, 422, 503),
              summary="Per-arm metrics with user-level intervals, differences from the control, SRM check")
-    async def experiment_report(name: ExperimentName, svc: ServiceDep, confidence: float = 0.95, format: str = "json",
+    async def experiment_report(name: ExperimentName, confidence: float = 0.95, format: str = "json",
                                 points: int = 0, include_open: bool = False) -> Response:
         from watchnext.abreport import render_table
         from watchnext.experiments import Experiment
@@ -347,7 +342,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
     @app.get("/readyz", summary="Ready to rank: a model is loaded, and with --backend triton Triton has it ready "
              "(also reports the provider and Redis)",
              responses={503: {"description": "no model loaded yet, or Triton cannot run it"}})
-    async def readyz(svc: ServiceDep) -> Response:
+    async def readyz() -> Response:
         cur = svc.models.current
         redis_ok = await anyio.to_thread.run_sync(svc.log.ping) if svc.log is not None else None
         triton = svc.models.triton
@@ -367,7 +362,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         return json_response(body, 200 if ready else 503)
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
-    async def metrics(svc: ServiceDep) -> Response:
+    async def metrics() -> Response:
         if svc.log is not None:
             svc.metrics.log_backlog.set(svc.log.backlog())
         return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
