@@ -23,6 +23,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from watchnext.cli import models_summary
+from watchnext.encoding import NATIVE
 from watchnext.repository import RepositoryError
 
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unavailable
@@ -100,7 +101,9 @@ class Service:
         cur = self.models.current
         log(logger, logging.INFO, "service_started", config=self.config.path, config_hash=self.config.hash,
             model_version=cur.version if cur else None, provider=cur.provider if cur else None,
-            backend=self.settings.backend, redis=bool(self.deps.redis_url))
+            backend=self.settings.backend, redis=bool(self.deps.redis_url),
+            # False: watchnext._native was not built, and requests take the slower Arrow path
+            native_encoder=NATIVE)
 
     def stop(self) -> None:
         self.models.stop()

@@ -52,7 +52,7 @@ class Ranker:
             self.metrics.unknown_features.inc(inp.unknown_features)
         if self.store.enabled:
             self.fill(inp)
-        n = len(inp.candidates)
+        n = inp.n
         inputs = self.codec.encode(inp)
         session = model.session
         heads = session.run(inputs) if n else np.zeros((0, len(session.task_names)), np.float32)  # (B, T)
@@ -72,7 +72,7 @@ class Ranker:
             top = np.argsort(-s, kind="stable")
         order = idx[top]
         if self.config.item_id is not None:
-            ids = inp.candidates.field(self.config.item_id).take(order).to_pylist()
+            ids = inp.ids(self.config.item_id, order)
         else:
             ids = [str(i) for i in order.tolist()]
         names = session.task_names
@@ -82,7 +82,7 @@ class Ranker:
             for i, sc, h in zip(ids, scores[order].tolist(), head_rows)
         ]
         version = str(model.version)
-        served = inp.candidates.take(order).to_pylist()
+        served = inp.served(order, self.codec.known["candidate"])
         impression = {
             "ts": time.time(),
             "request_id": inp.request_id,
@@ -90,7 +90,7 @@ class Ranker:
             "experiment": experiment,
             "arm": arm,
             "model_version": version,
-            "items": [(i, {k: v for k, v in c.items() if v is not None}, pos) for pos, (i, c) in enumerate(zip(ids, served))],
+            "items": [(i, c, pos) for pos, (i, c) in enumerate(zip(ids, served))],
         }
         body_out = {"request_id": inp.request_id, "model_version": version, "arm": arm, "experiment": experiment,
                     "items": items}
@@ -106,10 +106,10 @@ class Ranker:
                 keys.append(feature_key(s, sec[kf]))
                 shared_keys.append(s)
         rows = np.zeros(0, np.int64)
-        if self.config.item_id is not None and len(inp.candidates):
-            rows = np.flatnonzero(self.codec.missing_candidate_rows(inp.candidates))
+        if self.config.item_id is not None and inp.n:
+            rows = np.flatnonzero(self.codec.missing_candidate_rows(inp))
             if len(rows):
-                ids = inp.candidates.field(self.config.item_id).take(rows).to_pylist()
+                ids = inp.ids(self.config.item_id, rows)
                 keys += [feature_key("candidate", i) for i in ids]
         got = self.store.get(keys)
         if not got:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from watchnext.config import Config
-from watchnext.encoding import Encoder, Problems, section_type
+from watchnext.encoding import Encoder, Gathered, Problems, section_type
 from watchnext.examples import clean_section
 
 from .errors import BadRequest, split_reason
@@ -33,13 +32,48 @@ SHARED = ("user", "query", "context")
 MAX_REQUEST_ID = 128
 
 
-@dataclass
 class RankInput:
-    request_id: str
-    shared: dict[str, dict[str, Any]]  # cleaned user / query / context values
-    candidates: pa.StructArray  # (B,) one struct per candidate
-    top_k: int
-    unknown_features: int
+    """A checked rank request. The candidates are held as the objects sent together with their gathered values
+    (the native path), or as one Arrow struct array; the Arrow array is built from the objects on first use."""
+
+    def __init__(self, request_id: str, shared: dict[str, dict[str, Any]], top_k: int, unknown_features: int, *,
+                 candidates: pa.StructArray | None = None, rows: list[dict] | None = None,
+                 gathered: Gathered | None = None, candidate_type: pa.DataType | None = None):
+        self.request_id = request_id
+        self.shared = shared  # cleaned user / query / context values
+        self.top_k = top_k
+        self.unknown_features = unknown_features
+        self.rows = rows  # the candidate objects as sent (when gathered)
+        self.gathered = gathered  # their values, gathered by the native module
+        self._arr = candidates
+        self._type = candidate_type
+        self.n = len(candidates) if candidates is not None else len(rows or ())
+
+    @property
+    def candidates(self) -> pa.StructArray:
+        """(B,) one struct per candidate."""
+        if self._arr is None:
+            self._arr = pa.array(self.rows, type=self._type)
+        return self._arr
+
+    @candidates.setter
+    def candidates(self, arr: pa.StructArray) -> None:
+        """Replaces the candidates (filled from the store): the objects and gathered values no longer hold."""
+        self._arr, self.rows, self.gathered, self.n = arr, None, None, len(arr)
+
+    def ids(self, item_id: str, order: np.ndarray) -> list:
+        """The item ids of the rows `order` (a few rows: the top k, the ones the store fills)."""
+        if self.rows is not None:
+            rows = self.rows
+            return [rows[i][item_id] for i in order.tolist()]
+        return self.candidates.field(item_id).take(order).to_pylist()
+
+    def served(self, order: np.ndarray, known: frozenset[str]) -> list[dict[str, Any]]:
+        """The features of the rows `order` as served: known and not null."""
+        if self.rows is not None:
+            rows = self.rows
+            return [{k: v for k, v in rows[i].items() if v is not None and k in known} for i in order.tolist()]
+        return [{k: v for k, v in c.items() if v is not None} for c in self.candidates.take(order).to_pylist()]
 
 
 def parse_json(body: bytes) -> Any:
@@ -130,6 +164,13 @@ class RequestCodec:
         n = len(cands)
         if n > self.max_candidates:
             raise BadRequest("candidates", f"at most {self.max_candidates} candidates per request, got {n}", status=413)
+        g = self.encoder.gather("candidate", cands)
+        if g is not None and self._ids_ok(g):  # the native path: no Arrow array unless it is asked for
+            top_k = self._top_k(obj.get("top_k"))
+            request_id = ident(obj.get("request_id"), "request_id", required=False) or uuid.uuid4().hex
+            shared, unknown = self._shared(obj)
+            return RankInput(request_id, shared, top_k, unknown + g.unknown, rows=cands, gathered=g,
+                             candidate_type=self.types["candidate"])
         try:
             arr = pa.array(cands, type=self.types["candidate"])
         except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
@@ -145,7 +186,14 @@ class RequestCodec:
             known = self.known["candidate"]
             unknown += sum(len(c.keys() - known) for c in cands)
         self._check_ids(arr)
-        return RankInput(request_id, shared, arr, top_k, unknown)
+        return RankInput(request_id, shared, top_k, unknown, candidates=arr)
+
+    def _ids_ok(self, g: Gathered) -> bool:
+        """Every candidate has an id and no two hash alike (then they differ); otherwise `_check_ids` explains."""
+        if self.item_id is None or not g.n:
+            return True
+        h = g.values[self.item_id]
+        return bool(g.present[self.item_id].all()) and len(np.unique(h)) == g.n
 
     def _parse_checked(self, body: bytes) -> RankInput:
         obj = parse_json(body)
@@ -171,7 +219,7 @@ class RequestCodec:
         careful = may_hold_boolean(body)
         arr = self._candidates(cands, careful)
         self._check_ids(arr)
-        return RankInput(request_id, shared, arr, top_k, unknown)
+        return RankInput(request_id, shared, top_k, unknown, candidates=arr)
 
     def _shared(self, obj: dict) -> tuple[dict[str, dict[str, Any]], int]:
         """The cleaned user / query / context sections, and how many unknown features they hold."""
@@ -227,8 +275,11 @@ class RequestCodec:
         return pa.array(cleaned, type=typ)
 
     # ------------------------------------------------------------ filling from the store
-    def missing_candidate_rows(self, arr: pa.StructArray) -> np.ndarray:
+    def missing_candidate_rows(self, inp: RankInput) -> np.ndarray:
         """Rows that lack at least one candidate feature (besides the id). (B,) bool."""
+        if inp.gathered is not None:
+            return inp.gathered.missing(skip=self.item_id)
+        arr = inp.candidates
         missing = np.zeros(len(arr), bool)
         for f in self.types["candidate"]:
             if f.name != self.item_id:
@@ -260,19 +311,25 @@ class RequestCodec:
     # ------------------------------------------------------------ encoding
     def encode(self, inp: RankInput) -> dict[str, np.ndarray]:
         """Model inputs for every candidate; raises BadRequest naming the first bad field."""
-        n = len(inp.candidates)
         one = self.encoder.empty_inputs(1)
         problems = Problems(1)
         for s in SHARED:
             if inp.shared[s]:
-                arr = pa.array([inp.shared[s]], type=self.types[s])
-                self.encoder.encode_section(s, arr, 1, one, problems)
+                g = self.encoder.gather(s, [inp.shared[s]])  # cleaned values: plain types, unless not built
+                if g is not None:
+                    self.encoder.encode_gathered(s, g, one, problems)
+                else:
+                    self.encoder.encode_section(s, pa.array([inp.shared[s]], type=self.types[s]), 1, one, problems)
         bad = problems.first()
         if bad is not None:
             raise BadRequest(*split_reason(bad[1].split("; ")[0]))
+        n = inp.n
         out = self.encoder.empty_inputs(n)
         problems = Problems(n)
-        self.encoder.encode_section("candidate", inp.candidates, n, out, problems)
+        if inp.gathered is not None:
+            self.encoder.encode_gathered("candidate", inp.gathered, out, problems)
+        else:
+            self.encoder.encode_section("candidate", inp.candidates, n, out, problems)
         bad = problems.first()
         if bad is not None:
             field, reason = split_reason(bad[1].split("; ")[0])

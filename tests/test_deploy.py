@@ -67,6 +67,10 @@ def test_dockerfile_matches_the_code(dockerfile):
                     assert key in env_vars_the_code_reads(), f"{dockerfile.name}: ENV {key} is read by nothing"
         if op == "CMD":
             parses_as_watchnext(json.loads(rest))  # exec form: a JSON list
+    run = " ".join(rest for op, rest in ins if op == "RUN")
+    # the encoder's native gather is built in the image (setup.py is copied, a compiler is there)
+    assert any(op == "COPY" and "setup.py" in rest.split() for op, rest in ins)
+    assert "gcc" in run and "-c \"import watchnext._native\"" in run
     users = [rest for op, rest in ins if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "runs as root"
     if dockerfile.name == "service.Dockerfile":

@@ -26,6 +26,12 @@ import pyarrow.compute as pc
 
 from .config import SOURCES, Config, Feature
 
+try:  # built by `pip install` where a C compiler is at hand (setup.py); the Arrow path works without it
+    from . import _native
+except ImportError:  # pragma: no cover - depends on the build
+    _native = None
+NATIVE = _native is not None  # whether Encoder.gather can work here
+
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
 SECTIONS = SOURCES  # request / example sections, one per feature source
@@ -77,9 +83,14 @@ def fnv1a(s: str) -> int:
     return h
 
 
+def bucket_rows(hashes: np.ndarray, buckets: int) -> np.ndarray:
+    """Embedding rows 1..buckets of FNV-1a hashes (row 0 is kept for missing ids). Same shape, int64."""
+    return (hashes % np.uint64(buckets)).astype(np.int64) + 1
+
+
 def hashed_rows(arr: pa.Array, buckets: int) -> np.ndarray:
     """Rows 1..buckets for present ids, 0 for null. Shape (n,) int64."""
-    rows = (fnv1a_strings(arr) % np.uint64(buckets)).astype(np.int64) + 1
+    rows = bucket_rows(fnv1a_strings(arr), buckets)
     if arr.null_count:
         rows[np.asarray(arr.is_null())] = 0
     return rows
@@ -149,6 +160,27 @@ class Problems:
 
 # ------------------------------------------------------------------ encoder
 
+KIND_CODES = {"categorical": 0, "categorical_list": 1, "numeric": 2, "vector": 3}  # watchnext/_native.c
+
+
+@dataclass
+class Gathered:
+    """One section's raw values, gathered from dicts by the native module (see Encoder.gather)."""
+
+    n: int
+    present: dict[str, np.ndarray]  # (n,) bool: the row holds the feature (not absent, not null)
+    values: dict[str, np.ndarray]  # uint64 FNV-1a hashes of ids, float64 numbers; (n,) or (n, width)
+    counts: dict[str, np.ndarray]  # categorical_list: (n,) ids kept (at most max_len)
+    unknown: int  # keys in the rows that name no feature of the section
+
+    def missing(self, skip: str | None = None) -> np.ndarray:
+        """(n,) bool: rows that lack at least one feature (besides `skip`)."""
+        out = np.zeros(self.n, bool)
+        for name, p in self.present.items():
+            if name != skip:
+                out |= ~p
+        return out
+
 
 @dataclass
 class Labels:
@@ -167,6 +199,7 @@ class Encoder:
             [_transform(np.array([f.default]), f.transform)[0] for f in self.numeric], dtype=np.float32
         )
         self.section_types = {s: section_type(config, s) for s in SECTIONS}
+        self.section_features = {s: [f for f in config.features if f.source == s] for s in SECTIONS}
 
     # The ONNX input layout, in order: (name, dtype, trailing shape).
     def input_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -218,6 +251,11 @@ class Encoder:
     def _numeric(self, f: Feature, col: pa.Array, out: dict, problems: Problems, where: str) -> None:
         v = col.to_numpy(zero_copy_only=False).astype(np.float64)
         null = np.asarray(col.is_null()) if col.null_count else np.zeros(len(v), bool)
+        self._numeric_values(f, v, null, out, problems, where)
+
+    def _numeric_values(self, f: Feature, v: np.ndarray, null: np.ndarray, out: dict, problems: Problems,
+                        where: str) -> None:
+        """Check, transform and place one numeric feature's values (float64 (n,), NaN or anything where null)."""
         problems.add(~null & ~np.isfinite(v), f"{where}: must be a finite number")
         problems.add(~null & np.isfinite(v) & (np.abs(v) > F32_MAX), f"{where}: outside the float32 range")
         if f.transform == "log1p":
@@ -236,21 +274,66 @@ class Encoder:
         wrong = ~null & (lengths != f.size)
         problems.add(wrong, f"{where}: expected {f.size} numbers")
         flat64 = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float64)
-        unfit = ~np.isfinite(flat64) | (np.abs(flat64) > F32_MAX)
-        if unfit.any():
-            owner = np.repeat(np.arange(len(col)), lengths)
-            badv = np.zeros(len(col), bool)
-            badv[owner[unfit]] = True
-            problems.add(badv, f"{where}: must hold finite float32 numbers")
-        flat = np.where(unfit, 0.0, flat64).astype(np.float32)
         if not wrong.any():
             rows = np.flatnonzero(~null)
-            out[f.name][rows] = flat.reshape(len(rows), f.size)
+            self._vector_values(f, flat64.reshape(len(rows), f.size), rows, out, problems, where)
         else:  # place the well-formed rows only
             starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
             good = np.flatnonzero(~null & ~wrong)
-            idx = starts[good, None] + np.arange(f.size)
-            out[f.name][good] = flat[idx]
+            self._vector_values(f, flat64[starts[good, None] + np.arange(f.size)], good, out, problems, where)
+
+    def _vector_values(self, f: Feature, values: np.ndarray, rows: np.ndarray, out: dict, problems: Problems,
+                       where: str) -> None:
+        """Check and place well-formed vectors: `values` (len(rows), size) float64 go to `rows`."""
+        unfit = ~np.isfinite(values) | (np.abs(values) > F32_MAX)
+        if unfit.any():
+            badv = np.zeros(len(out[f.name]), bool)
+            badv[rows[unfit.any(axis=1)]] = True
+            problems.add(badv, f"{where}: must hold finite float32 numbers")
+            values = np.where(unfit, 0.0, values)
+        out[f.name][rows] = values
+
+    def gather(self, source: str, rows: list) -> Gathered | None:
+        """One section's values from a list of dicts (a request's JSON objects), without Arrow.
+
+        The native module reads str ids (hashed with FNV-1a, as fnv1a_strings does) and int or float
+        numbers into columns; `encode_gathered` then buckets, transforms and checks them with the
+        same code as `encode_section`. None when the module was not built, or when a row holds
+        anything else (a wrong type, a vector of the wrong length, a null inside a list): the caller
+        then builds an Arrow array and uses `encode_section`, which accepts or names the field.
+        """
+        if _native is None:
+            return None
+        n = len(rows)
+        fields = self.section_features[source]
+        present = np.zeros((len(fields), n), np.uint8)
+        values, counts, spec = {}, {}, []
+        for j, f in enumerate(fields):
+            width = f.max_len if f.kind == "categorical_list" else f.size if f.kind == "vector" else 1
+            shape = (n, width) if f.kind in ("categorical_list", "vector") else (n,)
+            values[f.name] = np.zeros(shape, np.float64 if f.kind in ("numeric", "vector") else np.uint64)
+            if f.kind == "categorical_list":
+                counts[f.name] = np.zeros(n, np.int64)
+            spec.append((f.name, KIND_CODES[f.kind], width, present[j], values[f.name], counts.get(f.name)))
+        status, _row, unknown = _native.gather(rows, tuple(spec))
+        if status:
+            return None
+        return Gathered(n, {f.name: present[j].view(bool) for j, f in enumerate(fields)}, values, counts, unknown)
+
+    def encode_gathered(self, source: str, g: Gathered, out: dict[str, np.ndarray], problems: Problems) -> None:
+        """`encode_section` for values from `gather`: the same rows, values and problems."""
+        for f in self.section_features[source]:
+            where, present, v = f"{source}.{f.name}", g.present[f.name], g.values[f.name]
+            if f.kind == "categorical":
+                out[f.name][:] = np.where(present, bucket_rows(v, f.buckets), 0)
+            elif f.kind == "categorical_list":
+                kept = np.arange(f.max_len) < g.counts[f.name][:, None]
+                out[f.name][:] = np.where(kept, bucket_rows(v, f.buckets), 0)
+            elif f.kind == "numeric":
+                self._numeric_values(f, v, ~present, out, problems, where)
+            else:
+                rows = np.flatnonzero(present)
+                self._vector_values(f, v[rows], rows, out, problems, where)
 
     def encode_labels(self, arr: pa.StructArray | None, n: int, problems: Problems) -> Labels:
         T = len(self.config.tasks)

@@ -197,6 +197,37 @@ def test_non_finite_model_output_never_reaches_a_response(trained, server, clien
     assert svc.metrics.nonfinite.get() == 3
 
 
+def test_native_gather_agrees_with_arrow(trained, monkeypatch):
+    """The native path (watchnext._native) and the Arrow path, which serves where it was not built: the same
+    inputs, ids, served features and counts."""
+    import watchnext.encoding
+
+    if not watchnext.encoding.NATIVE:
+        pytest.skip("watchnext._native was not built")
+    config = load_config(trained["config_path"])
+    codec = RequestCodec(config)
+    order = np.array([2, 0, 1])
+    for req in rank_requests(trained["history"], 3):
+        req["candidates"][1]["colour"] = "red"
+        req["candidates"][2]["video_views"] = None
+        body = json.dumps(req).encode()
+        native = codec.parse(body)
+        with monkeypatch.context() as m:
+            m.setattr(watchnext.encoding, "_native", None)
+            arrow = codec.parse(body)
+            a_inputs = codec.encode(arrow)
+        assert native.gathered is not None and arrow.gathered is None
+        assert native.unknown_features == arrow.unknown_features == 1
+        assert native.candidates.equals(arrow.candidates)
+        n_inputs = codec.encode(native)
+        assert all(np.array_equal(a_inputs[k], n_inputs[k]) for k in a_inputs)
+        assert native.ids("video_id", order) == arrow.ids("video_id", order)
+        known = codec.known["candidate"]
+        assert native.served(order, known) == arrow.served(order, known)
+        assert "colour" not in native.served(np.array([1]), known)[0]
+        assert codec.missing_candidate_rows(native).tolist() == codec.missing_candidate_rows(arrow).tolist()
+
+
 def test_checking_path_agrees_with_fast_path(trained):
     """The same request through orjson + Arrow and through json + checks: the same arrays and counts."""
     config = load_config(trained["config_path"])
