@@ -71,8 +71,9 @@ class Ranker:
         else:
             top = np.argsort(-s, kind="stable")
         order = idx[top]
+        objects = inp.objects(order)
         if self.config.item_id is not None:
-            ids = inp.ids(self.config.item_id, order)
+            ids = [o[self.config.item_id] for o in objects]
         else:
             ids = [str(i) for i in order.tolist()]
         names = session.task_names
@@ -82,7 +83,7 @@ class Ranker:
             for i, sc, h in zip(ids, scores[order].tolist(), head_rows)
         ]
         version = str(model.version)
-        served = inp.served(order, self.codec.known["candidate"])
+        served = inp.served(objects, self.codec.known["candidate"])
         impression = {
             "ts": time.time(),
             "request_id": inp.request_id,
@@ -109,7 +110,7 @@ class Ranker:
         if self.config.item_id is not None and inp.n:
             rows = np.flatnonzero(self.codec.missing_candidate_rows(inp))
             if len(rows):
-                ids = inp.ids(self.config.item_id, rows)
+                ids = [o[self.config.item_id] for o in inp.objects(rows)]
                 keys += [feature_key("candidate", i) for i in ids]
         got = self.store.get(keys)
         if not got:

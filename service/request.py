@@ -1,12 +1,14 @@
 """A rank request, from JSON bytes to the model's input arrays.
 
-A well-formed body is parsed by orjson, and Arrow turns the candidate objects
-into one struct array in C++, without a Python loop per candidate; they are
-encoded by the same `watchnext.encoding.Encoder` the trainer uses; the
-shared sections (user, query, context) are encoded once as a one-row batch and
-broadcast. A body that orjson or Arrow refuses (NaN, a wrong type somewhere) or one holding a
-boolean is parsed by `json` and checked value by value, to name the field and
-the index::
+A well-formed body's candidates are read from its bytes into columns by the
+native scan (watchnext/_native.c), and the rest by orjson; where the scan is not
+sure of something, orjson parses the body and the native gather (or Arrow, where
+the module was not built) reads the candidate objects. No Python loop per
+candidate on any of these. The values are bucketed, transformed and checked by
+the same `watchnext.encoding.Encoder` code the trainer uses; the shared sections
+(user, query, context) are encoded once as a one-row batch and broadcast. A body
+that these refuse (NaN, a wrong type somewhere) or one holding a boolean is
+parsed by `json` and checked value by value, to name the field and the index::
 
     candidates[3].video_age_days: expected a number, got str '3 days'
 """
@@ -33,47 +35,52 @@ MAX_REQUEST_ID = 128
 
 
 class RankInput:
-    """A checked rank request. The candidates are held as the objects sent together with their gathered values
-    (the native path), or as one Arrow struct array; the Arrow array is built from the objects on first use."""
+    """A checked rank request. The candidates are held in one of three forms: the body's bytes with each
+    object's span and the values the native scan read from them; the objects as orjson gave them with
+    their gathered values; or one Arrow struct array (built from either of the others on first use)."""
 
     def __init__(self, request_id: str, shared: dict[str, dict[str, Any]], top_k: int, unknown_features: int, *,
                  candidates: pa.StructArray | None = None, rows: list[dict] | None = None,
-                 gathered: Gathered | None = None, candidate_type: pa.DataType | None = None):
+                 gathered: Gathered | None = None, candidate_type: pa.DataType | None = None,
+                 body: bytes | None = None, spans: np.ndarray | None = None, array: slice | None = None):
         self.request_id = request_id
         self.shared = shared  # cleaned user / query / context values
         self.top_k = top_k
         self.unknown_features = unknown_features
-        self.rows = rows  # the candidate objects as sent (when gathered)
-        self.gathered = gathered  # their values, gathered by the native module
+        self.gathered = gathered  # the candidates' values, read by the native module
+        self._rows = rows  # the candidate objects as sent
+        self._body, self._spans, self._array = body, spans, array  # (n, 2) byte spans of the objects in body
         self._arr = candidates
         self._type = candidate_type
-        self.n = len(candidates) if candidates is not None else len(rows or ())
+        self.n = len(candidates) if candidates is not None else len(rows) if rows is not None else len(spans)
 
     @property
     def candidates(self) -> pa.StructArray:
         """(B,) one struct per candidate."""
         if self._arr is None:
-            self._arr = pa.array(self.rows, type=self._type)
+            rows = self._rows if self._rows is not None else orjson.loads(self._body[self._array])
+            self._arr = pa.array(rows, type=self._type)
         return self._arr
 
     @candidates.setter
     def candidates(self, arr: pa.StructArray) -> None:
-        """Replaces the candidates (filled from the store): the objects and gathered values no longer hold."""
-        self._arr, self.rows, self.gathered, self.n = arr, None, None, len(arr)
+        """Replaces the candidates (filled from the store): the other forms no longer hold."""
+        self._arr, self._rows, self._body, self._spans, self.gathered, self.n = arr, None, None, None, None, len(arr)
 
-    def ids(self, item_id: str, order: np.ndarray) -> list:
-        """The item ids of the rows `order` (a few rows: the top k, the ones the store fills)."""
-        if self.rows is not None:
-            rows = self.rows
-            return [rows[i][item_id] for i in order.tolist()]
-        return self.candidates.field(item_id).take(order).to_pylist()
+    def objects(self, order: np.ndarray) -> list[dict[str, Any]]:
+        """The candidate objects of the rows `order` (a few: the top k, the ones the store fills)."""
+        if self._rows is not None:
+            rows = self._rows
+            return [rows[i] for i in order.tolist()]
+        if self._spans is not None:  # one orjson call for the picked objects' bytes
+            body = self._body
+            return orjson.loads(b"[" + b",".join([body[a:b] for a, b in self._spans[order].tolist()]) + b"]")
+        return self.candidates.take(order).to_pylist()
 
-    def served(self, order: np.ndarray, known: frozenset[str]) -> list[dict[str, Any]]:
-        """The features of the rows `order` as served: known and not null."""
-        if self.rows is not None:
-            rows = self.rows
-            return [{k: v for k, v in rows[i].items() if v is not None and k in known} for i in order.tolist()]
-        return [{k: v for k, v in c.items() if v is not None} for c in self.candidates.take(order).to_pylist()]
+    @staticmethod
+    def served(objects: list[dict[str, Any]], known: frozenset[str]) -> list[dict[str, Any]]:
+        """Candidate objects as served (logged with the impression): their known features that are not null."""
+        return [{k: v for k, v in o.items() if v is not None and k in known} for o in objects]
 
 
 def parse_json(body: bytes) -> Any:
@@ -139,11 +146,16 @@ class RequestCodec:
     def parse(self, body: bytes) -> RankInput:
         """Check a rank request; raises BadRequest naming the field.
 
-        orjson parses a well-formed body, and Arrow converts the candidate objects to one
-        struct array in C++ (no Python loop per candidate). Anything either of them refuses (NaN,
-        a wrong type somewhere), and any body with a boolean (Arrow would read true as 1.0
-        where a number is expected), takes the checking path, which names the field at fault.
+        The native scan reads the candidates from the body's bytes into columns, and orjson the
+        rest. What the scan is not sure of (or where watchnext._native was not built): orjson
+        parses the body, and the native gather (else Arrow, in C++) reads the candidate objects;
+        no Python loop per candidate either way. Anything those refuse (NaN, a wrong type
+        somewhere), and any body with a boolean (Arrow would read true as 1.0 where a number is
+        expected), takes the checking path, which names the field at fault.
         """
+        scanned = self._parse_scanned(body)  # takes no boolean where a number belongs (see _native.c)
+        if scanned is not None:
+            return scanned
         if not may_hold_boolean(body):
             fast = self._parse_fast(body)
             if fast is not None:
@@ -187,6 +199,27 @@ class RequestCodec:
             unknown += sum(len(c.keys() - known) for c in cands)
         self._check_ids(arr)
         return RankInput(request_id, shared, top_k, unknown, candidates=arr)
+
+    def _parse_scanned(self, body: bytes) -> RankInput | None:
+        """The candidates read from the bytes by the native scan, the rest (small) by orjson; None when the
+        scan is not sure of something (then orjson parses the whole body)."""
+        got = self.encoder.scan("candidate", body, "candidates", self.max_candidates)
+        if got is None:
+            return None
+        g, spans, array = got
+        if not self._ids_ok(g):
+            return None
+        try:
+            obj = orjson.loads(body[: array.start] + b"[]" + body[array.stop :])
+        except orjson.JSONDecodeError:
+            return None
+        if type(obj) is not dict or obj.get("candidates") != []:
+            return None
+        top_k = self._top_k(obj.get("top_k"))
+        request_id = ident(obj.get("request_id"), "request_id", required=False) or uuid.uuid4().hex
+        shared, unknown = self._shared(obj)
+        return RankInput(request_id, shared, top_k, unknown + g.unknown, body=body, spans=spans, array=array,
+                         gathered=g, candidate_type=self.types["candidate"])
 
     def _ids_ok(self, g: Gathered) -> bool:
         """Every candidate has an id and no two hash alike (then they differ); otherwise `_check_ids` explains."""

@@ -19,6 +19,8 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <ctype.h>
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -36,6 +38,8 @@ typedef struct {
     Py_ssize_t width;
     Py_buffer present, values, count;
     int has_count;
+    const char *name; /* the key's UTF-8 bytes (scan) */
+    Py_ssize_t name_len;
 } Field;
 
 static int hash_str(PyObject *s, uint64_t *out) {
@@ -137,20 +141,19 @@ PyDoc_STRVAR(gather_doc,
 "gathered, and unknown is how many keys the rows hold that name no field; otherwise the reason\n"
 "gathering stopped at `row`, and the arrays are partly written.");
 
-static PyObject *gather(PyObject *self, PyObject *args) {
-    PyObject *rows, *spec;
-    if (!PyArg_ParseTuple(args, "O!O!:gather", &PyList_Type, &rows, &PyTuple_Type, &spec)) return NULL;
-    Py_ssize_t n = PyList_GET_SIZE(rows), nf = PyTuple_GET_SIZE(spec);
+/* the fields of `spec` for n rows, their buffers held (release() them); NULL with an exception set */
+static Field *load_fields(PyObject *spec, Py_ssize_t n) {
+    Py_ssize_t nf = PyTuple_GET_SIZE(spec);
     Field *fields = PyMem_Calloc(nf ? nf : 1, sizeof(Field));
-    if (fields == NULL) return PyErr_NoMemory();
+    if (fields == NULL) return (Field *)PyErr_NoMemory();
     for (Py_ssize_t j = 0; j < nf; j++) {
         Field *f = &fields[j];
         PyObject *present, *values, *count;
-        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, j), "UinOOO:gather field", &f->key, &f->kind, &f->width,
-                              &present, &values, &count))
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, j), "UinOOO:field", &f->key, &f->kind, &f->width, &present,
+                              &values, &count))
             goto fail;
         if (f->kind < CATEGORICAL || f->kind > VECTOR || f->width < 1) {
-            PyErr_Format(PyExc_ValueError, "gather: field %R has kind %d and width %zd", f->key, f->kind, f->width);
+            PyErr_Format(PyExc_ValueError, "field %R has kind %d and width %zd", f->key, f->kind, f->width);
             goto fail;
         }
         Py_ssize_t cells = (f->kind == LIST || f->kind == VECTOR) ? n * f->width : n;
@@ -158,7 +161,21 @@ static PyObject *gather(PyObject *self, PyObject *args) {
             goto fail;
         f->has_count = f->kind == LIST;
         if (f->has_count && get_buffer(count, &f->count, n * 8, "count") < 0) goto fail;
+        f->name = PyUnicode_AsUTF8AndSize(f->key, &f->name_len);
+        if (f->name == NULL) goto fail;
     }
+    return fields;
+fail:
+    release(fields, nf);
+    return NULL;
+}
+
+static PyObject *gather(PyObject *self, PyObject *args) {
+    PyObject *rows, *spec;
+    if (!PyArg_ParseTuple(args, "O!O!:gather", &PyList_Type, &rows, &PyTuple_Type, &spec)) return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(rows), nf = PyTuple_GET_SIZE(spec);
+    Field *fields = load_fields(spec, n);
+    if (fields == NULL) return NULL;
     Py_ssize_t unknown = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *d = PyList_GET_ITEM(rows, i);
@@ -170,7 +187,10 @@ static PyObject *gather(PyObject *self, PyObject *args) {
         for (Py_ssize_t j = 0; j < nf; j++) {
             PyObject *v = PyDict_GetItemWithError(d, fields[j].key); /* borrowed */
             if (v == NULL) {
-                if (PyErr_Occurred()) goto fail;
+                if (PyErr_Occurred()) {
+                    release(fields, nf);
+                    return NULL;
+                }
                 continue;
             }
             found++;
@@ -185,13 +205,536 @@ static PyObject *gather(PyObject *self, PyObject *args) {
     }
     release(fields, nf);
     return Py_BuildValue("inn", OK, (Py_ssize_t)-1, unknown);
-fail:
-    release(fields, nf);
-    return NULL;
+}
+
+/* ------------------------------------------------------------------ scan: JSON bytes -> columns
+ *
+ * `scan` reads a rank request's "candidates" array straight from the body's bytes, into the same
+ * columns as `gather`, without making a Python object per value. It takes what the orjson path
+ * would give `gather` and nothing else: anything it is not sure of (an escape in an id or a key,
+ * an integer beyond 2**53, a number orjson refuses, a duplicate key, a null inside a list, invalid
+ * JSON or UTF-8) makes it stop, and the caller parses the body with orjson as before.
+ */
+
+enum { BAIL = 100 };
+#define MAX_DEPTH 64
+
+/* 128-bit mantissas of 10**q, rounded down, q in [MIN_EXP10, MAX_EXP10] (set_powers, from Python) */
+#define MIN_EXP10 (-348)
+#define MAX_EXP10 347
+static uint64_t POW_HI[MAX_EXP10 - MIN_EXP10 + 1], POW_LO[MAX_EXP10 - MIN_EXP10 + 1];
+static int have_powers = 0;
+static const double EXACT_POW10[23] = {1e0,  1e1,  1e2,  1e3,  1e4,  1e5,  1e6,  1e7,  1e8,  1e9,  1e10, 1e11,
+                                       1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22};
+
+PyDoc_STRVAR(set_powers_doc, "set_powers(hi, lo): the 128-bit mantissas of 10**-348 .. 10**347 (uint64 buffers).");
+
+static PyObject *set_powers(PyObject *self, PyObject *args) {
+    Py_buffer hi, lo;
+    if (!PyArg_ParseTuple(args, "y*y*:set_powers", &hi, &lo)) return NULL;
+    if (hi.len != (Py_ssize_t)sizeof(POW_HI) || lo.len != (Py_ssize_t)sizeof(POW_LO)) {
+        PyBuffer_Release(&hi);
+        PyBuffer_Release(&lo);
+        PyErr_SetString(PyExc_ValueError, "set_powers: expected 696 uint64 values in each buffer");
+        return NULL;
+    }
+    memcpy(POW_HI, hi.buf, sizeof(POW_HI));
+    memcpy(POW_LO, lo.buf, sizeof(POW_LO));
+    PyBuffer_Release(&hi);
+    PyBuffer_Release(&lo);
+    have_powers = 1;
+    Py_RETURN_NONE;
+}
+
+/* Eisel-Lemire: man * 10**exp10 correctly rounded, or 0 when it cannot tell (the caller falls back) */
+static int eisel_lemire(uint64_t man, int exp10, int neg, double *out) {
+    if (exp10 < MIN_EXP10 || exp10 > MAX_EXP10 || man == 0) return 0;
+    int clz = __builtin_clzll(man);
+    man <<= clz;
+    uint64_t ret_exp2 = (uint64_t)(((217706 * exp10) >> 16) + 64 + 1023) - (uint64_t)clz;
+    unsigned __int128 x = (unsigned __int128)man * POW_HI[exp10 - MIN_EXP10];
+    uint64_t x_hi = (uint64_t)(x >> 64), x_lo = (uint64_t)x;
+    if ((x_hi & 0x1FF) == 0x1FF && x_lo + man < man) { /* a wider approximation */
+        unsigned __int128 y = (unsigned __int128)man * POW_LO[exp10 - MIN_EXP10];
+        uint64_t y_hi = (uint64_t)(y >> 64), y_lo = (uint64_t)y;
+        uint64_t merged_hi = x_hi, merged_lo = x_lo + y_hi;
+        if (merged_lo < x_lo) merged_hi++;
+        if ((merged_hi & 0x1FF) == 0x1FF && merged_lo + 1 == 0 && y_lo + man < man) return 0;
+        x_hi = merged_hi;
+        x_lo = merged_lo;
+    }
+    uint64_t msb = x_hi >> 63;
+    uint64_t mant = x_hi >> (msb + 9);
+    ret_exp2 -= 1 ^ msb;
+    if (x_lo == 0 && (x_hi & 0x1FF) == 0 && (mant & 3) == 1) return 0; /* half-way */
+    mant += mant & 1;
+    mant >>= 1;
+    if (mant >> 53) {
+        mant >>= 1;
+        ret_exp2 += 1;
+    }
+    if (ret_exp2 - 1 >= 0x7FF - 1) return 0; /* subnormal, zero, or infinite */
+    uint64_t bits = ret_exp2 << 52 | (mant & 0x000FFFFFFFFFFFFFULL);
+    if (neg) bits |= 0x8000000000000000ULL;
+    memcpy(out, &bits, 8);
+    return 1;
+}
+
+typedef struct {
+    const unsigned char *p, *end;
+} Cursor;
+
+static inline void ws(Cursor *c) {
+    while (c->p < c->end && (*c->p == ' ' || *c->p == '\n' || *c->p == '\r' || *c->p == '\t')) c->p++;
+}
+
+static inline int isdig(unsigned char ch) { return ch >= '0' && ch <= '9'; }
+
+/* a JSON number: the double orjson would give (an integer within 2**53 as an exact double; "-0" as 0) */
+static int scan_number(Cursor *c, double *out) {
+    const unsigned char *start = c->p, *p = c->p, *end = c->end;
+    int neg = 0, digits = 0, trunc = 0, is_int = 1;
+    long exp10 = 0;
+    uint64_t man = 0;
+    if (p < end && *p == '-') {
+        neg = 1;
+        p++;
+    }
+    if (p >= end) return BAIL;
+    if (*p == '0') {
+        p++;
+        if (p < end && isdig(*p)) return BAIL; /* a leading zero */
+    } else if (isdig(*p)) {
+        while (p < end && isdig(*p)) {
+            if (digits < 19) {
+                man = man * 10 + (*p - '0');
+                digits++;
+            } else {
+                exp10++;
+                trunc = 1;
+            }
+            p++;
+        }
+    } else {
+        return BAIL;
+    }
+    if (p < end && *p == '.') {
+        is_int = 0;
+        p++;
+        if (p >= end || !isdig(*p)) return BAIL;
+        while (p < end && isdig(*p)) {
+            if (digits < 19) {
+                man = man * 10 + (*p - '0');
+                if (man) digits++;
+                exp10--;
+            } else {
+                trunc = 1;
+            }
+            p++;
+        }
+    }
+    if (p < end && (*p == 'e' || *p == 'E')) {
+        is_int = 0;
+        p++;
+        int eneg = 0;
+        if (p < end && (*p == '+' || *p == '-')) eneg = *p++ == '-';
+        if (p >= end || !isdig(*p)) return BAIL;
+        long e = 0;
+        while (p < end && isdig(*p)) {
+            if (e < 100000) e = e * 10 + (*p - '0');
+            p++;
+        }
+        exp10 += eneg ? -e : e;
+    }
+    c->p = p;
+    if (is_int) { /* orjson gives an int: the gather takes it only where a double holds it exactly */
+        if (trunc || man > (uint64_t)EXACT) return BAIL;
+        *out = neg ? -(double)man : (double)man;
+        if (man == 0) *out = 0.0;
+        return OK;
+    }
+    if (!trunc) {
+        if (man == 0) {
+            *out = neg ? -0.0 : 0.0;
+            return OK;
+        }
+        if (man <= (uint64_t)EXACT && exp10 >= -22 && exp10 <= 22) { /* exact operands, one rounding */
+            double d = (double)man;
+            d = exp10 < 0 ? d / EXACT_POW10[-exp10] : d * EXACT_POW10[exp10];
+            *out = neg ? -d : d;
+            return OK;
+        }
+        if (have_powers && eisel_lemire(man, (int)exp10, neg, out)) return OK;
+    }
+    /* the rest: Python's own correctly rounded conversion */
+    char buf[128];
+    Py_ssize_t len = p - start;
+    if (len >= (Py_ssize_t)sizeof(buf)) return BAIL;
+    memcpy(buf, start, len);
+    buf[len] = 0;
+    double d = PyOS_string_to_double(buf, NULL, NULL);
+    if (d == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return BAIL;
+    }
+    if (!isfinite(d)) return BAIL; /* orjson refuses a number that overflows a double */
+    *out = d;
+    return OK;
+}
+
+/* a JSON string at c->p ('"'): its bytes (without quotes) and whether it holds an escape; checks UTF-8 */
+static int scan_string(Cursor *c, const unsigned char **s, Py_ssize_t *len, int *escaped) {
+    const unsigned char *p = c->p + 1, *end = c->end;
+    *escaped = 0;
+    *s = p;
+    while (p < end) {
+        unsigned char ch = *p;
+        if (ch == '"') {
+            *len = p - *s;
+            c->p = p + 1;
+            return OK;
+        }
+        if (ch == '\\') {
+            *escaped = 1;
+            if (p + 1 >= end) return BAIL;
+            unsigned char e = p[1];
+            if (e == 'u') {
+                if (p + 6 > end) return BAIL;
+                for (int k = 2; k < 6; k++)
+                    if (!isxdigit(p[k])) return BAIL;
+                p += 6;
+            } else if (e == '"' || e == '\\' || e == '/' || e == 'b' || e == 'f' || e == 'n' || e == 'r' || e == 't') {
+                p += 2;
+            } else {
+                return BAIL;
+            }
+            continue;
+        }
+        if (ch < 0x20) return BAIL;
+        if (ch < 0x80) {
+            p++;
+            continue;
+        }
+        /* UTF-8: the well-formed sequences only (no surrogates, no overlongs) */
+        int need;
+        unsigned char lo = 0x80, hi = 0xBF;
+        if (ch >= 0xC2 && ch <= 0xDF) need = 1;
+        else if (ch == 0xE0) { need = 2; lo = 0xA0; }
+        else if (ch >= 0xE1 && ch <= 0xEC) need = 2;
+        else if (ch == 0xED) { need = 2; hi = 0x9F; }
+        else if (ch >= 0xEE && ch <= 0xEF) need = 2;
+        else if (ch == 0xF0) { need = 3; lo = 0x90; }
+        else if (ch >= 0xF1 && ch <= 0xF3) need = 3;
+        else if (ch == 0xF4) { need = 3; hi = 0x8F; }
+        else return BAIL;
+        if (p + need >= end) return BAIL;
+        if (p[1] < lo || p[1] > hi) return BAIL;
+        for (int k = 2; k <= need; k++)
+            if (p[k] < 0x80 || p[k] > 0xBF) return BAIL;
+        p += need + 1;
+    }
+    return BAIL;
+}
+
+static int literal(Cursor *c, const char *word, Py_ssize_t len) {
+    if (c->end - c->p < len || memcmp(c->p, word, len) != 0) return BAIL;
+    c->p += len;
+    return OK;
+}
+
+/* any JSON value, checked and passed over */
+static int skip_value(Cursor *c, int depth) {
+    if (depth > MAX_DEPTH || c->p >= c->end) return BAIL;
+    const unsigned char *s;
+    Py_ssize_t len;
+    int esc;
+    double d;
+    switch (*c->p) {
+    case '"':
+        return scan_string(c, &s, &len, &esc);
+    case 't':
+        return literal(c, "true", 4);
+    case 'f':
+        return literal(c, "false", 5);
+    case 'n':
+        return literal(c, "null", 4);
+    case '[':
+        c->p++;
+        ws(c);
+        if (c->p < c->end && *c->p == ']') {
+            c->p++;
+            return OK;
+        }
+        for (;;) {
+            if (skip_value(c, depth + 1) != OK) return BAIL;
+            ws(c);
+            if (c->p >= c->end) return BAIL;
+            if (*c->p == ']') {
+                c->p++;
+                return OK;
+            }
+            if (*c->p++ != ',') return BAIL;
+            ws(c);
+        }
+    case '{':
+        c->p++;
+        ws(c);
+        if (c->p < c->end && *c->p == '}') {
+            c->p++;
+            return OK;
+        }
+        for (;;) {
+            if (c->p >= c->end || *c->p != '"' || scan_string(c, &s, &len, &esc) != OK) return BAIL;
+            ws(c);
+            if (c->p >= c->end || *c->p++ != ':') return BAIL;
+            ws(c);
+            if (skip_value(c, depth + 1) != OK) return BAIL;
+            ws(c);
+            if (c->p >= c->end) return BAIL;
+            if (*c->p == '}') {
+                c->p++;
+                return OK;
+            }
+            if (*c->p++ != ',') return BAIL;
+            ws(c);
+        }
+    default:
+        return scan_number(c, &d);
+    }
+}
+
+static inline uint64_t fnv(const unsigned char *s, Py_ssize_t len) {
+    uint64_t h = FNV_OFFSET;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        h ^= s[i];
+        h *= FNV_PRIME;
+    }
+    return h;
+}
+
+/* a hashed id: a string without escapes */
+static int scan_id(Cursor *c, uint64_t *out) {
+    const unsigned char *s;
+    Py_ssize_t len;
+    int esc;
+    if (c->p >= c->end || *c->p != '"' || scan_string(c, &s, &len, &esc) != OK || esc) return BAIL;
+    *out = fnv(s, len);
+    return OK;
+}
+
+/* one known feature's value (not null) for row i */
+static int scan_value(Cursor *c, Field *f, Py_ssize_t i) {
+    switch (f->kind) {
+    case CATEGORICAL:
+        return scan_id(c, (uint64_t *)f->values.buf + i);
+    case NUMERIC:
+        if (c->p >= c->end || !(*c->p == '-' || isdig(*c->p))) return BAIL;
+        return scan_number(c, (double *)f->values.buf + i);
+    case LIST:
+    case VECTOR: {
+        if (c->p >= c->end || *c->p != '[') return BAIL;
+        c->p++;
+        ws(c);
+        Py_ssize_t k = 0;
+        if (c->p < c->end && *c->p == ']') {
+            c->p++;
+        } else {
+            for (;;) {
+                if (f->kind == LIST) {
+                    if (k < f->width) {
+                        if (scan_id(c, (uint64_t *)f->values.buf + i * f->width + k) != OK) return BAIL;
+                    } else {  /* past max_len: dropped, but it must still be a string */
+                        const unsigned char *s;
+                        Py_ssize_t len;
+                        int esc;
+                        if (c->p >= c->end || *c->p != '"' || scan_string(c, &s, &len, &esc) != OK) return BAIL;
+                    }
+                } else {
+                    if (k >= f->width) return BAIL;
+                    if (c->p >= c->end || !(*c->p == '-' || isdig(*c->p))) return BAIL;
+                    if (scan_number(c, (double *)f->values.buf + i * f->width + k) != OK) return BAIL;
+                }
+                k++;
+                ws(c);
+                if (c->p >= c->end) return BAIL;
+                if (*c->p == ']') {
+                    c->p++;
+                    break;
+                }
+                if (*c->p++ != ',') return BAIL;
+                ws(c);
+            }
+        }
+        if (f->kind == VECTOR && k != f->width) return BAIL;
+        if (f->kind == LIST) ((int64_t *)f->count.buf)[i] = k < f->width ? k : f->width;
+        return OK;
+    }
+    }
+    return BAIL;
+}
+
+/* one candidate object, row i */
+static int scan_object(Cursor *c, Field *fields, Py_ssize_t nf, Py_ssize_t i, Py_ssize_t *unknown) {
+    uint64_t seen = 0;
+    if (c->p >= c->end || *c->p != '{') return BAIL;
+    c->p++;
+    ws(c);
+    if (c->p < c->end && *c->p == '}') {
+        c->p++;
+        return OK;
+    }
+    for (;;) {
+        const unsigned char *key;
+        Py_ssize_t klen;
+        int esc;
+        if (c->p >= c->end || *c->p != '"' || scan_string(c, &key, &klen, &esc) != OK || esc) return BAIL;
+        ws(c);
+        if (c->p >= c->end || *c->p++ != ':') return BAIL;
+        ws(c);
+        Py_ssize_t j = 0;
+        while (j < nf && !(fields[j].name_len == klen && memcmp(fields[j].name, key, klen) == 0)) j++;
+        if (j < nf) {
+            if (seen >> j & 1) return BAIL; /* a repeated key: orjson keeps the last; leave it to orjson */
+            seen |= 1ULL << j;
+            if (c->p < c->end && *c->p == 'n') {
+                if (literal(c, "null", 4) != OK) return BAIL;
+            } else {
+                if (scan_value(c, &fields[j], i) != OK) return BAIL;
+                ((uint8_t *)fields[j].present.buf)[i] = 1;
+            }
+        } else {
+            if (skip_value(c, 1) != OK) return BAIL;
+            (*unknown)++;
+        }
+        ws(c);
+        if (c->p >= c->end) return BAIL;
+        if (*c->p == '}') {
+            c->p++;
+            return OK;
+        }
+        if (*c->p++ != ',') return BAIL;
+        ws(c);
+    }
+}
+
+PyDoc_STRVAR(scan_doc,
+"scan(body, key, fields, starts, ends) -> (status, n, array_start, array_end, unknown)\n\n"
+"Reads the array under the top-level `key` (bytes) of the JSON object `body`: one row per object\n"
+"in it, into `fields` (as for gather; the buffers have room for len(starts) rows). starts/ends\n"
+"(int64) get each object's byte span. status 0: done, and array_start/array_end are the array's\n"
+"span; otherwise nothing is certain (the caller parses the body another way).");
+
+static PyObject *scan(PyObject *self, PyObject *args) {
+    Py_buffer body, key_buf;
+    PyObject *spec, *starts_obj, *ends_obj;
+    if (!PyArg_ParseTuple(args, "y*y*O!OO:scan", &body, &key_buf, &PyTuple_Type, &spec, &starts_obj, &ends_obj))
+        return NULL;
+    PyObject *result = NULL;
+    Py_buffer starts = {0}, ends = {0};
+    Field *fields = NULL;
+    Py_ssize_t cap = 0, nf = PyTuple_GET_SIZE(spec);
+    if (PyObject_GetBuffer(starts_obj, &starts, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        starts.obj = NULL;
+        goto done;
+    }
+    cap = starts.len / 8;
+    if (get_buffer(ends_obj, &ends, cap * 8, "ends") < 0) goto done;
+    if (nf > 64) {
+        PyErr_SetString(PyExc_ValueError, "scan: at most 64 fields");
+        goto done;
+    }
+    fields = load_fields(spec, cap);
+    if (fields == NULL) goto done;
+    int64_t *st = (int64_t *)starts.buf, *en = (int64_t *)ends.buf;
+    Cursor c = {(const unsigned char *)body.buf, (const unsigned char *)body.buf + body.len};
+    const unsigned char *base = c.p;
+    Py_ssize_t n = 0, unknown = 0, a_start = -1, a_end = -1;
+    int status = BAIL;
+    ws(&c);
+    if (c.p >= c.end || *c.p++ != '{') goto bail;
+    ws(&c);
+    if (c.p < c.end && *c.p == '}') goto bail; /* no candidates: orjson's path says so */
+    for (;;) {
+        const unsigned char *key;
+        Py_ssize_t klen;
+        int esc;
+        if (c.p >= c.end || *c.p != '"' || scan_string(&c, &key, &klen, &esc) != OK || esc) goto bail;
+        ws(&c);
+        if (c.p >= c.end || *c.p++ != ':') goto bail;
+        ws(&c);
+        if (klen == key_buf.len && memcmp(key, key_buf.buf, klen) == 0) {
+            if (a_start >= 0 || c.p >= c.end || *c.p != '[') goto bail;
+            a_start = c.p - base;
+            c.p++;
+            ws(&c);
+            if (c.p < c.end && *c.p == ']') {
+                c.p++;
+            } else {
+                for (;;) {
+                    if (n >= cap) goto bail;
+                    st[n] = c.p - base;
+                    if (scan_object(&c, fields, nf, n, &unknown) != OK) goto bail;
+                    en[n] = c.p - base;
+                    n++;
+                    ws(&c);
+                    if (c.p >= c.end) goto bail;
+                    if (*c.p == ']') {
+                        c.p++;
+                        break;
+                    }
+                    if (*c.p++ != ',') goto bail;
+                    ws(&c);
+                }
+            }
+            a_end = c.p - base;
+        } else if (skip_value(&c, 1) != OK) {
+            goto bail;
+        }
+        ws(&c);
+        if (c.p >= c.end) goto bail;
+        if (*c.p == '}') {
+            c.p++;
+            break;
+        }
+        if (*c.p++ != ',') goto bail;
+        ws(&c);
+    }
+    ws(&c);
+    if (c.p != c.end || a_start < 0) goto bail;
+    status = OK;
+bail:
+    if (status != OK) n = unknown = a_start = a_end = 0;
+    result = Py_BuildValue("innnn", status, n, a_start, a_end, unknown);
+done:
+    if (fields) release(fields, nf);
+    if (starts.obj) PyBuffer_Release(&starts);
+    if (ends.obj) PyBuffer_Release(&ends);
+    PyBuffer_Release(&body);
+    PyBuffer_Release(&key_buf);
+    return result;
+}
+
+PyDoc_STRVAR(count_doc, "count_byte(data, byte) -> how many times `byte` (an int) occurs in `data` (memchr).");
+
+static PyObject *count_byte(PyObject *self, PyObject *args) {
+    Py_buffer data;
+    int byte;
+    if (!PyArg_ParseTuple(args, "y*i:count_byte", &data, &byte)) return NULL;
+    const char *p = data.buf, *end = p + data.len;
+    Py_ssize_t n = 0;
+    while (p < end && (p = memchr(p, byte, end - p)) != NULL) {
+        n++;
+        p++;
+    }
+    PyBuffer_Release(&data);
+    return PyLong_FromSsize_t(n);
 }
 
 static PyMethodDef methods[] = {
+    {"count_byte", count_byte, METH_VARARGS, count_doc},
     {"gather", gather, METH_VARARGS, gather_doc},
+    {"scan", scan, METH_VARARGS, scan_doc},
+    {"set_powers", set_powers, METH_VARARGS, set_powers_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,7 +30,28 @@ try:  # built by `pip install` where a C compiler is at hand (setup.py); the Arr
     from . import _native
 except ImportError:  # pragma: no cover - depends on the build
     _native = None
-NATIVE = _native is not None  # whether Encoder.gather can work here
+NATIVE = _native is not None  # whether Encoder.gather and Encoder.scan can work here
+
+
+def _powers_of_ten() -> tuple[bytes, bytes]:
+    """128-bit mantissas of 10**q, rounded down, q = -348..347, as (high, low) uint64 bytes: the table
+    of the Eisel-Lemire number conversion in watchnext/_native.c."""
+    hi, lo = [], []
+    for q in range(-348, 348):
+        if q >= 0:
+            v = 10**q
+        else:  # floor(2**k / 10**-q), k large enough for 128 exact leading bits
+            d = 10**-q
+            v = (1 << (d.bit_length() + 192)) // d
+        shift = v.bit_length() - 128
+        v = v >> shift if shift > 0 else v << -shift
+        hi.append(v >> 64)
+        lo.append(v & 0xFFFFFFFFFFFFFFFF)
+    return np.array(hi, np.uint64).tobytes(), np.array(lo, np.uint64).tobytes()
+
+
+if _native is not None:
+    _native.set_powers(*_powers_of_ten())
 
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
@@ -305,6 +326,34 @@ class Encoder:
         if _native is None:
             return None
         n = len(rows)
+        spec, g = self._columns(source, n)
+        status, _row, g.unknown = _native.gather(rows, spec)
+        return g if not status else None
+
+    def scan(self, source: str, body: bytes, key: str, limit: int) -> tuple[Gathered, np.ndarray, slice] | None:
+        """`gather` for the objects of the array under the top-level `key` of the JSON object `body`, read
+        from the bytes (no Python object per value), at most `limit` of them.
+
+        Returns (gathered, spans (n, 2) of each object's bytes, the array's slice of the body). None when the
+        module was not built, the array holds more than `limit` objects, or the body holds anything that
+        `orjson.loads` + `gather` would not take as it is (see watchnext/_native.c): the caller then does that.
+        """
+        if _native is None:
+            return None
+        rows = min(_native.count_byte(body, 0x7B), limit)  # every object starts with "{": room enough
+        spec, g = self._columns(source, rows)
+        spans = np.zeros((2, rows), np.int64)
+        status, n, start, end, g.unknown = _native.scan(body, key.encode(), spec, spans[0], spans[1])
+        if status:
+            return None
+        g.n = n
+        g.present = {k: v[:n] for k, v in g.present.items()}
+        g.values = {k: v[:n] for k, v in g.values.items()}
+        g.counts = {k: v[:n] for k, v in g.counts.items()}
+        return g, spans[:, :n].T, slice(start, end)
+
+    def _columns(self, source: str, n: int) -> tuple[tuple, Gathered]:
+        """The native module's field spec for n rows of `source`, and the Gathered whose arrays it fills."""
         fields = self.section_features[source]
         present = np.zeros((len(fields), n), np.uint8)
         values, counts, spec = {}, {}, []
@@ -315,10 +364,8 @@ class Encoder:
             if f.kind == "categorical_list":
                 counts[f.name] = np.zeros(n, np.int64)
             spec.append((f.name, KIND_CODES[f.kind], width, present[j], values[f.name], counts.get(f.name)))
-        status, _row, unknown = _native.gather(rows, tuple(spec))
-        if status:
-            return None
-        return Gathered(n, {f.name: present[j].view(bool) for j, f in enumerate(fields)}, values, counts, unknown)
+        return tuple(spec), Gathered(n, {f.name: present[j].view(bool) for j, f in enumerate(fields)}, values,
+                                     counts, 0)
 
     def encode_gathered(self, source: str, g: Gathered, out: dict[str, np.ndarray], problems: Problems) -> None:
         """`encode_section` for values from `gather`: the same rows, values and problems."""

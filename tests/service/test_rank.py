@@ -197,9 +197,9 @@ def test_non_finite_model_output_never_reaches_a_response(trained, server, clien
     assert svc.metrics.nonfinite.get() == 3
 
 
-def test_native_gather_agrees_with_arrow(trained, monkeypatch):
-    """The native path (watchnext._native) and the Arrow path, which serves where it was not built: the same
-    inputs, ids, served features and counts."""
+def test_native_paths_agree_with_arrow(trained, monkeypatch):
+    """The native scan of the body's bytes, orjson + the native gather, and the Arrow path (which serves where
+    watchnext._native was not built): the same inputs, ids, served features and counts."""
     import watchnext.encoding
 
     if not watchnext.encoding.NATIVE:
@@ -207,25 +207,38 @@ def test_native_gather_agrees_with_arrow(trained, monkeypatch):
     config = load_config(trained["config_path"])
     codec = RequestCodec(config)
     order = np.array([2, 0, 1])
+    known = codec.known["candidate"]
     for req in rank_requests(trained["history"], 3):
         req["candidates"][1]["colour"] = "red"
         req["candidates"][2]["video_views"] = None
+        req["candidates"][0]["video_age_days"] = 3  # an integer
         body = json.dumps(req).encode()
-        native = codec.parse(body)
+        scanned = codec.parse(body)
         with monkeypatch.context() as m:
+            m.setattr(codec, "_parse_scanned", lambda body: None)
+            gathered = codec.parse(body)
             m.setattr(watchnext.encoding, "_native", None)
             arrow = codec.parse(body)
-            a_inputs = codec.encode(arrow)
-        assert native.gathered is not None and arrow.gathered is None
-        assert native.unknown_features == arrow.unknown_features == 1
-        assert native.candidates.equals(arrow.candidates)
-        n_inputs = codec.encode(native)
-        assert all(np.array_equal(a_inputs[k], n_inputs[k]) for k in a_inputs)
-        assert native.ids("video_id", order) == arrow.ids("video_id", order)
-        known = codec.known["candidate"]
-        assert native.served(order, known) == arrow.served(order, known)
-        assert "colour" not in native.served(np.array([1]), known)[0]
-        assert codec.missing_candidate_rows(native).tolist() == codec.missing_candidate_rows(arrow).tolist()
+            arrow_inputs = codec.encode(arrow)
+        assert scanned._spans is not None and gathered._rows is not None and arrow.gathered is None
+        for inp in (scanned, gathered):
+            assert inp.gathered is not None
+            assert inp.unknown_features == arrow.unknown_features == 1
+            assert inp.candidates.equals(arrow.candidates)
+            inputs = codec.encode(inp)
+            assert all(np.array_equal(arrow_inputs[k], inputs[k]) for k in arrow_inputs)
+            assert inp.served(inp.objects(order), known) == arrow.served(arrow.objects(order), known)
+            assert codec.missing_candidate_rows(inp).tolist() == codec.missing_candidate_rows(arrow).tolist()
+        assert [o["video_id"] for o in scanned.objects(order)] == [req["candidates"][i]["video_id"] for i in order]
+        assert "colour" not in scanned.served(scanned.objects(np.array([1])), known)[0]
+    # what the scan is not sure of goes to orjson, with the same result
+    for body in (b'{"candidates": [{"video_id": "a\\u0062"}]}', b'{"candidates": [{"video_id": "a", "video_id": "b"}]}',
+                 b'{"candidates": [{"video_id": "a", "video_views": 12345678901234567890}]}',
+                 b'{"candidates": [{"video_id": "a"}], "candidates": [{"video_id": "b"}]}'):
+        assert codec._parse_scanned(body) is None
+        inp = codec.parse(body)
+        assert inp._rows is not None or inp._arr is not None
+    assert codec.parse(b'{"candidates": [{"video_id": "a\\u0062"}]}').objects(np.array([0]))[0]["video_id"] == "ab"
 
 
 def test_checking_path_agrees_with_fast_path(trained):
