@@ -1,13 +1,14 @@
 """POST /v1/rank latency and throughput, next to ONNX Runtime alone on the same batches (the floor).
 
-    python bench/serve_latency.py [--models DIR] [--sizes 100 500 2000] [--concurrency 1 8] [--requests 300]
+    python bench/serve_latency.py [--models DIR] [--sizes 100 500 2000] [--concurrency 1 8] [--requests 1000]
 
 The service runs as its own process (`watchnext serve`, uvicorn, the default
 config, the threads it picks for itself) against an embedded redis-server, as
 in production; requests carry every feature (no store lookups) and are
 serialised before timing starts. The floor runs the same encoded batches
 through one ONNX Runtime session with the same thread settings, in this
-process, while the service is idle. Without --models a version is trained on
+process, while the service is idle. The two take turns (--rounds), so that a
+shared machine's drift in speed weighs on both alike. Without --models a version is trained on
 simulated history first (about a minute) and kept for later runs. Target (issue 4): p50 at 500
 candidates within 2x of the floor, p99 within 3x.
 """
@@ -157,7 +158,9 @@ def main() -> int:
                     help="a model repository (default data/bench/models; a version is trained there when it has none)")
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 2000])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--requests", type=int, default=300, help="timed requests per cell (default 300)")
+    ap.add_argument("--requests", type=int, default=1000, help="timed requests per cell (default 1000)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="the service and the floor take turns this many times per cell (default 5)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
@@ -205,12 +208,21 @@ def main() -> int:
             for conc in args.concurrency:
                 total = args.requests if n < 2000 else max(100, args.requests // 2)
                 run_clients(port, bodies, conc, max(20, total // 10))  # warm-up
-                lat, rps = run_clients(port, bodies, conc, total)
                 run_floor(session, batches, conc, max(20, total // 10))
-                flat, frps = run_floor(session, batches, conc, total)
+                # the two side by side in alternating rounds, so a shared machine's drift hits both alike
+                lat, flat, wall, fwall = [], [], 0.0, 0.0
+                for _ in range(args.rounds):
+                    chunk = max(conc, total // args.rounds)
+                    got, rps = run_clients(port, bodies, conc, chunk)
+                    lat += got
+                    wall += chunk / rps
+                    got, rps = run_floor(session, batches, conc, chunk)
+                    flat += got
+                    fwall += chunk / rps
+                rps, frps = len(lat) / wall, len(flat) / fwall
                 p50, p99 = percentiles(lat)
                 f50, f99 = percentiles(flat)
-                row = {"candidates": n, "concurrency": conc, "requests": total,
+                row = {"candidates": n, "concurrency": conc, "requests": len(lat),
                        "service_p50_ms": round(p50, 2), "service_p99_ms": round(p99, 2), "service_rps": round(rps, 1),
                        "floor_p50_ms": round(f50, 2), "floor_p99_ms": round(f99, 2), "floor_rps": round(frps, 1),
                        "p50_ratio": round(p50 / f50, 2), "p99_ratio": round(p99 / f99, 2),

@@ -42,7 +42,14 @@ class Ranker:
     def rank(self, body: bytes, model: LoadedModel, live: LiveExperiment | None = None) -> Ranked:
         """Rank one request with `model` (the promoted version), or, when an experiment is live and the request
         names its user, with the user's arm's version and weights."""
-        inp = self.codec.parse(body)
+        return self.finish(self.codec.parse(body), model, live)
+
+    def looks_up(self, inp: RankInput) -> bool:
+        """Whether ranking `inp` asks the feature store (it leaves features out): a network round trip."""
+        return self.store.enabled and bool(self._store_plan(inp)[0])
+
+    def finish(self, inp: RankInput, model: LoadedModel, live: LiveExperiment | None = None) -> Ranked:
+        """`rank` for a parsed request."""
         arm, experiment, weights = CONTROL, None, model.weights
         uid = inp.shared["user"].get(self.user_key) if live is not None and self.user_key else None
         if uid is not None:
@@ -99,6 +106,14 @@ class Ranker:
 
     def fill(self, inp: RankInput) -> None:
         """Read what the request left out from the feature store, in one round trip."""
+        keys, shared_keys, rows = self._store_plan(inp)
+        if keys:
+            self._fill_with(inp, self.store.get(keys), shared_keys, rows)
+
+    def _store_plan(self, inp: RankInput) -> tuple[list[str], list[str], np.ndarray]:
+        """The store keys of what `inp` leaves out, the shared sections they fill, and the candidate rows."""
+        if inp.store_plan is not None:
+            return inp.store_plan
         keys: list[str] = []
         shared_keys: list[str] = []
         for s in ("user", "query"):
@@ -112,7 +127,10 @@ class Ranker:
             if len(rows):
                 ids = [o[self.config.item_id] for o in inp.objects(rows)]
                 keys += [feature_key("candidate", i) for i in ids]
-        got = self.store.get(keys)
+        inp.store_plan = keys, shared_keys, rows
+        return inp.store_plan
+
+    def _fill_with(self, inp: RankInput, got: list | None, shared_keys: list[str], rows: np.ndarray) -> None:
         if not got:
             return
         for s, v in zip(shared_keys, got):

@@ -52,6 +52,7 @@ class RankInput:
         self._body, self._spans, self._array = body, spans, array  # (n, 2) byte spans of the objects in body
         self._arr = candidates
         self._type = candidate_type
+        self.store_plan: tuple | None = None  # what the feature store is asked for (Ranker._store_plan)
         self.n = len(candidates) if candidates is not None else len(rows) if rows is not None else len(spans)
 
     @property

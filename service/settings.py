@@ -10,7 +10,9 @@ parameter, so tests never touch `os.environ`)::
     WATCHNEXT_DEVICE        auto | cpu | cuda (default auto: CUDA when ONNX Runtime has it)
     WATCHNEXT_THREADS       ONNX Runtime threads: on the CPU a batch runs as this many parts at once (0: the CPUs this process may use)
     WATCHNEXT_LOG_LEVEL     debug | info | warning | error
-    WATCHNEXT_RANK_WORKERS  rank requests worked on at once in worker threads (default 4; 0: on the event loop)
+    WATCHNEXT_RANK_WORKERS  worker threads for rank requests that wait on the network: a feature store lookup, or
+                            the Triton backend (default 4; 0: those too on the event loop). A request that
+                            carries every feature is ranked on the event loop, without a thread hand-off
     WATCHNEXT_BACKEND       onnxruntime | triton: who runs the model (default onnxruntime, in this process);
                             triton sends the model call to a Triton Inference Server serving the same
                             model repository (needs `pip install 'watchnext[triton]'`)
