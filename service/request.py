@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from watchnext.config import Config
-from watchnext.encoding import Encoder, Gathered, Problems, section_type
+from watchnext.encoding import Encoder, Gathered, Problems, has_repeats, section_type
 from watchnext.examples import clean_section
 
 from .errors import BadRequest, split_reason
@@ -226,8 +226,7 @@ class RequestCodec:
         """Every candidate has an id and no two hash alike (then they differ); otherwise `_check_ids` explains."""
         if self.item_id is None or not g.n:
             return True
-        h = g.values[self.item_id]
-        return bool(g.present[self.item_id].all()) and len(np.unique(h)) == g.n
+        return bool(g.present[self.item_id].all()) and not has_repeats(g.values[self.item_id])
 
     def _parse_checked(self, body: bytes) -> RankInput:
         obj = parse_json(body)

@@ -7,7 +7,7 @@ import orjson
 import pyarrow as pa
 import pytest
 
-from watchnext.encoding import NATIVE, Encoder, Problems, _native, section_type
+from watchnext.encoding import NATIVE, Encoder, Problems, _native, has_repeats, section_type
 
 native = pytest.mark.skipif(not NATIVE, reason="watchnext._native was not built (pip install -e . with a C compiler)")
 
@@ -245,3 +245,16 @@ def test_scan_of_damaged_bodies_agrees_or_leaves_them_to_orjson(small_config):
             continue
         assert_same(got[0], enc.gather("candidate", whole["candidates"]))
     assert 100 < took < 3000  # both outcomes were exercised
+
+
+@native
+def test_has_repeats_matches_unique():
+    rng = np.random.default_rng(2)
+    for n in (0, 1, 2, 7, 500, 2000):
+        for t in range(50):
+            v = rng.integers(0, 2**64, n, dtype=np.uint64)
+            if n > 1 and t % 2:
+                v[0] = v[int(rng.integers(1, n))]  # one repeat
+            assert has_repeats(v) == (len(np.unique(v)) != n)
+        # values alike in their low bits (what a plain modulo table would pile up)
+        assert not has_repeats(np.arange(n, dtype=np.uint64) << np.uint64(40))

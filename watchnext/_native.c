@@ -714,6 +714,37 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(repeats_doc, "has_repeats(values) -> whether a uint64 buffer holds some value twice (a hash set).");
+
+static PyObject *has_repeats(PyObject *self, PyObject *args) {
+    Py_buffer buf;
+    if (!PyArg_ParseTuple(args, "y*:has_repeats", &buf)) return NULL;
+    Py_ssize_t n = buf.len / 8, size = 16;
+    while (size < 2 * n) size *= 2;
+    uint64_t *slots = PyMem_Calloc(size, sizeof(uint64_t));
+    uint8_t *used = PyMem_Calloc(size, 1);
+    int found = 0;
+    if (slots == NULL || used == NULL) {
+        PyMem_Free(slots);
+        PyMem_Free(used);
+        PyBuffer_Release(&buf);
+        return PyErr_NoMemory();
+    }
+    const uint64_t *v = (const uint64_t *)buf.buf;
+    for (Py_ssize_t i = 0; i < n && !found; i++) {
+        uint64_t h = v[i] * 0x9E3779B97F4A7C15ULL; /* spread the bits: FNV hashes mod a power of two collide */
+        Py_ssize_t k = (Py_ssize_t)(h >> 32) & (size - 1);
+        while (used[k] && slots[k] != v[i]) k = (k + 1) & (size - 1);
+        if (used[k]) found = 1;
+        used[k] = 1;
+        slots[k] = v[i];
+    }
+    PyMem_Free(slots);
+    PyMem_Free(used);
+    PyBuffer_Release(&buf);
+    return PyBool_FromLong(found);
+}
+
 PyDoc_STRVAR(count_doc, "count_byte(data, byte) -> how many times `byte` (an int) occurs in `data` (memchr).");
 
 static PyObject *count_byte(PyObject *self, PyObject *args) {
@@ -732,6 +763,7 @@ static PyObject *count_byte(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"count_byte", count_byte, METH_VARARGS, count_doc},
+    {"has_repeats", has_repeats, METH_VARARGS, repeats_doc},
     {"gather", gather, METH_VARARGS, gather_doc},
     {"scan", scan, METH_VARARGS, scan_doc},
     {"set_powers", set_powers, METH_VARARGS, set_powers_doc},

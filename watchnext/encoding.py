@@ -33,6 +33,13 @@ except ImportError:  # pragma: no cover - depends on the build
 NATIVE = _native is not None  # whether Encoder.gather and Encoder.scan can work here
 
 
+def has_repeats(values: np.ndarray) -> bool:
+    """Whether a uint64 array holds some value twice (a hash set in C; np.unique sorts)."""
+    if _native is not None:
+        return _native.has_repeats(np.ascontiguousarray(values, np.uint64))
+    return len(np.unique(values)) != len(values)
+
+
 def _powers_of_ten() -> tuple[bytes, bytes]:
     """128-bit mantissas of 10**q, rounded down, q = -348..347, as (high, low) uint64 bytes: the table
     of the Eisel-Lemire number conversion in watchnext/_native.c."""
@@ -221,6 +228,7 @@ class Encoder:
         )
         self.section_types = {s: section_type(config, s) for s in SECTIONS}
         self.section_features = {s: [f for f in config.features if f.source == s] for s in SECTIONS}
+        self._specs: list | None = None  # input_specs(), kept for empty_inputs
 
     # The ONNX input layout, in order: (name, dtype, trailing shape).
     def input_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -238,7 +246,9 @@ class Encoder:
 
     def empty_inputs(self, n: int) -> dict[str, np.ndarray]:
         out = {}
-        for name, dtype, shape in self.input_specs():
+        if self._specs is None:
+            self._specs = self.input_specs()
+        for name, dtype, shape in self._specs:
             out[name] = np.zeros((n, *shape), dtype=dtype)
         if self.numeric:
             out["numeric"][:] = self.numeric_default
@@ -277,11 +287,19 @@ class Encoder:
     def _numeric_values(self, f: Feature, v: np.ndarray, null: np.ndarray, out: dict, problems: Problems,
                         where: str) -> None:
         """Check, transform and place one numeric feature's values (float64 (n,), NaN or anything where null)."""
-        problems.add(~null & ~np.isfinite(v), f"{where}: must be a finite number")
-        problems.add(~null & np.isfinite(v) & (np.abs(v) > F32_MAX), f"{where}: outside the float32 range")
-        if f.transform == "log1p":
-            problems.add(~null & (v <= -1), f"{where}: must be > -1 for transform log1p")
-        ok = ~null & np.isfinite(v) & (np.abs(v) <= F32_MAX) & ((v > -1) if f.transform == "log1p" else True)
+        present = ~null
+        finite = np.isfinite(v)
+        with np.errstate(invalid="ignore"):
+            fits = np.abs(v) <= F32_MAX  # False for NaN
+            above = v > -1 if f.transform == "log1p" else None
+        ok = present & fits
+        if above is not None:
+            ok &= above
+        if not np.array_equal(ok, present):  # something to report (rare): each check names its rows
+            problems.add(present & ~finite, f"{where}: must be a finite number")
+            problems.add(present & finite & ~fits, f"{where}: outside the float32 range")
+            if above is not None:
+                problems.add(present & ~above & ~np.isnan(v), f"{where}: must be > -1 for transform log1p")
         j = self.numeric_col[f.name]
         with np.errstate(invalid="ignore", divide="ignore"):
             t = _transform(np.where(ok, v, 0.0), f.transform)
