@@ -20,6 +20,7 @@ import http.client
 import json
 import os
 import platform
+import socket
 import subprocess
 import sys
 import tempfile
@@ -111,19 +112,42 @@ def drive(concurrency: int, total: int, open_worker) -> tuple[list[float], float
 
 
 def run_clients(port: int, bodies: list[bytes], concurrency: int, total: int) -> tuple[list[float], float]:
-    """`total` requests from `concurrency` keep-alive connections; (latencies, requests/s)."""
+    """`total` requests from `concurrency` keep-alive connections; (latencies, requests/s).
+
+    Each client is a plain socket sending prepared request bytes and reading the status line,
+    the headers and Content-Length bytes of body: http.client's header parsing added about
+    0.08 ms to every request (a client's cost, not the service's).
+    """
+    requests = [b"POST /v1/rank HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(b) + b for b in bodies]
 
     def open_worker():
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        reader = sock.makefile("rb")
 
         def call(i: int) -> None:
-            conn.request("POST", "/v1/rank", bodies[i % len(bodies)], {"content-type": "application/json"})
-            resp = conn.getresponse()
-            data = resp.read()
-            if resp.status != 200:
-                raise RuntimeError(f"HTTP {resp.status}: {data[:200].decode(errors='replace')}")
+            sock.sendall(requests[i % len(requests)])
+            status = reader.readline()
+            length = None
+            while True:
+                line = reader.readline()
+                if line in (b"\r\n", b""):
+                    break
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if length is None:
+                raise RuntimeError(f"no Content-Length in the answer to request {i} ({status!r})")
+            data = reader.read(length)
+            if not status.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(f"{status.decode(errors='replace').strip()}: {data[:200].decode(errors='replace')}")
 
-        return call, conn.close
+        def close() -> None:
+            reader.close()
+            sock.close()
+
+        return call, close
 
     return drive(concurrency, total, open_worker)
 
