@@ -442,12 +442,48 @@ static int literal(Cursor *c, const char *word, Py_ssize_t len) {
     return OK;
 }
 
+enum { NEXT = 200, CLOSED = 201 }; /* after_item */
+
+/* at an opening bracket: steps over it; whether `close` follows at once (then steps over that too) */
+static int opens_empty(Cursor *c, unsigned char close) {
+    c->p++;
+    ws(c);
+    if (c->p < c->end && *c->p == close) {
+        c->p++;
+        return 1;
+    }
+    return 0;
+}
+
+/* after a container's item: a comma (NEXT, at the next item) or `close` (CLOSED, stepped over); else BAIL */
+static int after_item(Cursor *c, unsigned char close) {
+    ws(c);
+    if (c->p >= c->end) return BAIL;
+    if (*c->p == close) {
+        c->p++;
+        return CLOSED;
+    }
+    if (*c->p++ != ',') return BAIL;
+    ws(c);
+    return NEXT;
+}
+
+/* an object's key and its colon; with `plain`, a key holding an escape makes it BAIL */
+static int scan_key(Cursor *c, const unsigned char **key, Py_ssize_t *len, int plain) {
+    int esc;
+    if (c->p >= c->end || *c->p != '"' || scan_string(c, key, len, &esc) != OK || (plain && esc)) return BAIL;
+    ws(c);
+    if (c->p >= c->end || *c->p++ != ':') return BAIL;
+    ws(c);
+    return OK;
+}
+
 /* any JSON value, checked and passed over */
 static int skip_value(Cursor *c, int depth) {
     if (depth > MAX_DEPTH || c->p >= c->end) return BAIL;
     const unsigned char *s;
     Py_ssize_t len;
-    int esc;
+    int esc, r;
     double d;
     switch (*c->p) {
     case '"':
@@ -459,44 +495,16 @@ static int skip_value(Cursor *c, int depth) {
     case 'n':
         return literal(c, "null", 4);
     case '[':
-        c->p++;
-        ws(c);
-        if (c->p < c->end && *c->p == ']') {
-            c->p++;
-            return OK;
-        }
+        if (opens_empty(c, ']')) return OK;
         for (;;) {
             if (skip_value(c, depth + 1) != OK) return BAIL;
-            ws(c);
-            if (c->p >= c->end) return BAIL;
-            if (*c->p == ']') {
-                c->p++;
-                return OK;
-            }
-            if (*c->p++ != ',') return BAIL;
-            ws(c);
+            if ((r = after_item(c, ']')) != NEXT) return r == CLOSED ? OK : BAIL;
         }
     case '{':
-        c->p++;
-        ws(c);
-        if (c->p < c->end && *c->p == '}') {
-            c->p++;
-            return OK;
-        }
+        if (opens_empty(c, '}')) return OK;
         for (;;) {
-            if (c->p >= c->end || *c->p != '"' || scan_string(c, &s, &len, &esc) != OK) return BAIL;
-            ws(c);
-            if (c->p >= c->end || *c->p++ != ':') return BAIL;
-            ws(c);
-            if (skip_value(c, depth + 1) != OK) return BAIL;
-            ws(c);
-            if (c->p >= c->end) return BAIL;
-            if (*c->p == '}') {
-                c->p++;
-                return OK;
-            }
-            if (*c->p++ != ',') return BAIL;
-            ws(c);
+            if (scan_key(c, &s, &len, 0) != OK || skip_value(c, depth + 1) != OK) return BAIL;
+            if ((r = after_item(c, '}')) != NEXT) return r == CLOSED ? OK : BAIL;
         }
     default:
         return scan_number(c, &d);
@@ -533,12 +541,8 @@ static int scan_value(Cursor *c, Field *f, Py_ssize_t i) {
     case LIST:
     case VECTOR: {
         if (c->p >= c->end || *c->p != '[') return BAIL;
-        c->p++;
-        ws(c);
         Py_ssize_t k = 0;
-        if (c->p < c->end && *c->p == ']') {
-            c->p++;
-        } else {
+        if (!opens_empty(c, ']')) {
             for (;;) {
                 if (f->kind == LIST) {
                     if (k < f->width) {
@@ -555,14 +559,9 @@ static int scan_value(Cursor *c, Field *f, Py_ssize_t i) {
                     if (scan_number(c, (double *)f->values.buf + i * f->width + k) != OK) return BAIL;
                 }
                 k++;
-                ws(c);
-                if (c->p >= c->end) return BAIL;
-                if (*c->p == ']') {
-                    c->p++;
-                    break;
-                }
-                if (*c->p++ != ',') return BAIL;
-                ws(c);
+                int r = after_item(c, ']');
+                if (r == CLOSED) break;
+                if (r != NEXT) return BAIL;
             }
         }
         if (f->kind == VECTOR && k != f->width) return BAIL;
@@ -577,20 +576,11 @@ static int scan_value(Cursor *c, Field *f, Py_ssize_t i) {
 static int scan_object(Cursor *c, Field *fields, Py_ssize_t nf, Py_ssize_t i, Py_ssize_t *unknown) {
     uint64_t seen = 0;
     if (c->p >= c->end || *c->p != '{') return BAIL;
-    c->p++;
-    ws(c);
-    if (c->p < c->end && *c->p == '}') {
-        c->p++;
-        return OK;
-    }
+    if (opens_empty(c, '}')) return OK;
     for (;;) {
         const unsigned char *key;
         Py_ssize_t klen;
-        int esc;
-        if (c->p >= c->end || *c->p != '"' || scan_string(c, &key, &klen, &esc) != OK || esc) return BAIL;
-        ws(c);
-        if (c->p >= c->end || *c->p++ != ':') return BAIL;
-        ws(c);
+        if (scan_key(c, &key, &klen, 1) != OK) return BAIL;
         Py_ssize_t j = 0;
         while (j < nf && !(fields[j].name_len == klen && memcmp(fields[j].name, key, klen) == 0)) j++;
         if (j < nf) {
@@ -606,14 +596,8 @@ static int scan_object(Cursor *c, Field *fields, Py_ssize_t nf, Py_ssize_t i, Py
             if (skip_value(c, 1) != OK) return BAIL;
             (*unknown)++;
         }
-        ws(c);
-        if (c->p >= c->end) return BAIL;
-        if (*c->p == '}') {
-            c->p++;
-            return OK;
-        }
-        if (*c->p++ != ',') return BAIL;
-        ws(c);
+        int r = after_item(c, '}');
+        if (r != NEXT) return r == CLOSED ? OK : BAIL;
     }
 }
 
@@ -650,54 +634,33 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     const unsigned char *base = c.p;
     Py_ssize_t n = 0, unknown = 0, a_start = -1, a_end = -1;
     int status = BAIL;
+    int r;
     ws(&c);
-    if (c.p >= c.end || *c.p++ != '{') goto bail;
-    ws(&c);
-    if (c.p < c.end && *c.p == '}') goto bail; /* no candidates: orjson's path says so */
+    if (c.p >= c.end || *c.p != '{' || opens_empty(&c, '}')) goto bail; /* no candidates: orjson's path says so */
     for (;;) {
         const unsigned char *key;
         Py_ssize_t klen;
-        int esc;
-        if (c.p >= c.end || *c.p != '"' || scan_string(&c, &key, &klen, &esc) != OK || esc) goto bail;
-        ws(&c);
-        if (c.p >= c.end || *c.p++ != ':') goto bail;
-        ws(&c);
+        if (scan_key(&c, &key, &klen, 1) != OK) goto bail;
         if (klen == key_buf.len && memcmp(key, key_buf.buf, klen) == 0) {
             if (a_start >= 0 || c.p >= c.end || *c.p != '[') goto bail;
             a_start = c.p - base;
-            c.p++;
-            ws(&c);
-            if (c.p < c.end && *c.p == ']') {
-                c.p++;
-            } else {
+            if (!opens_empty(&c, ']')) {
                 for (;;) {
                     if (n >= cap) goto bail;
                     st[n] = c.p - base;
                     if (scan_object(&c, fields, nf, n, &unknown) != OK) goto bail;
                     en[n] = c.p - base;
                     n++;
-                    ws(&c);
-                    if (c.p >= c.end) goto bail;
-                    if (*c.p == ']') {
-                        c.p++;
-                        break;
-                    }
-                    if (*c.p++ != ',') goto bail;
-                    ws(&c);
+                    if ((r = after_item(&c, ']')) == CLOSED) break;
+                    if (r != NEXT) goto bail;
                 }
             }
             a_end = c.p - base;
         } else if (skip_value(&c, 1) != OK) {
             goto bail;
         }
-        ws(&c);
-        if (c.p >= c.end) goto bail;
-        if (*c.p == '}') {
-            c.p++;
-            break;
-        }
-        if (*c.p++ != ',') goto bail;
-        ws(&c);
+        if ((r = after_item(&c, '}')) == CLOSED) break;
+        if (r != NEXT) goto bail;
     }
     ws(&c);
     if (c.p != c.end || a_start < 0) goto bail;
