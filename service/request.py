@@ -179,9 +179,7 @@ class RequestCodec:
             raise BadRequest("candidates", f"at most {self.max_candidates} candidates per request, got {n}", status=413)
         g = self.encoder.gather("candidate", cands)
         if g is not None and self._ids_ok(g):  # the native path: no Arrow array unless it is asked for
-            top_k = self._top_k(obj.get("top_k"))
-            request_id = ident(obj.get("request_id"), "request_id", required=False) or uuid.uuid4().hex
-            shared, unknown = self._shared(obj)
+            request_id, shared, top_k, unknown = self._head(obj)
             return RankInput(request_id, shared, top_k, unknown + g.unknown, rows=cands, gathered=g,
                              candidate_type=self.types["candidate"])
         try:
@@ -190,9 +188,7 @@ class RequestCodec:
             return None
         if arr.null_count:  # a candidate that is null, not an object
             return None
-        top_k = self._top_k(obj.get("top_k"))
-        request_id = ident(obj.get("request_id"), "request_id", required=False) or uuid.uuid4().hex
-        shared, unknown = self._shared(obj)
+        request_id, shared, top_k, unknown = self._head(obj)
         # keys Arrow dropped: every key beyond the known values present is unknown, or a null
         known_present = sum(n - arr.field(i).null_count for i in range(arr.type.num_fields))
         if sum(map(len, cands)) > known_present:  # rare: count exactly
@@ -216,11 +212,16 @@ class RequestCodec:
             return None
         if type(obj) is not dict or obj.get("candidates") != []:
             return None
+        request_id, shared, top_k, unknown = self._head(obj)
+        return RankInput(request_id, shared, top_k, unknown + g.unknown, body=body, spans=spans, array=array,
+                         gathered=g, candidate_type=self.types["candidate"])
+
+    def _head(self, obj: dict) -> tuple[str, dict[str, dict[str, Any]], int, int]:
+        """A parsed body's request_id, shared sections, top_k, and its unknown shared features (the fast paths)."""
         top_k = self._top_k(obj.get("top_k"))
         request_id = ident(obj.get("request_id"), "request_id", required=False) or uuid.uuid4().hex
         shared, unknown = self._shared(obj)
-        return RankInput(request_id, shared, top_k, unknown + g.unknown, body=body, spans=spans, array=array,
-                         gathered=g, candidate_type=self.types["candidate"])
+        return request_id, shared, top_k, unknown
 
     def _ids_ok(self, g: Gathered) -> bool:
         """Every candidate has an id and no two hash alike (then they differ); otherwise `_check_ids` explains."""
