@@ -258,3 +258,26 @@ def test_has_repeats_matches_unique():
             assert has_repeats(v) == (len(np.unique(v)) != n)
         # values alike in their low bits (what a plain modulo table would pile up)
         assert not has_repeats(np.arange(n, dtype=np.uint64) << np.uint64(40))
+
+
+@native
+@pytest.mark.parametrize("piece, taken", [
+    (b'"colour": "\\ud83d\\ude00"', True),  # a surrogate pair: valid
+    (b'"colour": "\\udc00"', False),  # lone surrogates: orjson refuses them, so must the scan
+    (b'"colour": "\\ud83d"', False),
+    (b'"colour": "\\ud83dx"', False),
+    (b'"colour": ["\\ud83d\\u0041"]', False),
+    (b'"video_tags": ["a", "b", "c", "d", "e", "f", "\\udc00"]', False),  # even past max_len
+    (b'"colour": 1, "colour": 2', False),  # a repeated unknown key counts once in orjson's dict
+    (b'"colour": 1, "mood": 2', True),
+])
+def test_scan_takes_what_orjson_takes(small_config, piece, taken):
+    """Found by fuzzing under ASan: a lone surrogate escape, which orjson refuses, and a repeated unknown key,
+    which orjson's dict counts once. The scan must hand both on."""
+    enc = Encoder(small_config)
+    body = b'{"candidates": [{"video_id": "a", ' + piece + b"}]}"
+    got = enc.scan("candidate", body, "candidates", 10)
+    assert (got is not None) == taken
+    if taken:
+        assert_same(got[0], orjson_then_gather(enc, body))
+        assert [orjson.loads(body[a:b]) for a, b in got[1].tolist()] == orjson.loads(body)["candidates"]

@@ -382,6 +382,19 @@ static int scan_number(Cursor *c, double *out) {
     return OK;
 }
 
+/* the value of the escape at p (a backslash, 'u', four hex digits), or -1 */
+static int hex4(const unsigned char *p, const unsigned char *end) {
+    if (end - p < 6) return -1;
+    int u = 0;
+    for (int k = 2; k < 6; k++) {
+        unsigned char h = p[k];
+        int d = isdig(h) ? h - '0' : (h >= 'a' && h <= 'f') ? h - 'a' + 10 : (h >= 'A' && h <= 'F') ? h - 'A' + 10 : -1;
+        if (d < 0) return -1;
+        u = u * 16 + d;
+    }
+    return u;
+}
+
 /* a JSON string at c->p ('"'): its bytes (without quotes) and whether it holds an escape; checks UTF-8 */
 static int scan_string(Cursor *c, const unsigned char **s, Py_ssize_t *len, int *escaped) {
     const unsigned char *p = c->p + 1, *end = c->end;
@@ -398,11 +411,15 @@ static int scan_string(Cursor *c, const unsigned char **s, Py_ssize_t *len, int 
             *escaped = 1;
             if (p + 1 >= end) return BAIL;
             unsigned char e = p[1];
-            if (e == 'u') {
-                if (p + 6 > end) return BAIL;
-                for (int k = 2; k < 6; k++)
-                    if (!isxdigit(p[k])) return BAIL;
+            if (e == 'u') { /* a surrogate must come as a high-low pair, as orjson wants */
+                int u = hex4(p, end);
+                if (u < 0 || (u >= 0xDC00 && u <= 0xDFFF)) return BAIL;
                 p += 6;
+                if (u >= 0xD800 && u <= 0xDBFF) {
+                    int low = (p + 1 < end && p[0] == '\\' && p[1] == 'u') ? hex4(p, end) : -1;
+                    if (low < 0xDC00 || low > 0xDFFF) return BAIL;
+                    p += 6;
+                }
             } else if (e == '"' || e == '\\' || e == '/' || e == 'b' || e == 'f' || e == 'n' || e == 'r' || e == 't') {
                 p += 2;
             } else {
@@ -573,8 +590,11 @@ static int scan_value(Cursor *c, Field *f, Py_ssize_t i) {
 }
 
 /* one candidate object, row i */
+#define MAX_UNKNOWN_KEYS 16 /* per object; more make it BAIL */
+
 static int scan_object(Cursor *c, Field *fields, Py_ssize_t nf, Py_ssize_t i, Py_ssize_t *unknown) {
-    uint64_t seen = 0;
+    uint64_t seen = 0, unknown_keys[MAX_UNKNOWN_KEYS];
+    int n_unknown = 0;
     if (c->p >= c->end || *c->p != '{') return BAIL;
     if (opens_empty(c, '}')) return OK;
     for (;;) {
@@ -592,7 +612,12 @@ static int scan_object(Cursor *c, Field *fields, Py_ssize_t nf, Py_ssize_t i, Py
                 if (scan_value(c, &fields[j], i) != OK) return BAIL;
                 ((uint8_t *)fields[j].present.buf)[i] = 1;
             }
-        } else {
+        } else { /* counted once per key, as in orjson's dict: a repeated unknown key makes it BAIL */
+            uint64_t h = fnv(key, klen);
+            for (int u = 0; u < n_unknown; u++)
+                if (unknown_keys[u] == h) return BAIL;
+            if (n_unknown == MAX_UNKNOWN_KEYS) return BAIL;
+            unknown_keys[n_unknown++] = h;
             if (skip_value(c, 1) != OK) return BAIL;
             (*unknown)++;
         }
