@@ -75,7 +75,11 @@ class RankInput:
             return [rows[i] for i in order.tolist()]
         if self._spans is not None:  # one orjson call for the picked objects' bytes
             body = self._body
-            return orjson.loads(b"[" + b",".join([body[a:b] for a, b in self._spans[order].tolist()]) + b"]")
+            picked = b"[" + b",".join([body[a:b] for a, b in self._spans[order].tolist()]) + b"]"
+            try:
+                return orjson.loads(picked)
+            except orjson.JSONDecodeError:  # the scan takes only what orjson takes; should it ever not, no 500
+                return json.loads(picked)
         return self.candidates.take(order).to_pylist()
 
     @staticmethod

@@ -117,10 +117,43 @@ def test_anything_else_is_left_to_the_arrow_path(small_config, row):
 
 @native
 def test_gather_refuses_buffers_of_the_wrong_size():
-    with pytest.raises(ValueError, match="present buffer holds 1 bytes, expected 2"):
+    with pytest.raises(ValueError, match="present buffer holds 1 bytes .*, expected 2"):
         _native.gather([{}, {}], (("x", 2, 1, np.zeros(1, np.uint8), np.zeros(2), None),))
     with pytest.raises(ValueError, match="kind 9"):
         _native.gather([{}], (("x", 9, 1, np.zeros(1, np.uint8), np.zeros(1), None),))
+    # found in review: a width whose byte count overflows, an unaligned buffer, a str subclass as the key
+    with pytest.raises(ValueError, match="width 2305843009213693952"):
+        _native.gather([{"x": ["a"]}], (("x", 1, 2**61, np.zeros(1, np.uint8), np.zeros(0, np.uint64),
+                                         np.zeros(1, np.int64)),))
+    unaligned = np.frombuffer(bytearray(17), np.uint8)[1:].view(np.float64)
+    with pytest.raises(ValueError, match="unaligned"):
+        _native.gather([{}, {}], (("x", 2, 1, np.zeros(2, np.uint8), unaligned, None),))
+
+    class Key(str):
+        pass
+
+    with pytest.raises(ValueError, match="kind 2"):
+        _native.gather([{}], ((Key("x"), 2, 1, np.zeros(1, np.uint8), np.zeros(1), None),))
+    with pytest.raises(ValueError, match="0..255"):
+        _native.count_byte(b"{", 0x17B)
+    assert _native.has_repeats(memoryview(bytearray(17))[1:])  # two zero values, read at any alignment
+
+
+@native
+def test_gather_survives_a_row_that_changes_the_list():
+    """A key whose __eq__ empties the list mid-lookup (review, under ASan): no crash, the row is reported."""
+    rows: list = []
+
+    class Clearing(str):
+        __hash__ = str.__hash__
+
+        def __eq__(self, other):
+            rows.clear()
+            return str.__eq__(self, other)
+
+    rows += [{Clearing("x"): 1.0}, {"x": 2.0}]
+    status, row, _ = _native.gather(rows, (("x", 2, 1, np.zeros(2, np.uint8), np.zeros(2), None),))
+    assert (status, row) == (1, 1)  # NOT_OBJECT: the second row is gone
 
 
 # ------------------------------------------------------------------ scan: from the body's bytes
@@ -270,6 +303,9 @@ def test_has_repeats_matches_unique():
     (b'"video_tags": ["a", "b", "c", "d", "e", "f", "\\udc00"]', False),  # even past max_len
     (b'"colour": 1, "colour": 2', False),  # a repeated unknown key counts once in orjson's dict
     (b'"colour": 1, "mood": 2', True),
+    (b'"video_age_days": 0.' + b"0" * 100000 + b"1e1000010", False),  # the exponent once saturated: read as 1.0
+    (b'"colour": 0.' + b"0" * 300 + b"e400", False),  # orjson's limits on long numbers are its own
+    (b'"video_age_days": 1e401', False),
 ])
 def test_scan_takes_what_orjson_takes(small_config, piece, taken):
     """Found by fuzzing under ASan: a lone surrogate escape, which orjson refuses, and a repeated unknown key,

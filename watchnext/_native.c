@@ -74,13 +74,15 @@ static int number(PyObject *v, double *out) {
     return NOT_NUMBER;
 }
 
-static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t bytes, const char *what) {
+/* a writable C-contiguous buffer of exactly `bytes` bytes, aligned to `align` */
+static int get_buffer(PyObject *obj, Py_buffer *view, Py_ssize_t bytes, const char *what, size_t align) {
     if (PyObject_GetBuffer(obj, view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
         view->obj = NULL;
         return -1;
     }
-    if (view->len != bytes) {
-        PyErr_Format(PyExc_ValueError, "gather: %s buffer holds %zd bytes, expected %zd", what, view->len, bytes);
+    if (view->len != bytes || (uintptr_t)view->buf % align) {
+        PyErr_Format(PyExc_ValueError, "%s buffer holds %zd bytes at %s, expected %zd", what, view->len,
+                     (uintptr_t)view->buf % align ? "an unaligned address" : "an aligned address", bytes);
         PyBuffer_Release(view);
         view->obj = NULL;
         return -1;
@@ -152,15 +154,18 @@ static Field *load_fields(PyObject *spec, Py_ssize_t n) {
         if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, j), "UinOOO:field", &f->key, &f->kind, &f->width, &present,
                               &values, &count))
             goto fail;
-        if (f->kind < CATEGORICAL || f->kind > VECTOR || f->width < 1) {
+        /* an exact str key: a subclass's __eq__ could run Python code in the middle of a dict lookup */
+        if (!PyUnicode_CheckExact(f->key) || f->kind < CATEGORICAL || f->kind > VECTOR || f->width < 1 ||
+            f->width > PY_SSIZE_T_MAX / 8 / (n ? n : 1)) {
             PyErr_Format(PyExc_ValueError, "field %R has kind %d and width %zd", f->key, f->kind, f->width);
             goto fail;
         }
         Py_ssize_t cells = (f->kind == LIST || f->kind == VECTOR) ? n * f->width : n;
-        if (get_buffer(present, &f->present, n, "present") < 0 || get_buffer(values, &f->values, cells * 8, "values") < 0)
+        if (get_buffer(present, &f->present, n, "present", 1) < 0 ||
+            get_buffer(values, &f->values, cells * 8, "values", 8) < 0)
             goto fail;
         f->has_count = f->kind == LIST;
-        if (f->has_count && get_buffer(count, &f->count, n * 8, "count") < 0) goto fail;
+        if (f->has_count && get_buffer(count, &f->count, n * 8, "count", 8) < 0) goto fail;
         f->name = PyUnicode_AsUTF8AndSize(f->key, &f->name_len);
         if (f->name == NULL) goto fail;
     }
@@ -177,33 +182,40 @@ static PyObject *gather(PyObject *self, PyObject *args) {
     Field *fields = load_fields(spec, n);
     if (fields == NULL) return NULL;
     Py_ssize_t unknown = 0;
-    for (Py_ssize_t i = 0; i < n; i++) {
-        PyObject *d = PyList_GET_ITEM(rows, i);
-        if (!PyDict_CheckExact(d)) {
-            release(fields, nf);
-            return Py_BuildValue("inn", NOT_OBJECT, i, (Py_ssize_t)0);
+    int rc = OK;
+    Py_ssize_t i = 0;
+    /* a lookup can run Python code (a key's __eq__ in a row) that changes the list or the row: each row is
+       held while it is read, and the list's size is checked again before each row */
+    for (; i < n && rc == OK; i++) {
+        if (i >= PyList_GET_SIZE(rows) || !PyDict_CheckExact(PyList_GET_ITEM(rows, i))) {
+            rc = NOT_OBJECT;
+            break;
         }
+        PyObject *d = PyList_GET_ITEM(rows, i);
+        Py_INCREF(d);
         Py_ssize_t found = 0;
-        for (Py_ssize_t j = 0; j < nf; j++) {
+        for (Py_ssize_t j = 0; j < nf && rc == OK; j++) {
             PyObject *v = PyDict_GetItemWithError(d, fields[j].key); /* borrowed */
             if (v == NULL) {
                 if (PyErr_Occurred()) {
+                    Py_DECREF(d);
                     release(fields, nf);
                     return NULL;
                 }
                 continue;
             }
             found++;
-            if (v == Py_None) continue;
-            int rc = put(&fields[j], i, v);
-            if (rc != OK) {
-                release(fields, nf);
-                return Py_BuildValue("inn", rc, i, (Py_ssize_t)0);
+            if (v != Py_None) {
+                Py_INCREF(v);
+                rc = put(&fields[j], i, v);
+                Py_DECREF(v);
             }
         }
-        unknown += PyDict_GET_SIZE(d) - found;
+        if (rc == OK) unknown += PyDict_GET_SIZE(d) - found;
+        Py_DECREF(d);
     }
     release(fields, nf);
+    if (rc != OK) return Py_BuildValue("inn", rc, rc == NOT_OBJECT ? i : i - 1, (Py_ssize_t)0);
     return Py_BuildValue("inn", OK, (Py_ssize_t)-1, unknown);
 }
 
@@ -344,8 +356,10 @@ static int scan_number(Cursor *c, double *out) {
             if (e < 100000) e = e * 10 + (*p - '0');
             p++;
         }
+        if (e > 400) return BAIL; /* orjson's own limits there are not ours to guess */
         exp10 += eneg ? -e : e;
     }
+    if (p - start > 64) return BAIL; /* likewise for very long numbers (orjson read 0.000...0e400 as infinite) */
     c->p = p;
     if (is_int) { /* orjson gives an int: the gather takes it only where a double holds it exactly */
         if (trunc || man > (uint64_t)EXACT) return BAIL;
@@ -444,7 +458,7 @@ static int scan_string(Cursor *c, const unsigned char **s, Py_ssize_t *len, int 
         else if (ch >= 0xF1 && ch <= 0xF3) need = 3;
         else if (ch == 0xF4) { need = 3; hi = 0x8F; }
         else return BAIL;
-        if (p + need >= end) return BAIL;
+        if (end - p <= need) return BAIL;
         if (p[1] < lo || p[1] > hi) return BAIL;
         for (int k = 2; k <= need; k++)
             if (p[k] < 0x80 || p[k] > 0xBF) return BAIL;
@@ -647,7 +661,11 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         goto done;
     }
     cap = starts.len / 8;
-    if (get_buffer(ends_obj, &ends, cap * 8, "ends") < 0) goto done;
+    if (starts.len % 8 || (uintptr_t)starts.buf % 8) {
+        PyErr_SetString(PyExc_ValueError, "scan: starts must be an aligned int64 buffer");
+        goto done;
+    }
+    if (get_buffer(ends_obj, &ends, cap * 8, "ends", 8) < 0) goto done;
     if (nf > 64) {
         PyErr_SetString(PyExc_ValueError, "scan: at most 64 fields");
         goto done;
@@ -718,14 +736,16 @@ static PyObject *has_repeats(PyObject *self, PyObject *args) {
         PyBuffer_Release(&buf);
         return PyErr_NoMemory();
     }
-    const uint64_t *v = (const uint64_t *)buf.buf;
+    const unsigned char *bytes = (const unsigned char *)buf.buf;
     for (Py_ssize_t i = 0; i < n && !found; i++) {
-        uint64_t h = v[i] * 0x9E3779B97F4A7C15ULL; /* spread the bits: FNV hashes mod a power of two collide */
+        uint64_t v;
+        memcpy(&v, bytes + 8 * i, 8); /* any alignment */
+        uint64_t h = v * 0x9E3779B97F4A7C15ULL; /* spread the bits: FNV hashes mod a power of two collide */
         Py_ssize_t k = (Py_ssize_t)(h >> 32) & (size - 1);
-        while (used[k] && slots[k] != v[i]) k = (k + 1) & (size - 1);
+        while (used[k] && slots[k] != v) k = (k + 1) & (size - 1);
         if (used[k]) found = 1;
         used[k] = 1;
-        slots[k] = v[i];
+        slots[k] = v;
     }
     PyMem_Free(slots);
     PyMem_Free(used);
@@ -739,6 +759,11 @@ static PyObject *count_byte(PyObject *self, PyObject *args) {
     Py_buffer data;
     int byte;
     if (!PyArg_ParseTuple(args, "y*i:count_byte", &data, &byte)) return NULL;
+    if (byte < 0 || byte > 255) {
+        PyBuffer_Release(&data);
+        PyErr_SetString(PyExc_ValueError, "count_byte: byte must be 0..255");
+        return NULL;
+    }
     const char *p = data.buf, *end = p + data.len;
     Py_ssize_t n = 0;
     while (p < end && (p = memchr(p, byte, end - p)) != NULL) {
