@@ -104,12 +104,6 @@ class Ranker:
                     "items": items}
         return Ranked(body_out, impression, n)
 
-    def fill(self, inp: RankInput) -> None:
-        """Read what the request left out from the feature store, in one round trip."""
-        keys, shared_keys, rows = self._store_plan(inp)
-        if keys:
-            self._fill_with(inp, self.store.get(keys), shared_keys, rows)
-
     def _store_plan(self, inp: RankInput) -> tuple[list[str], list[str], np.ndarray]:
         """The store keys of what `inp` leaves out, the shared sections they fill, and the candidate rows."""
         if inp.store_plan is not None:
@@ -130,7 +124,10 @@ class Ranker:
         inp.store_plan = keys, shared_keys, rows
         return inp.store_plan
 
-    def _fill_with(self, inp: RankInput, got: list | None, shared_keys: list[str], rows: np.ndarray) -> None:
+    def fill(self, inp: RankInput) -> None:
+        """Read what the request left out from the feature store, in one round trip."""
+        keys, shared_keys, rows = self._store_plan(inp)
+        got = self.store.get(keys) if keys else None
         if not got:
             return
         for s, v in zip(shared_keys, got):

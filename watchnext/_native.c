@@ -37,10 +37,18 @@ typedef struct {
     int kind;
     Py_ssize_t width;
     Py_buffer present, values, count;
-    int has_count;
     const char *name; /* the key's UTF-8 bytes (scan) */
     Py_ssize_t name_len;
 } Field;
+
+static inline uint64_t fnv(const unsigned char *s, Py_ssize_t len) {
+    uint64_t h = FNV_OFFSET;
+    for (Py_ssize_t i = 0; i < len; i++) {
+        h ^= s[i];
+        h *= FNV_PRIME;
+    }
+    return h;
+}
 
 static int hash_str(PyObject *s, uint64_t *out) {
     if (!PyUnicode_CheckExact(s)) return NOT_STRING;
@@ -50,12 +58,7 @@ static int hash_str(PyObject *s, uint64_t *out) {
         PyErr_Clear();
         return NOT_STRING;
     }
-    uint64_t h = FNV_OFFSET;
-    for (Py_ssize_t i = 0; i < len; i++) {
-        h ^= (unsigned char)p[i];
-        h *= FNV_PRIME;
-    }
-    *out = h;
+    *out = fnv((const unsigned char *)p, len);
     return OK;
 }
 
@@ -164,8 +167,7 @@ static Field *load_fields(PyObject *spec, Py_ssize_t n) {
         if (get_buffer(present, &f->present, n, "present", 1) < 0 ||
             get_buffer(values, &f->values, cells * 8, "values", 8) < 0)
             goto fail;
-        f->has_count = f->kind == LIST;
-        if (f->has_count && get_buffer(count, &f->count, n * 8, "count", 8) < 0) goto fail;
+        if (f->kind == LIST && get_buffer(count, &f->count, n * 8, "count", 8) < 0) goto fail;
         f->name = PyUnicode_AsUTF8AndSize(f->key, &f->name_len);
         if (f->name == NULL) goto fail;
     }
@@ -540,15 +542,6 @@ static int skip_value(Cursor *c, int depth) {
     default:
         return scan_number(c, &d);
     }
-}
-
-static inline uint64_t fnv(const unsigned char *s, Py_ssize_t len) {
-    uint64_t h = FNV_OFFSET;
-    for (Py_ssize_t i = 0; i < len; i++) {
-        h ^= s[i];
-        h *= FNV_PRIME;
-    }
-    return h;
 }
 
 /* a hashed id: a string without escapes */

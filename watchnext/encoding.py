@@ -228,7 +228,7 @@ class Encoder:
         )
         self.section_types = {s: section_type(config, s) for s in SECTIONS}
         self.section_features = {s: [f for f in config.features if f.source == s] for s in SECTIONS}
-        self._specs: list | None = None  # input_specs(), kept for empty_inputs
+        self._specs = self.input_specs()  # for empty_inputs, once per request
 
     # The ONNX input layout, in order: (name, dtype, trailing shape).
     def input_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -246,8 +246,6 @@ class Encoder:
 
     def empty_inputs(self, n: int) -> dict[str, np.ndarray]:
         out = {}
-        if self._specs is None:
-            self._specs = self.input_specs()
         for name, dtype, shape in self._specs:
             out[name] = np.zeros((n, *shape), dtype=dtype)
         if self.numeric:
