@@ -32,7 +32,7 @@ from .features import FeatureStore
 from .feedback import MAX_EVENTS, parse_feedback
 from .impressions import REASONS, REDIS_ERRORS, ImpressionLog
 from .models import ModelManager, VersionRefused
-from .observability import Metrics, Stopwatch, log, setup_logging
+from .observability import Metrics, SharedMetrics, Stopwatch, log, setup_logging
 from .ranker import Ranker
 from .schema import (
     FeedbackResponse,
@@ -90,6 +90,12 @@ class Service:
         self.limiter = anyio.CapacityLimiter(settings.rank_workers) if settings.rank_workers else None
         self.remote_model = settings.backend == "triton"
         self.ranking = 0  # rank requests in flight (counted on the event loop)
+        # one worker process among several: /metrics adds the others' figures
+        self.shared = SharedMetrics(self.metrics, deps.metrics_dir, self.refresh_gauges) if deps.metrics_dir else None
+
+    def refresh_gauges(self) -> None:
+        if self.log is not None:
+            self.metrics.log_backlog.set(self.log.backlog())
 
     def start(self) -> None:
         self.models.ensure()
@@ -101,10 +107,12 @@ class Service:
             self.log.start()
         if self.experiments is not None:
             self.experiments.start(self.config.service.model_poll_s)
+        if self.shared is not None:
+            self.shared.start()
         cur = self.models.current
         log(logger, logging.INFO, "service_started", config=self.config.path, config_hash=self.config.hash,
             model_version=cur.version if cur else None, provider=cur.provider if cur else None,
-            backend=self.settings.backend, redis=bool(self.deps.redis_url),
+            backend=self.settings.backend, redis=bool(self.deps.redis_url), shared_metrics=self.deps.metrics_dir,
             # False: watchnext._native was not built, and requests take the slower Arrow path
             native_encoder=NATIVE)
 
@@ -114,6 +122,8 @@ class Service:
             self.experiments.stop()
         left = self.log.stop() if self.log is not None else 0
         self.store.close()
+        if self.shared is not None:
+            self.shared.stop()
         log(logger, logging.INFO, "service_stopped", unwritten_impressions=left)
 
     def require_admin(self, request: Request) -> None:
@@ -384,10 +394,37 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
-        if svc.log is not None:
-            svc.metrics.log_backlog.set(svc.log.backlog())
-        return Response(svc.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        if svc.shared is not None:
+            # the other worker processes write their figures every 50 ms: wait until what they did before
+            # this request is on disk, then add it up
+            await anyio.sleep(svc.shared.settle_s)
+            text = await anyio.to_thread.run_sync(svc.shared.render)
+        else:
+            svc.refresh_gauges()
+            text = svc.metrics.render()
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    return app
+
+
+SETTINGS_ENV = "WATCHNEXT_WORKER_SETTINGS"  # set by service.cli.run_server for its worker processes
+METRICS_DIR_ENV = "WATCHNEXT_WORKER_METRICS"
+
+
+def worker_app() -> FastAPI:
+    """The app of one worker process of `watchnext serve --workers N` (uvicorn's factory, "service.app:worker_app"):
+    the settings the parent checked, read from its environment."""
+    import gc
+    import os
+
+    from .settings import build_deps
+
+    # the parent checked these; should this still fail, uvicorn exits with STARTUP_FAILURE and the parent
+    # stops rather than restart the worker
+    settings = Settings.from_json(os.environ[SETTINGS_ENV])
+    app = create_app(settings, build_deps(settings, os.environ.get(METRICS_DIR_ENV)))
+    gc.collect()
+    gc.freeze()  # see service.cli.run_server
     return app
 
 

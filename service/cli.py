@@ -34,6 +34,9 @@ def server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device ($WATCHNEXT_DEVICE; default auto)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads: on the CPU a batch runs as up to this many parts at once, one thread each ($WATCHNEXT_THREADS; default: the CPUs this process may use)")
+    p.add_argument("--workers", type=int, help="worker processes sharing the port, each a whole service with its own "
+                   "model session ($WATCHNEXT_WORKERS; default 0: one per CPU this process may use, one where there "
+                   "is a CUDA driver)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="($WATCHNEXT_LOG_LEVEL; default info)")
     p.add_argument("--backend", choices=["onnxruntime", "triton"],
                    help="who runs the model: ONNX Runtime in this process, or a Triton Inference Server serving the "
@@ -50,6 +53,7 @@ def settings_of(args, env=None, **extra):
         settings = Settings.from_env(env, config_path=args.config, models_dir=args.models, host=args.host,
                                      port=args.port, device=args.device, threads=args.threads,
                                      log_level=args.log_level, backend=args.backend, triton_url=args.triton_url,
+                                     workers=args.workers,
                                      **extra)
     except SettingsError as e:
         raise CliError(str(e)) from None
@@ -92,24 +96,58 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, terminate)
 
 
-def run_server(app, settings) -> None:
-    """Serve `app` with uvicorn until a signal stops it (`serve` and `up`)."""
+def run_server(settings, deps=None) -> None:
+    """Serve with uvicorn until a signal stops it (`serve` and `up`): in this process, or with
+    `settings.worker_count()` > 1 in that many worker processes sharing the port, each a whole service
+    (models, impression log, experiments) as replicas are, with /metrics added up across them."""
     import uvicorn
 
-    # what start-up built (modules, the app) lives as long as the process: take it out of the
-    # collector's generations, so the full collections that requests trigger do not walk it all
-    # (500 candidates at concurrency 1 on 2 cores: p99 28-38 ms without this, 11-24 ms with it)
-    gc.collect()
-    gc.freeze()
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                timeout_graceful_shutdown=10)
+    from .app import create_app
+    from .settings import build_deps
+
+    workers = settings.worker_count()
+    deps = deps or build_deps(settings)  # a bad config or repository stops it here, with its message
+    options = dict(host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                   timeout_graceful_shutdown=10)
+    if workers == 1:
+        app = create_app(settings, deps)
+        # what start-up built (modules, the app) lives as long as the process: take it out of the
+        # collector's generations, so the full collections that requests trigger do not walk it all
+        # (500 candidates at concurrency 1 on 2 cores: p99 28-38 ms without this, 11-24 ms with it)
+        gc.collect()
+        gc.freeze()
+        uvicorn.run(app, **options)
+        return
+    import tempfile
+
+    from uvicorn.supervisors import Multiprocess
+
+    from .app import METRICS_DIR_ENV, SETTINGS_ENV
+
+    class Supervisor(Multiprocess):
+        """uvicorn's, remembering a SIGTERM: this process then ends as it does with one worker (see exit_on_sigterm)."""
+
+        terminated = False
+
+        def handle_term(self) -> None:
+            self.terminated = True
+            super().handle_term()
+
+    with tempfile.TemporaryDirectory(prefix="watchnext-metrics-") as metrics_dir:
+        # the workers are spawned, not forked: they read the checked settings from the environment
+        os.environ[SETTINGS_ENV] = settings.to_json()
+        os.environ[METRICS_DIR_ENV] = metrics_dir
+        config = uvicorn.Config("service.app:worker_app", factory=True, workers=workers, **options)
+        print(f"watchnext: serving on http://{settings.host}:{settings.port} with {workers} worker processes",
+              file=sys.stderr, flush=True)
+        supervisor = Supervisor(config, sockets=[config.bind_socket()])
+        supervisor.run()
+    if supervisor.terminated:
+        raise SystemExit(128 + signal.SIGTERM)
 
 
 def cmd_serve(args) -> int:
     from watchnext.redis_embed import start_embedded
-
-    from .app import create_app
-    from .settings import build_deps
 
     settings = settings_of(args)
     exit_on_sigterm()
@@ -119,7 +157,7 @@ def cmd_serve(args) -> int:
         settings = settings.with_(redis_url=embedded.url)
         print(f"watchnext: REDIS_URL is not set: started an embedded redis-server at {embedded.url}", file=sys.stderr)
     try:
-        run_server(create_app(settings, build_deps(settings)), settings)
+        run_server(settings)
     finally:
         if embedded is not None:
             embedded.stop()

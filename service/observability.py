@@ -1,7 +1,9 @@
 """Prometheus metrics (text format 0.0.4) and structured JSON logs, without extra dependencies.
 
 The metric objects are thread-safe: the rank worker threads, the impression
-flusher and the event loop all update them.
+flusher and the event loop all update them. With several worker processes
+(`watchnext serve --workers N`), `SharedMetrics` adds the other processes'
+figures to the ones `/metrics` answers with.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -56,7 +59,13 @@ class Counter(_Metric):
 
 
 class Gauge(Counter):
+    """`merge`: how the values of several worker processes combine (sum, min, or info: every label set seen)."""
+
     kind = "gauge"
+
+    def __init__(self, name: str, help: str, labels: Sequence[str] = (), merge: str = "sum"):
+        super().__init__(name, help, labels)
+        self.merge = merge
 
     def set(self, value: float, *labels: str) -> None:
         with self._lock:
@@ -104,9 +113,11 @@ class Metrics:
         self.rank_latency = Histogram("watchnext_rank_latency_seconds", "Time to answer POST /v1/rank.", LATENCY_BUCKETS)
         self.rank_candidates = Histogram("watchnext_rank_candidates", "Candidates per rank request.", CANDIDATE_BUCKETS)
         self.requests = Counter("watchnext_requests_total", "HTTP requests by endpoint and status.", ("endpoint", "status"))
-        self.model_version = Gauge("watchnext_model_version", "The version serving now (0: none).")
-        self.model_info = Gauge("watchnext_model_info", "The version serving now and its ONNX Runtime provider.",
-                                ("version", "provider"))
+        self.model_version = Gauge("watchnext_model_version", "The version serving now (0: none; with several worker "
+                                   "processes, the oldest any of them serves).", merge="min")
+        self.model_info = Gauge("watchnext_model_info", "The version serving now and its ONNX Runtime provider "
+                                "(with several worker processes, each pair one of them serves).",
+                                ("version", "provider"), merge="info")
         self.model_swaps = Counter("watchnext_model_swaps_total", "Versions swapped in.")
         self.model_refused = Counter("watchnext_model_refused_total", "Versions refused (config hash, corrupt file, bad outputs).")
         self.feature_misses = Counter("watchnext_feature_store_misses_total",
@@ -121,14 +132,140 @@ class Metrics:
         self.log_backlog = Gauge("watchnext_impression_backlog", "Impressions buffered, not yet written to Redis.")
         self.feedback = Counter("watchnext_feedback_total", "Feedback events by outcome.", ("result",))
         self.examples = Counter("watchnext_examples_emitted_total", "Labelled examples sent to the training stream.")
-        self.redis_up = Gauge("watchnext_redis_up", "1 when the last Redis call succeeded.")
+        self.redis_up = Gauge("watchnext_redis_up", "1 when the last Redis call succeeded (in every worker process).",
+                              merge="min")
+        self.workers = Gauge("watchnext_worker_processes", "Worker processes serving the port.")
+        self.workers.set(1)
 
     def render(self) -> str:
         lines: list[str] = []
-        for m in vars(self).values():
-            if isinstance(m, _Metric):
-                lines += m.render()
+        for m in self._all():
+            lines += m.render()
         return "\n".join(lines) + "\n"
+
+    def _all(self) -> list[_Metric]:
+        return [m for m in vars(self).values() if isinstance(m, _Metric)]
+
+    def snapshot(self) -> dict[str, Any]:
+        """Every value, as JSON: {name: [[labels, value], ...]} for counters and gauges, {name: [counts, sum]}
+        for histograms."""
+        out: dict[str, Any] = {}
+        for m in self._all():
+            with m._lock:
+                if isinstance(m, Histogram):
+                    out[m.name] = [list(m.counts), m.sum]
+                else:
+                    out[m.name] = [[list(k), v] for k, v in m.values.items()]
+        return out
+
+    def merged(self, others: list[tuple[dict[str, Any], bool]]) -> Metrics:
+        """A copy holding these values plus `others` ((snapshot, alive) of the other worker processes): counters
+        and histograms add up, every process's counts included (a counter must never fall); gauges combine
+        by their `merge`, over the processes alive."""
+        out = Metrics()
+        mine = self.snapshot()
+        alive = [snap for snap, live in others if live]
+        out.workers.set(1 + len(alive))
+        for m in out._all():
+            if m is out.workers:
+                continue
+            if isinstance(m, Histogram):
+                for snap in [mine] + [s for s, _ in others]:
+                    counts, total = snap.get(m.name, [[0] * len(m.counts), 0.0])
+                    if len(counts) == len(m.counts):
+                        m.counts = [a + b for a, b in zip(m.counts, counts)]
+                        m.sum += total
+                continue
+            snaps = [mine] + (alive if isinstance(m, Gauge) else [s for s, _ in others])
+            values: dict[tuple[str, ...], list[float]] = {}
+            for snap in snaps:
+                for labels, v in snap.get(m.name, []):
+                    values.setdefault(tuple(labels), []).append(v)
+            merge = m.merge if isinstance(m, Gauge) else "sum"
+            m.values = {k: (min(v) if merge == "min" else 1.0 if merge == "info" else sum(v)) for k, v in values.items()}
+        return out
+
+
+class SharedMetrics:
+    """The metrics of one worker process among several that share a directory (`watchnext serve --workers N`).
+
+    A thread writes this process's snapshot to DIR/<pid>.json (write, then rename) every `interval_s` when
+    it has changed; `render` adds the other files to this process's own figures. A file stays after its
+    process ends (a worker restarted by the supervisor), so its counts stay in the sums; its gauges do not.
+    """
+
+    def __init__(self, metrics: Metrics, directory: str | os.PathLike, refresh: Callable[[], None] = lambda: None,
+                 interval_s: float = 0.05):
+        """`refresh()` brings the gauges that are read rather than kept (the impression backlog) up to date."""
+        self.metrics, self.dir, self.refresh, self.interval_s = metrics, str(directory), refresh, interval_s
+        self.path = os.path.join(self.dir, f"{os.getpid()}.json")
+        self._last = b""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def settle_s(self) -> float:
+        """How long until every change made before now is in the other processes' files."""
+        return 2.5 * self.interval_s
+
+    def write(self) -> None:
+        self.refresh()
+        data = json.dumps(self.metrics.snapshot()).encode()
+        if data != self._last:
+            tmp = self.path + ".tmp"
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+            os.replace(tmp, self.path)
+            self._last = data
+
+    def others(self) -> list[tuple[dict[str, Any], bool]]:
+        out = []
+        for name in os.listdir(self.dir):
+            stem, ext = os.path.splitext(name)
+            if ext != ".json" or not stem.isdigit() or int(stem) == os.getpid():
+                continue
+            try:
+                with open(os.path.join(self.dir, name), "rb") as fh:
+                    snap = json.loads(fh.read())
+            except (OSError, ValueError):  # gone, or not written yet
+                continue
+            out.append((snap, _alive(int(stem))))
+        return out
+
+    def render(self) -> str:
+        self.refresh()
+        return self.metrics.merged(self.others()).render()
+
+    def start(self) -> None:
+        def loop() -> None:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    self.write()
+                except OSError:  # the directory is gone: the supervisor is shutting down
+                    pass
+
+        self.write()
+        self._thread = threading.Thread(target=loop, name="watchnext-metrics-share", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        try:
+            self.write()
+        except OSError:
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ---------------------------------------------------------------- logs
@@ -142,6 +279,7 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,  # which worker process, when there are several
             "event": record.getMessage(),
         }
         out.update(getattr(record, "fields", {}))

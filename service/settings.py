@@ -13,6 +13,8 @@ parameter, so tests never touch `os.environ`)::
     WATCHNEXT_RANK_WORKERS  worker threads for rank requests that wait on the network: a feature store lookup, or
                             the Triton backend (default 4; 0: those too on the event loop). A request that
                             carries every feature is ranked on the event loop, without a thread hand-off
+    WATCHNEXT_WORKERS       worker processes sharing the port, each a whole service with its own model session
+                            (default 0: one per CPU this process may use, one when there is a CUDA driver)
     WATCHNEXT_BACKEND       onnxruntime | triton: who runs the model (default onnxruntime, in this process);
                             triton sends the model call to a Triton Inference Server serving the same
                             model repository (needs `pip install 'watchnext[triton]'`)
@@ -25,6 +27,7 @@ service, which still reads the repository for versions and their metadata.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -54,6 +57,8 @@ class Settings:
     device: str = "auto"
     threads: int = 0
     rank_workers: int = 4
+    # worker processes (uvicorn's supervisor) sharing the port; 0: worker_count() picks
+    workers: int = 0
     log_level: str = "info"
     # who runs the model: ONNX Runtime in this process, or a Triton Inference Server at triton_url (host:port)
     backend: str = "onnxruntime"
@@ -78,6 +83,8 @@ class Settings:
             bad("log_level", f"expected one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         if self.threads < 0:
             bad("threads", f"must be >= 0, got {self.threads}")
+        if self.workers < 0:
+            bad("workers (WATCHNEXT_WORKERS, --workers)", f"must be >= 0, got {self.workers}")
         if self.rank_workers < 0:
             bad("rank_workers", f"must be >= 0, got {self.rank_workers}")
         if self.admin_token is not None and len(self.admin_token) < MIN_TOKEN_CHARS:
@@ -116,6 +123,7 @@ class Settings:
             ("threads", "WATCHNEXT_THREADS", int),
             ("log_level", "WATCHNEXT_LOG_LEVEL", str),
             ("rank_workers", "WATCHNEXT_RANK_WORKERS", int),
+            ("workers", "WATCHNEXT_WORKERS", int),
             ("backend", "WATCHNEXT_BACKEND", str),
             ("triton_url", "WATCHNEXT_TRITON_URL", str),
         ):
@@ -135,17 +143,43 @@ class Settings:
     def with_(self, **changes: Any) -> Settings:
         return replace(self, **changes)
 
+    def worker_count(self) -> int:
+        """`workers`, or for 0 one process per usable CPU (each has its own GIL: with one process on 2 cores,
+        Python's share of each request left a third of the CPU idle at 8 clients). One where there is a
+        CUDA driver and the device may be CUDA: the processes would each hold a CUDA context for one GPU."""
+        if self.workers:
+            return self.workers
+        from watchnext.runtime import usable_cpus
+
+        if self.device != "cpu" and self.backend == "onnxruntime":
+            from .inference import cuda_driver_present
+
+            if cuda_driver_present():
+                return 1
+        return usable_cpus()
+
+    def to_json(self) -> str:
+        """For worker processes (see `from_json`)."""
+        return json.dumps({f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def from_json(cls, text: str) -> Settings:
+        return cls(**json.loads(text))
+
 
 @dataclass
 class Deps:
-    """What the app runs on: the config, the model repository, and where Redis is (None: no Redis)."""
+    """What the app runs on: the config, the model repository, and where Redis is (None: no Redis).
+
+    `metrics_dir`: set in each worker process when there are several; they share their metrics there."""
 
     config: Config
     repo: ModelRepository
     redis_url: str | None
+    metrics_dir: str | None = None
 
 
-def build_deps(settings: Settings) -> Deps:
+def build_deps(settings: Settings, metrics_dir: str | None = None) -> Deps:
     """Load the config and open the repository; Redis must already be chosen (see cli.serve)."""
     config = load_config(settings.config_path)
-    return Deps(config, ModelRepository(settings.models_dir, config.model.name), settings.redis_url)
+    return Deps(config, ModelRepository(settings.models_dir, config.model.name), settings.redis_url, metrics_dir)

@@ -88,7 +88,6 @@ def example_request(history: Path | None, item_id: str | None) -> dict:
 def run_stack(args, settings: Settings) -> int:
     from watchnext.redis_embed import start_embedded
 
-    from .app import create_app
     from .cli import run_server
 
     embedded = None
@@ -133,7 +132,7 @@ def run_stack(args, settings: Settings) -> int:
         if getattr(args, "demo", 0):
             threading.Thread(target=run_demo, args=(url, settings.admin_token, deps.config, args.demo, env),
                              daemon=True).start()
-        run_server(create_app(settings, deps), settings)
+        run_server(settings, deps)
     except subprocess.CalledProcessError as e:
         raise CliError(f"bootstrap step failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}") from None
     finally:

@@ -121,6 +121,26 @@ def children_of(pid: int) -> list[int]:
     return [int(x) for x in out.split()]
 
 
+def children_by_kind(pid: int) -> dict[str, list[int]]:
+    """`pid`'s child processes by what they run: redis (redis-server), trainer (`watchnext train`), worker
+    (a `serve --workers` process), tracker (multiprocessing's resource tracker), other."""
+    out = subprocess.run(["ps", "-ww", "-o", "pid=,args=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    kinds: dict[str, list[int]] = {}
+    for line in out.splitlines():
+        child, _, args = line.strip().partition(" ")
+        kind = ("redis" if "redis-server" in args else "trainer" if " train " in args else
+                "worker" if "spawn_main" in args else "tracker" if "resource_tracker" in args else "other")
+        kinds.setdefault(kind, []).append(int(child))
+    return kinds
+
+
+def expected_workers() -> int:
+    """The worker processes `watchnext serve` starts by default here (none beside itself on one CPU)."""
+    from watchnext.runtime import usable_cpus
+
+    return usable_cpus() if usable_cpus() > 1 else 0
+
+
 def running(pid: int) -> bool:
     return subprocess.run(["ps", "-p", str(pid)], capture_output=True).returncode == 0
 
@@ -142,10 +162,11 @@ class ServeProcess:
     `redis_url` None: REDIS_URL is unset, so serve starts an embedded redis-server (its data under `cwd`)."""
 
     def __init__(self, config_path: Path, models: Path, redis_url: str | None, admin_token: str | None,
-                 log_path: Path, cwd: Path = ROOT, log_level: str = "warning"):
+                 log_path: Path, cwd: Path = ROOT, log_level: str = "warning", env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        extra_env = env
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "WATCHNEXT_ADMIN_TOKEN")}
         env.update({"PYTHONPATH": str(ROOT), "WATCHNEXT_CONFIG": str(config_path), "WATCHNEXT_MODELS": str(models),
                     "WATCHNEXT_THREADS": "1", "WATCHNEXT_LOG_LEVEL": log_level})
@@ -153,6 +174,7 @@ class ServeProcess:
             env["REDIS_URL"] = redis_url
         if admin_token is not None:
             env["WATCHNEXT_ADMIN_TOKEN"] = admin_token
+        env.update(extra_env or {})
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--port", str(self.port)], env=env,
                                      cwd=cwd, stdout=subprocess.DEVNULL, stderr=self._log)

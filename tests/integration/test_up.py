@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import children_of, running
+from tests.helpers import children_by_kind, expected_workers, running
 from tests.service.fixtures import write_config
 from watchnext.redis_embed import free_port
 
@@ -51,8 +51,10 @@ def test_up_bootstraps_serves_and_stops_cleanly(tmp_path, stop):
             assert r.status_code == 200 and r.json()["model_version"] == "1" and len(r.json()["items"]) == 3
             assert json.loads(curl.group(2))["candidates"][0].keys() == {"video_id"}  # the store fills the rest
             assert c.get("/metrics").text.count("watchnext_feature_store_hits_total 7") == 1
-        kids = children_of(up.pid)
-        assert len(kids) == 2  # the embedded redis-server and the continuous trainer
+        kinds = children_by_kind(up.pid)
+        # the embedded redis-server, the continuous trainer, and the service's worker processes (one per CPU)
+        assert {k: len(v) for k, v in kinds.items() if k != "tracker"} == {
+            "redis": 1, "trainer": 1, **({"worker": expected_workers()} if expected_workers() else {})}
         if stop == "ctrl-c":  # SIGINT to the whole group, as a terminal sends it
             os.killpg(up.pid, signal.SIGINT)
             assert up.wait(90) == 0
@@ -64,8 +66,10 @@ def test_up_bootstraps_serves_and_stops_cleanly(tmp_path, stop):
             os.killpg(up.pid, signal.SIGKILL)
             up.wait()
         log.close()
-    time.sleep(0.5)
-    alive = [k for k in kids if running(k)]
+    # multiprocessing's resource tracker ends when it sees its parent's pipe close: a moment later
+    deadline = time.monotonic() + 5
+    while (alive := [(k, kind) for kind, ks in kinds.items() for k in ks if running(k)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert alive == [], f"children left running after {stop}"
     text = (tmp_path / "up.log").read_text()
     assert '"event": "service_stopped", "unwritten_impressions": 0' in text and "[up] stopped" in text

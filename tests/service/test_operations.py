@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,12 +15,14 @@ import pytest
 import redis
 
 from service.inference import CUDA, InferenceSession, cuda_driver_present
+from service.observability import Metrics, SharedMetrics
 from service.settings import Settings, SettingsError
-from tests.helpers import ServeProcess, children_of, running
+from tests.helpers import ServeProcess, children_by_kind, expected_workers, running, wait_for
 from tests.service.fixtures import live_service
 from tests.service.traffic import rank_requests
 from watchnext.config import load_config
 from watchnext.encoding import Encoder
+from watchnext.runtime import usable_cpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -53,6 +56,86 @@ def test_serve_stops_at_start_on_bad_settings_or_config(tmp_path):
     out = subprocess.run([sys.executable, "-m", "watchnext", "serve", "--config", str(bad)], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and str(bad) in out.stderr
+
+
+def test_settings_pick_one_worker_process_per_cpu():
+    assert Settings(workers=3).worker_count() == 3
+    assert Settings(device="cpu").worker_count() == usable_cpus()
+    assert Settings(device="auto").worker_count() == (1 if cuda_driver_present() else usable_cpus())
+    with pytest.raises(SettingsError, match="workers .* must be >= 0, got -1"):
+        Settings(workers=-1)
+    s = Settings(workers=2, admin_token="x" * 16, redis_url="redis://h:1/0")
+    assert Settings.from_json(s.to_json()) == s
+
+
+def test_metrics_of_worker_processes_add_up(tmp_path):
+    """Counters and histograms sum over every process (an ended one's counts too); gauges only over live ones."""
+    me, live, ended = Metrics(), Metrics(), Metrics()
+    for m, n in ((me, 2), (live, 3), (ended, 5)):
+        m.requests.inc(n, "/v1/rank", "200")
+        for _ in range(n):
+            m.rank_latency.observe(0.004)
+        m.log_backlog.set(n)
+    me.model_version.set(4), live.model_version.set(3), ended.model_version.set(1)
+    me.model_info.replace(("4", "cpu")), live.model_info.replace(("3", "cpu")), ended.model_info.replace(("1", "cpu"))
+    live.redis_up.set(0)
+    me.redis_up.set(1)
+    ended_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                               text=True).stdout.strip()
+    (tmp_path / f"{os.getppid()}.json").write_text(json.dumps(live.snapshot()))  # a live process
+    (tmp_path / f"{ended_pid}.json").write_text(json.dumps(ended.snapshot()))
+    (tmp_path / "notes.txt").write_text("not a snapshot")
+    shared = SharedMetrics(me, tmp_path)
+    text = shared.render()
+    assert 'watchnext_requests_total{endpoint="/v1/rank",status="200"} 10' in text
+    assert 'watchnext_rank_latency_seconds_bucket{le="0.005"} 10' in text and "watchnext_rank_latency_seconds_count 10" in text
+    assert "watchnext_impression_backlog 5" in text  # 2 + 3: the ended process's backlog is not there any more
+    assert "watchnext_model_version 3" in text and "watchnext_redis_up 0" in text
+    assert 'watchnext_model_info{version="3",provider="cpu"} 1' in text and 'version="1"' not in text
+    assert "watchnext_worker_processes 2" in text
+    shared.write()  # this process's own file, which render skips
+    assert json.loads((tmp_path / f"{os.getpid()}.json").read_text()) == me.snapshot()
+    assert shared.render() == text
+
+
+def test_serve_with_two_worker_processes_counts_every_request_and_survives_a_killed_worker(trained, tmp_path):
+    """`--workers 2`: both processes share the port; /metrics adds them up; a worker killed outright is
+    replaced, and its counts stay in the sums."""
+    serve = ServeProcess(trained["config_path"], trained["models"], None, None, tmp_path / "serve.log", cwd=tmp_path,
+                         log_level="info", env={"WATCHNEXT_WORKERS": "2"})
+    reqs = rank_requests(trained["history"], 40, top_k=3)
+    try:
+        serve.wait_ready()
+        workers = children_by_kind(serve.proc.pid)["worker"]
+        assert len(workers) == 2
+
+        def rank_all(batch) -> None:
+            for req in batch:  # a new connection each: the kernel hands them to either worker
+                with httpx.Client(base_url=serve.url, timeout=30) as c:
+                    r = c.post("/v1/rank", json=req)
+                    assert r.status_code == 200, r.text
+
+        rank_all(reqs[:20])
+        with httpx.Client(base_url=serve.url, timeout=30) as c:
+            text = c.get("/metrics").text
+        assert 'watchnext_requests_total{endpoint="/v1/rank",status="200"} 20' in text
+        assert "watchnext_rank_latency_seconds_count 20" in text and "watchnext_worker_processes 2" in text
+        started = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()
+                   if '"service_started"' in line]
+        assert sorted(e["pid"] for e in started) == sorted(workers)
+        os.kill(workers[0], signal.SIGKILL)
+        wait_for(lambda: len(set(children_by_kind(serve.proc.pid).get("worker", [])) - {workers[0]}) == 2, 60,
+                 "the supervisor to start a new worker")
+        serve.wait_ready()
+        rank_all(reqs[20:])
+        with httpx.Client(base_url=serve.url, timeout=30) as c:
+            text = c.get("/metrics").text
+        assert 'watchnext_requests_total{endpoint="/v1/rank",status="200"} 40' in text
+        assert "watchnext_worker_processes 2" in text
+    finally:
+        code = serve.stop()
+    assert code == 128 + signal.SIGTERM
+    assert (tmp_path / "serve.log").read_text().count('"service_stopped"') == 2
 
 
 def test_health_ready_and_metrics(trained, server, client):
@@ -110,11 +193,16 @@ def test_serve_stops_its_embedded_redis_on_sigterm(trained, tmp_path):
                          log_level="info")
     try:
         serve.wait_ready()
-        kids = children_of(serve.proc.pid)
-        assert len(kids) == 1  # the embedded redis-server
+        kinds = children_by_kind(serve.proc.pid)
+        kids = sum(kinds.values(), [])
+        # the embedded redis-server and the worker processes (one per CPU)
+        assert {k: len(v) for k, v in kinds.items() if k != "tracker"} == {
+            "redis": 1, **({"worker": expected_workers()} if expected_workers() else {})}
     finally:
         code = serve.stop()  # SIGTERM
     assert code == 128 + signal.SIGTERM
-    time.sleep(0.3)
-    assert not running(kids[0]), "redis-server left running"
+    deadline = time.monotonic() + 5  # multiprocessing's resource tracker ends a moment after its parent
+    while (alive := [k for k in kids if running(k)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert alive == [], "children left running"
     assert "service_stopped" in (tmp_path / "serve.log").read_text()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from service.settings import Settings, SettingsError
-from tests.helpers import wait_for
+from tests.helpers import expected_workers, wait_for
 from tests.service.fixtures import ADMIN, live_service
 from tests.service.traffic import rank_requests
 from tests.service.triton_standin import TritonStandin
@@ -252,7 +252,12 @@ def test_watchnext_serve_backend_triton(trained, models_dir, redis_url, standin)
             req = rank_requests(trained["history"], 1, top_k=3)[0]
             r = c.post("/v1/rank", json=req)
             assert r.status_code == 200 and len(r.json()["items"]) == 3
-            assert standin.calls[(MODEL, "2")] == 3 + 1
+            # each worker process's three warm-up batches (the second may still be warming up when the first
+            # answers /readyz), and the request
+            calls = 3 * max(1, expected_workers()) + 1
+            wait_for(lambda: standin.calls[(MODEL, "2")] >= calls, 30, "every worker's warm-up")
+            time.sleep(0.5)
+            assert standin.calls[(MODEL, "2")] == calls
     finally:
         proc.terminate()
         proc.wait(20)
