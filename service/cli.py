@@ -35,8 +35,8 @@ def server_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device ($WATCHNEXT_DEVICE; default auto)")
     p.add_argument("--threads", type=int, help="ONNX Runtime threads: on the CPU a batch runs as up to this many parts at once, one thread each ($WATCHNEXT_THREADS; default: the CPUs this process may use)")
     p.add_argument("--workers", type=int, help="worker processes sharing the port, each a whole service with its own "
-                   "model session ($WATCHNEXT_WORKERS; default 0: one per CPU this process may use, one where there "
-                   "is a CUDA driver)")
+                   "model session ($WATCHNEXT_WORKERS; default 0: for serve one per CPU this process may use, one "
+                   "where there is a CUDA driver; for up one, as it shares the machine with the trainer)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="($WATCHNEXT_LOG_LEVEL; default info)")
     p.add_argument("--backend", choices=["onnxruntime", "triton"],
                    help="who runs the model: ONNX Runtime in this process, or a Triton Inference Server serving the "

@@ -98,6 +98,10 @@ def run_stack(args, settings: Settings) -> int:
     else:
         say(f"Redis: {settings.redis_url}")
     token_note = ""
+    if not settings.workers:
+        # one worker process: here the service shares the machine with the trainer and Redis (make run's demo on
+        # 2 cores: 366-409 rankings/s with one, 274-292/s with two)
+        settings = settings.with_(workers=1)
     if settings.admin_token is None:
         settings = settings.with_(admin_token=secrets.token_urlsafe(24))
         token_note = " (generated; set WATCHNEXT_ADMIN_TOKEN to choose one)"
