@@ -1,6 +1,7 @@
 """POST /v1/rank latency and throughput, next to ONNX Runtime alone on the same batches (the floor).
 
     python bench/serve_latency.py [--models DIR] [--sizes 100 500 2000] [--concurrency 1 8] [--requests 1000]
+                                  [--rounds 5] [--repeat 1]
 
 The service runs as its own process (`watchnext serve`, uvicorn, the default
 config, the threads it picks for itself) against an embedded redis-server, as
@@ -157,6 +158,32 @@ def run_floor(session: InferenceSession, batches: list[dict], concurrency: int, 
     return drive(concurrency, total, lambda: (lambda i: session.run(batches[i % len(batches)]), lambda: None))
 
 
+def measure(port: int, bodies: list[bytes], session: InferenceSession, batches: list[dict], n: int, conc: int,
+            requests: int, rounds: int) -> dict:
+    """One cell: the service and the floor side by side in alternating rounds, so that a shared machine's
+    drift hits both alike."""
+    total = requests if n < 2000 else max(100, requests // 2)
+    run_clients(port, bodies, conc, max(20, total // 10))  # warm-up
+    run_floor(session, batches, conc, max(20, total // 10))
+    lat, flat, wall, fwall = [], [], 0.0, 0.0
+    for _ in range(rounds):
+        chunk = max(conc, total // rounds)
+        got, rps = run_clients(port, bodies, conc, chunk)
+        lat += got
+        wall += chunk / rps
+        got, rps = run_floor(session, batches, conc, chunk)
+        flat += got
+        fwall += chunk / rps
+    rps, frps = len(lat) / wall, len(flat) / fwall
+    p50, p99 = percentiles(lat)
+    f50, f99 = percentiles(flat)
+    return {"requests": len(lat),
+            "service_p50_ms": round(p50, 2), "service_p99_ms": round(p99, 2), "service_rps": round(rps, 1),
+            "floor_p50_ms": round(f50, 2), "floor_p99_ms": round(f99, 2), "floor_rps": round(frps, 1),
+            "p50_ratio": round(p50 / f50, 2), "p99_ratio": round(p99 / f99, 2),
+            "body_kb": round(np.mean([len(b) for b in bodies]) / 1024, 1)}
+
+
 def ensure_model(models: Path, config_path: Path, work: Path) -> Path:
     """`models` if it has a version for this config, else train one into it."""
     config = load_config(config_path)
@@ -185,6 +212,9 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=1000, help="timed requests per cell (default 1000)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="the service and the floor take turns this many times per cell (default 5)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure each cell this many times; with more than one, the target is judged on the median "
+                    "ratio (on a noisy shared machine one run's ratio moves by 10-20%%)")
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
@@ -230,29 +260,11 @@ def main() -> int:
             bodies = [json.dumps(r).encode() for r in reqs]
             batches = [codec.encode(codec.parse(b)) for b in bodies]
             for conc in args.concurrency:
-                total = args.requests if n < 2000 else max(100, args.requests // 2)
-                run_clients(port, bodies, conc, max(20, total // 10))  # warm-up
-                run_floor(session, batches, conc, max(20, total // 10))
-                # the two side by side in alternating rounds, so a shared machine's drift hits both alike
-                lat, flat, wall, fwall = [], [], 0.0, 0.0
-                for _ in range(args.rounds):
-                    chunk = max(conc, total // args.rounds)
-                    got, rps = run_clients(port, bodies, conc, chunk)
-                    lat += got
-                    wall += chunk / rps
-                    got, rps = run_floor(session, batches, conc, chunk)
-                    flat += got
-                    fwall += chunk / rps
-                rps, frps = len(lat) / wall, len(flat) / fwall
-                p50, p99 = percentiles(lat)
-                f50, f99 = percentiles(flat)
-                row = {"candidates": n, "concurrency": conc, "requests": len(lat),
-                       "service_p50_ms": round(p50, 2), "service_p99_ms": round(p99, 2), "service_rps": round(rps, 1),
-                       "floor_p50_ms": round(f50, 2), "floor_p99_ms": round(f99, 2), "floor_rps": round(frps, 1),
-                       "p50_ratio": round(p50 / f50, 2), "p99_ratio": round(p99 / f99, 2),
-                       "body_kb": round(np.mean([len(b) for b in bodies]) / 1024, 1)}
-                rows.append(row)
-                print(json.dumps(row), file=sys.stderr, flush=True)
+                for rep in range(args.repeat):
+                    row = {"candidates": n, "concurrency": conc, "repeat": rep,
+                           **measure(port, bodies, session, batches, n, conc, args.requests, args.rounds)}
+                    rows.append(row)
+                    print(json.dumps(row), file=sys.stderr, flush=True)
     finally:
         server.terminate()
         server.wait(30)
@@ -265,11 +277,16 @@ def main() -> int:
         print(f"{r['candidates']:>6} {r['concurrency']:>4} | {r['service_p50_ms']:>8.2f} {r['service_p99_ms']:>8.2f} "
               f"{r['service_rps']:>8.1f} | {r['floor_p50_ms']:>8.2f} {r['floor_p99_ms']:>8.2f} {r['floor_rps']:>8.1f} | "
               f"{r['p50_ratio']:>6.2f} {r['p99_ratio']:>6.2f}")
-    at500 = [r for r in rows if r["candidates"] == 500]
-    for r in at500:
-        ok = r["p50_ratio"] <= 2 and r["p99_ratio"] <= 3
-        print(f"target at 500 candidates, concurrency {r['concurrency']}: p50 {r['p50_ratio']}x (<= 2), "
-              f"p99 {r['p99_ratio']}x (<= 3): {'met' if ok else 'NOT met'}")
+    for conc in args.concurrency:
+        at500 = [r for r in rows if r["candidates"] == 500 and r["concurrency"] == conc]
+        if not at500:
+            continue
+        p50x = float(np.median([r["p50_ratio"] for r in at500]))
+        p99x = float(np.median([r["p99_ratio"] for r in at500]))
+        each = f" (runs: {', '.join(str(r['p50_ratio']) for r in at500)})" if len(at500) > 1 else ""
+        ok = p50x <= 2 and p99x <= 3
+        print(f"target at 500 candidates, concurrency {conc}: p50 {p50x:.2f}x (<= 2){each}, p99 {p99x:.2f}x (<= 3)"
+              f"{' (medians)' if len(at500) > 1 else ''}: {'met' if ok else 'NOT met'}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0
