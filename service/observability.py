@@ -164,19 +164,20 @@ class Metrics:
         by their `merge`, over the processes alive."""
         out = Metrics()
         mine = self.snapshot()
-        alive = [snap for snap, live in others if live]
-        out.workers.set(1 + len(alive))
+        every = [mine] + [snap for snap, _ in others]
+        alive = [mine] + [snap for snap, live in others if live]
+        out.workers.set(len(alive))
         for m in out._all():
             if m is out.workers:
                 continue
             if isinstance(m, Histogram):
-                for snap in [mine] + [s for s, _ in others]:
+                for snap in every:
                     counts, total = snap.get(m.name, [[0] * len(m.counts), 0.0])
                     if len(counts) == len(m.counts):
                         m.counts = [a + b for a, b in zip(m.counts, counts)]
                         m.sum += total
                 continue
-            snaps = [mine] + (alive if isinstance(m, Gauge) else [s for s, _ in others])
+            snaps = alive if isinstance(m, Gauge) else every
             values: dict[tuple[str, ...], list[float]] = {}
             for snap in snaps:
                 for labels, v in snap.get(m.name, []):

@@ -14,7 +14,8 @@ parameter, so tests never touch `os.environ`)::
                             the Triton backend (default 4; 0: those too on the event loop). A request that
                             carries every feature is ranked on the event loop, without a thread hand-off
     WATCHNEXT_WORKERS       worker processes sharing the port, each a whole service with its own model session
-                            (default 0: one per CPU this process may use, one when there is a CUDA driver)
+                            (default 0: for serve one per CPU this process may use, one when there is a CUDA
+                            driver; for up one, as it shares the machine with the trainer)
     WATCHNEXT_BACKEND       onnxruntime | triton: who runs the model (default onnxruntime, in this process);
                             triton sends the model call to a Triton Inference Server serving the same
                             model repository (needs `pip install 'watchnext[triton]'`)
@@ -145,7 +146,7 @@ class Settings:
 
     def worker_count(self) -> int:
         """`workers`, or for 0 one process per usable CPU (each has its own GIL: with one process on 2 cores,
-        Python's share of each request left a third of the CPU idle at 8 clients). One where there is a
+        Python's share of each request left a fifth of the CPU idle at 8 clients; `up` asks for one). One where there is a
         CUDA driver and the device may be CUDA: the processes would each hold a CUDA context for one GPU."""
         if self.workers:
             return self.workers

@@ -115,12 +115,6 @@ def _tail(path: Path, n: int = 3000) -> str:
         return ""
 
 
-def children_of(pid: int) -> list[int]:
-    """The process ids whose parent is `pid`."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
-    return [int(x) for x in out.split()]
-
-
 def children_by_kind(pid: int) -> dict[str, list[int]]:
     """`pid`'s child processes by what they run: redis (redis-server), trainer (`watchnext train`), worker
     (a `serve --workers` process), tracker (multiprocessing's resource tracker), other."""
@@ -135,10 +129,11 @@ def children_by_kind(pid: int) -> dict[str, list[int]]:
 
 
 def expected_workers() -> int:
-    """The worker processes `watchnext serve` starts by default here (none beside itself on one CPU)."""
-    from watchnext.runtime import usable_cpus
+    """The worker processes `watchnext serve` starts by default here (none beside itself when it picks one)."""
+    from service.settings import Settings
 
-    return usable_cpus() if usable_cpus() > 1 else 0
+    n = Settings().worker_count()
+    return n if n > 1 else 0
 
 
 def running(pid: int) -> bool:
@@ -162,11 +157,10 @@ class ServeProcess:
     `redis_url` None: REDIS_URL is unset, so serve starts an embedded redis-server (its data under `cwd`)."""
 
     def __init__(self, config_path: Path, models: Path, redis_url: str | None, admin_token: str | None,
-                 log_path: Path, cwd: Path = ROOT, log_level: str = "warning", env: dict[str, str] | None = None):
+                 log_path: Path, cwd: Path = ROOT, log_level: str = "warning", extra_env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        extra_env = env
         env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "WATCHNEXT_ADMIN_TOKEN")}
         env.update({"PYTHONPATH": str(ROOT), "WATCHNEXT_CONFIG": str(config_path), "WATCHNEXT_MODELS": str(models),
                     "WATCHNEXT_THREADS": "1", "WATCHNEXT_LOG_LEVEL": log_level})

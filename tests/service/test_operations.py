@@ -102,7 +102,7 @@ def test_serve_with_two_worker_processes_counts_every_request_and_survives_a_kil
     """`--workers 2`: both processes share the port; /metrics adds them up; a worker killed outright is
     replaced, and its counts stay in the sums."""
     serve = ServeProcess(trained["config_path"], trained["models"], None, None, tmp_path / "serve.log", cwd=tmp_path,
-                         log_level="info", env={"WATCHNEXT_WORKERS": "2"})
+                         log_level="info", extra_env={"WATCHNEXT_WORKERS": "2"})
     reqs = rank_requests(trained["history"], 40, top_k=3)
     try:
         serve.wait_ready()
