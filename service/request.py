@@ -349,6 +349,16 @@ class RequestCodec:
     # ------------------------------------------------------------ encoding
     def encode(self, inp: RankInput) -> dict[str, np.ndarray]:
         """Model inputs for every candidate; raises BadRequest naming the first bad field."""
+        if inp.gathered is not None:  # in C, the shared sections broadcast as it goes (0.25 -> 0.05 ms at 500)
+            sections = {"candidate": inp.gathered}
+            for s in SHARED:
+                if inp.shared[s]:
+                    sections[s] = self.encoder.gather(s, [inp.shared[s]])
+            if all(g is not None for g in sections.values()):
+                out = self.encoder.encode_native(sections, inp.n)
+                if out is not None:
+                    return out
+        # a value that fails a check, or no native module: numpy, which names the field
         one = self.encoder.empty_inputs(1)
         problems = Problems(1)
         for s in SHARED:

@@ -19,13 +19,13 @@ def test_the_native_module_is_built():
     assert NATIVE, "watchnext._native was not built: `pip install -e .` needs a C compiler"
 
 
-def random_rows(config, rng: np.random.Generator, n: int) -> list[dict]:
-    """Candidates with every kind of value the gather takes, and a few it has to check."""
+def random_rows(config, rng: np.random.Generator, n: int, source: str = "candidate") -> list[dict]:
+    """Rows of a section with every kind of value the gather takes, and a few it has to check."""
     rows = []
     for i in range(n):
         row: dict = {}
         for f in config.features:
-            if f.source != "candidate":
+            if f.source != source:
                 continue
             r = rng.random()
             if r < 0.1:
@@ -82,6 +82,63 @@ def test_gathered_encoding_equals_the_arrow_path(small_config):
         lacking = [any(r.get(f) is None for f in known - {"video_id"}) for r in rows]
         assert g.missing(skip="video_id").tolist() == lacking
     assert pb.bad.any() and not pb.bad.all()  # the checks ran on both sides
+
+
+@native
+def test_native_encode_equals_the_numpy_path(small_config):
+    """`Encoder.encode_native` (C, one call, shared sections broadcast) gives the numpy path's bits, or None
+    exactly when that path finds a problem (which it then names)."""
+    enc = Encoder(small_config)
+    rng = np.random.default_rng(5)
+    kinds = {f.kind for f in small_config.features if f.source != "candidate"}
+    assert kinds == {"categorical", "categorical_list", "numeric", "vector"}  # every kind is broadcast somewhere
+    transforms = {f.transform for f in enc.numeric}
+    assert transforms == {"none", "log1p"}
+    compared = refused = 0
+    for n in (0, 1, 2, 7, 300, 300, 300):
+        cands = random_rows(small_config, rng, n)
+        shared = {s: random_rows(small_config, rng, 1, s)[0] for s in ("user", "query", "context")}
+        if rng.random() < 0.3:
+            shared["query"] = None  # a section the request leaves out
+        reference, problems = enc.empty_inputs(n), Problems(n)
+        enc.encode_section("candidate", pa.array(cands, type=section_type(small_config, "candidate")), n, reference,
+                           problems)
+        for s, row in shared.items():
+            if row is not None:
+                enc.encode_section(s, pa.array([row] * n, type=section_type(small_config, s)), n, reference, problems)
+        bad = problems.bad
+        sections = {"candidate": enc.gather("candidate", cands)}
+        sections.update({s: enc.gather(s, [row]) for s, row in shared.items() if row is not None})
+        got = enc.encode_native(sections, n)
+        if bad.any():
+            assert got is None
+            refused += 1
+            keep = np.flatnonzero(~bad)  # the rows without a problem, again: now it encodes them
+            sections["candidate"] = enc.gather("candidate", [cands[i] for i in keep])
+            got = enc.encode_native(sections, len(keep))
+            reference = {k: v[keep] for k, v in reference.items()}
+        assert got is not None and got.keys() == reference.keys()
+        for k in got:
+            assert got[k].dtype == reference[k].dtype and got[k].shape == reference[k].shape, k
+            assert np.array_equal(got[k], reference[k]), k
+        compared += 1
+    assert refused >= 3 and compared == 7
+
+
+@native
+def test_native_encode_refuses_each_failed_check(small_config):
+    enc = Encoder(small_config)
+    good = {"video_id": "v1", "video_age_days": 1.0, "video_embedding": [0.5] * 16}
+    assert enc.encode_native({"candidate": enc.gather("candidate", [good] * 3)}, 3) is not None
+    for change in ({"video_age_days": -1.0}, {"video_age_days": 1e39}, {"video_embedding": [0.5] * 15 + [1e39]}):
+        g = enc.gather("candidate", [good, {**good, **change}, good])
+        assert enc.encode_native({"candidate": g}, 3) is None, change
+    g = enc.gather("context", [{"hour": -1e39}])  # in a broadcast section too
+    assert enc.encode_native({"candidate": enc.gather("candidate", [good] * 3), "context": g}, 3) is None
+    with pytest.raises(ValueError, match="column 0 is not valid"):
+        _native.encode(((0, 5, None, None, None, 7, 1, 0, 0, 0.0, np.zeros(2, np.int64)),), 2, None, None)
+    with pytest.raises(ValueError, match="out buffer"):
+        _native.encode(((0, 0, None, None, None, 7, 1, 0, 0, 0.0, np.zeros(3, np.int64)),), 2, None, None)
 
 
 @native

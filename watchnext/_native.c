@@ -713,6 +713,155 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------------ encode: columns -> model inputs
+ *
+ * `encode` does for gathered columns what Encoder.encode_gathered does with numpy, in one pass and
+ * one call: ids to embedding rows (hash % buckets + 1, 0 when absent), lists padded with 0, vectors
+ * as float32 (zeros when absent), numbers into a float64 matrix with their mask (the default where
+ * absent; the log1p itself stays with numpy, so that the trainer's and the service's values are the
+ * same bits). A section of one row is broadcast to every row. It only encodes values that pass every
+ * check; at the first that does not it returns 1, and the caller takes encode_gathered, which names
+ * the field.
+ */
+
+static const double F32_MAX = 3.4028234663852886e38;
+
+typedef struct {
+    int kind, log1p;
+    Py_ssize_t rows, width, col;
+    unsigned long long buckets;
+    double dflt;
+    Py_buffer present, values, count, out;
+} Column;
+
+static void release_columns(Column *cols, Py_ssize_t nc) {
+    for (Py_ssize_t j = 0; j < nc; j++) {
+        Py_buffer *b[4] = {&cols[j].present, &cols[j].values, &cols[j].count, &cols[j].out};
+        for (int k = 0; k < 4; k++)
+            if (b[k]->obj) PyBuffer_Release(b[k]);
+    }
+    PyMem_Free(cols);
+}
+
+static inline int fits(double v) { return isfinite(v) && fabs(v) <= F32_MAX; }
+
+/* row r of column c into output row i (r is i, or 0 for a broadcast section); 1 when a value fails a check */
+static int encode_row(Column *c, Py_ssize_t r, Py_ssize_t i, double *num, float *mask, Py_ssize_t ncols) {
+    int here = c->rows && ((const uint8_t *)c->present.buf)[r];
+    const Py_ssize_t w = c->width;
+    switch (c->kind) {
+    case CATEGORICAL:
+        ((int64_t *)c->out.buf)[i] = here ? (int64_t)(((const uint64_t *)c->values.buf)[r] % c->buckets) + 1 : 0;
+        return 0;
+    case LIST: {
+        int64_t *o = (int64_t *)c->out.buf + i * w;
+        const uint64_t *v = c->rows ? (const uint64_t *)c->values.buf + r * w : NULL;
+        Py_ssize_t kept = c->rows ? ((const int64_t *)c->count.buf)[r] : 0;
+        for (Py_ssize_t k = 0; k < w; k++) o[k] = k < kept ? (int64_t)(v[k] % c->buckets) + 1 : 0;
+        return 0;
+    }
+    case NUMERIC: {
+        double v = here ? ((const double *)c->values.buf)[r] : c->dflt;
+        if (here && (!fits(v) || (c->log1p && !(v > -1)))) return 1;
+        num[i * ncols + c->col] = v;
+        mask[i * ncols + c->col] = (float)here;
+        return 0;
+    }
+    default: { /* VECTOR */
+        float *o = (float *)c->out.buf + i * w;
+        if (!here) {
+            memset(o, 0, w * sizeof(float));
+            return 0;
+        }
+        const double *v = (const double *)c->values.buf + r * w;
+        for (Py_ssize_t k = 0; k < w; k++) {
+            if (!fits(v[k])) return 1;
+            o[k] = (float)v[k];
+        }
+        return 0;
+    }
+    }
+}
+
+PyDoc_STRVAR(encode_doc,
+"encode(columns, n, numeric, mask) -> 0, or 1 when a value fails a check (nothing is certain then)\n\n"
+"columns: one (kind, rows, present, values, count, buckets, width, col, log1p, default, out) per feature;\n"
+"rows is n, 1 (broadcast to every row) or 0 (absent everywhere; present, values and count are then\n"
+"None). out: int64 (n,) or (n, width) for ids, float32 (n, width) for vectors, None for numbers,\n"
+"which go to column `col` of numeric (float64 (n, ncols)) and of mask (float32 (n, ncols)).");
+
+static PyObject *encode(PyObject *self, PyObject *args) {
+    PyObject *spec, *num_obj, *mask_obj;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "O!nOO:encode", &PyTuple_Type, &spec, &n, &num_obj, &mask_obj)) return NULL;
+    Py_ssize_t nc = PyTuple_GET_SIZE(spec), ncols = 0;
+    Py_buffer num = {0}, mask = {0};
+    PyObject *result = NULL;
+    Column *cols = PyMem_Calloc(nc ? nc : 1, sizeof(Column));
+    if (cols == NULL) return PyErr_NoMemory();
+    if (n < 0 || n > PY_SSIZE_T_MAX / 64) {
+        PyErr_SetString(PyExc_ValueError, "encode: n out of range");
+        goto done;
+    }
+    if (num_obj != Py_None) {
+        if (PyObject_GetBuffer(num_obj, &num, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0) {
+            num.obj = NULL;
+            goto done;
+        }
+        ncols = num.ndim == 2 ? num.shape[1] : -1;
+        if (ncols < 0 || num.shape[0] != n || strcmp(num.format, "d") != 0 || (uintptr_t)num.buf % 8) {
+            PyErr_SetString(PyExc_ValueError, "encode: numeric must be an aligned float64 (n, ncols) buffer");
+            goto done;
+        }
+        if (get_buffer(mask_obj, &mask, n * ncols * 4, "mask", 4) < 0) goto done;
+    }
+    for (Py_ssize_t j = 0; j < nc; j++) {
+        Column *c = &cols[j];
+        PyObject *present, *values, *count, *out;
+        if (!PyArg_ParseTuple(PyTuple_GET_ITEM(spec, j), "inOOOKnnidO:column", &c->kind, &c->rows, &present, &values,
+                              &count, &c->buckets, &c->width, &c->col, &c->log1p, &c->dflt, &out))
+            goto done;
+        if (c->kind < CATEGORICAL || c->kind > VECTOR || !(c->rows == 0 || c->rows == 1 || c->rows == n) ||
+            c->width < 1 || c->width > 1 << 20 || ((c->kind == CATEGORICAL || c->kind == LIST) && c->buckets == 0) ||
+            (c->kind == NUMERIC && (num.obj == NULL || c->col < 0 || c->col >= ncols))) {
+            PyErr_Format(PyExc_ValueError, "encode: column %zd is not valid", j);
+            goto done;
+        }
+        Py_ssize_t width = (c->kind == LIST || c->kind == VECTOR) ? c->width : 1, item = c->kind == VECTOR ? 4 : 8;
+        if (c->rows) {
+            if (get_buffer(present, &c->present, c->rows, "present", 1) < 0 ||
+                get_buffer(values, &c->values, c->rows * width * 8, "values", 8) < 0 ||
+                (c->kind == LIST && get_buffer(count, &c->count, c->rows * 8, "count", 8) < 0))
+                goto done;
+        }
+        if (c->kind != NUMERIC && get_buffer(out, &c->out, n * width * item, "out", item) < 0) goto done;
+    }
+    int status = 0;
+    for (Py_ssize_t j = 0; j < nc && !status; j++) {
+        Column *c = &cols[j];
+        if (c->rows == n) {
+            for (Py_ssize_t i = 0; i < n && !status; i++) status = encode_row(c, i, i, num.buf, mask.buf, ncols);
+        } else if (n) { /* one row (or none) for all: encode row 0, then copy it */
+            status = encode_row(c, 0, 0, num.buf, mask.buf, ncols);
+            for (Py_ssize_t i = 1; i < n && !status; i++) {
+                if (c->kind == NUMERIC) {
+                    ((double *)num.buf)[i * ncols + c->col] = ((double *)num.buf)[c->col];
+                    ((float *)mask.buf)[i * ncols + c->col] = ((float *)mask.buf)[c->col];
+                } else {
+                    Py_ssize_t bytes = c->kind == CATEGORICAL ? 8 : (c->kind == VECTOR ? 4 : 8) * c->width;
+                    memcpy((char *)c->out.buf + i * bytes, c->out.buf, bytes);
+                }
+            }
+        }
+    }
+    result = PyLong_FromLong(status);
+done:
+    release_columns(cols, nc);
+    if (num.obj) PyBuffer_Release(&num);
+    if (mask.obj) PyBuffer_Release(&mask);
+    return result;
+}
+
 PyDoc_STRVAR(repeats_doc, "has_repeats(values) -> whether a uint64 buffer holds some value twice (a hash set).");
 
 static PyObject *has_repeats(PyObject *self, PyObject *args) {
@@ -769,6 +918,7 @@ static PyObject *count_byte(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"count_byte", count_byte, METH_VARARGS, count_doc},
+    {"encode", encode, METH_VARARGS, encode_doc},
     {"has_repeats", has_repeats, METH_VARARGS, repeats_doc},
     {"gather", gather, METH_VARARGS, gather_doc},
     {"scan", scan, METH_VARARGS, scan_doc},

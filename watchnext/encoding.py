@@ -229,6 +229,8 @@ class Encoder:
         self.section_types = {s: section_type(config, s) for s in SECTIONS}
         self.section_features = {s: [f for f in config.features if f.source == s] for s in SECTIONS}
         self._specs = self.input_specs()  # for empty_inputs, once per request
+        logs = [self.numeric_col[f.name] for f in self.numeric if f.transform == "log1p"]
+        self._log1p_cols = np.array(logs) if logs else None
 
     # The ONNX input layout, in order: (name, dtype, trailing shape).
     def input_specs(self) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -397,6 +399,41 @@ class Encoder:
             else:
                 rows = np.flatnonzero(present)
                 self._vector_values(f, v[rows], rows, out, problems, where)
+
+    def encode_native(self, sections: dict[str, Gathered], n: int) -> dict[str, np.ndarray] | None:
+        """`encode_gathered` for every section at once, in C: model inputs for n rows.
+
+        `sections` holds each section's gathered values, of n rows or of one row (broadcast to all n,
+        as a request's user, query and context are); a section left out is absent. The bucketing,
+        padding, defaults and checks are those of `encode_gathered`, and the log1p is numpy's, as
+        there. None when the module was not built or a value fails a check: `encode_gathered` then
+        names the field.
+        """
+        if _native is None:
+            return None
+        out = {name: np.empty((n, *shape), dtype=dtype) for name, dtype, shape in self._specs}
+        numeric = np.empty((n, len(self.numeric)), np.float64) if self.numeric else None
+        columns = []
+        for f in self.config.features:
+            g = sections.get(f.source)
+            if g is None:
+                rows, present, values, count = 0, None, None, None
+            else:
+                rows, present, values, count = g.n, g.present[f.name], g.values[f.name], g.counts.get(f.name)
+            code = KIND_CODES[f.kind]
+            if f.kind == "numeric":
+                columns.append((code, rows, present, values, count, 1, 1, self.numeric_col[f.name],
+                                f.transform == "log1p", f.default, None))
+            else:
+                width = f.max_len if f.kind == "categorical_list" else f.size if f.kind == "vector" else 1
+                columns.append((code, rows, present, values, count, f.buckets or 1, width, 0, False, 0.0, out[f.name]))
+        if _native.encode(tuple(columns), n, numeric, out.get("numeric_mask")):
+            return None
+        if numeric is not None:
+            if self._log1p_cols is not None:
+                numeric[:, self._log1p_cols] = np.log1p(numeric[:, self._log1p_cols])
+            out["numeric"][:] = numeric
+        return out
 
     def encode_labels(self, arr: pa.StructArray | None, n: int, problems: Problems) -> Labels:
         T = len(self.config.tasks)
