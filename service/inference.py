@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -74,11 +74,12 @@ class InferenceSession:
         self.input_names = list(self.session.input_names)
         self.task_names = list(self.session.task_names)
 
-    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def run(self, inputs: dict[str, np.ndarray], parts: int | None = None) -> np.ndarray:
+        """Heads for a batch, as up to `parts` parts at once (default: self.parts)."""
         if self.provider == CUDA:
             return self._run_cuda(inputs)
         n = len(inputs[self.input_names[0]]) if self.input_names else 0
-        k = min(self.parts, n // MIN_PART_ROWS)
+        k = min(self.parts if parts is None else parts, n // MIN_PART_ROWS)
         if k <= 1:
             return self.session.run(inputs)
         cut = np.linspace(0, n, k + 1).astype(int)
@@ -87,6 +88,11 @@ class InferenceSession:
         rest = [pool.submit(self.session.run, p) for p in parts[1:]]
         first = self.session.run(parts[0])  # this thread runs one part itself: the pool never waits on the pool
         return np.concatenate([first, *(f.result() for f in rest)])
+
+    def submit(self, inputs: dict[str, np.ndarray]) -> Future:
+        """Runs a batch whole on one of the pool's threads (Ranker.rank_early: the first rows of a request,
+        while the calling thread reads the rest)."""
+        return parts_pool().submit(self.session.run, inputs)
 
     def _run_cuda(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         sess = self.session.sess

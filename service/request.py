@@ -25,10 +25,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from watchnext.config import Config
-from watchnext.encoding import Encoder, Gathered, Problems, has_repeats, section_type
+from watchnext.encoding import NATIVE, Encoder, Gathered, Problems, Scan, count_byte, has_repeats, section_type
 from watchnext.examples import clean_section
 
 from .errors import BadRequest, split_reason
+from .inference import MIN_PART_ROWS
 
 SHARED = ("user", "query", "context")
 MAX_REQUEST_ID = 128
@@ -86,6 +87,15 @@ class RankInput:
     def served(objects: list[dict[str, Any]], known: frozenset[str]) -> list[dict[str, Any]]:
         """Candidate objects as served (logged with the impression): their known features that are not null."""
         return [{k: v for k, v in o.items() if v is not None and k in known} for o in objects]
+
+
+class Early:
+    """A rank request read in steps (RequestCodec.start): the scan so far, and the sections before the candidates
+    (None when they fail a check: then the whole request is parsed, to name it)."""
+
+    def __init__(self, body: bytes, scan: Scan, shared: dict[str, dict[str, Any]] | None):
+        self.body, self.scan, self.shared = body, scan, shared
+        self.sections: dict[str, Gathered | None] | None = None  # the shared sections, gathered once
 
 
 def parse_json(body: bytes) -> Any:
@@ -205,8 +215,9 @@ class RequestCodec:
         """The candidates read from the bytes by the native scan, the rest (small) by orjson; None when the
         scan is not sure of something (then orjson parses the whole body)."""
         got = self.encoder.scan("candidate", body, "candidates", self.max_candidates)
-        if got is None:
-            return None
+        return self._scanned(body, got) if got is not None else None
+
+    def _scanned(self, body: bytes, got: tuple[Gathered, np.ndarray, slice]) -> RankInput | None:
         g, spans, array = got
         if not self._ids_ok(g):
             return None
@@ -219,6 +230,52 @@ class RequestCodec:
         request_id, shared, top_k, unknown = self._head(obj)
         return RankInput(request_id, shared, top_k, unknown + g.unknown, body=body, spans=spans, array=array,
                          gathered=g, candidate_type=self.types["candidate"])
+
+    # ------------------------------------------------------------ in steps (Ranker.rank_early)
+    def start(self, body: bytes, parts: int) -> Early | None:
+        """The first of `parts` even shares of the candidates, read and ready to encode, with the sections
+        before them, so that the model can run on those rows while the rest of the body is read. None
+        where that does not apply (too few candidates for parts of MIN_PART_ROWS, no native module, a body
+        the scan is not sure of): `parse` then. Early.shared is None where the sections before the
+        candidates do not parse alone, and Early.scan.done where the whole list was read."""
+        if parts < 2 or not NATIVE:
+            return None
+        room = min(count_byte(body, 0x7B), self.max_candidates)  # the objects, and a few more
+        if room < parts * MIN_PART_ROWS:
+            return None
+        scan = self.encoder.scan_start("candidate", body, "candidates", self.max_candidates, room // parts)
+        if scan is None:
+            return None
+        early = Early(body, scan, None)
+        if scan.done:  # fewer candidates than it looked: read whole already
+            return early
+        try:  # the head alone: the body up to the candidates, closed
+            head = orjson.loads(body[: scan.start] + b"[]}")
+            early.shared = self._shared(head)[0] if type(head) is dict else None
+        except (orjson.JSONDecodeError, BadRequest):  # `finish_early` reads the whole body, and names the field
+            pass
+        return early
+
+    def encode_rows(self, early: Early, lo: int, hi: int) -> dict[str, np.ndarray] | None:
+        """Model inputs for the read rows lo..hi-1, with the head's shared sections; None when something there
+        needs the checking path (which `finish_early` + `encode` take, and which names the field)."""
+        if early.shared is None:
+            return None
+        if early.sections is None:
+            early.sections = {s: self.encoder.gather(s, [sec]) for s, sec in early.shared.items() if sec}
+        g = early.scan.rows(lo, hi)
+        if any(v is None for v in early.sections.values()) or (
+                self.item_id is not None and not g.present[self.item_id].all()):
+            return None
+        return self.encoder.encode_native({**early.sections, "candidate": g}, hi - lo)
+
+    def finish_early(self, early: Early) -> RankInput:
+        """The whole request from where `start` paused, checked as `parse` checks it."""
+        if early.scan.done or early.scan.more():
+            got = self._scanned(early.body, early.scan.result())
+            if got is not None:
+                return got
+        return self.parse(early.body)  # the scan was not sure of the rest: parsed again, the usual way
 
     def _head(self, obj: dict) -> tuple[str, dict[str, dict[str, Any]], int, int]:
         """A parsed body's request_id, shared sections, top_k, and its unknown shared features (the fast paths)."""

@@ -294,6 +294,45 @@ def test_scan_equals_orjson_and_gather(small_config):
     assert enc.scan("candidate", orjson.dumps({"candidates": [{"video_id": "a"}] * 3}), "candidates", 2) is None
 
 
+@native
+def test_scan_in_steps_equals_one_scan(small_config):
+    """Paused after k objects and resumed (once, or every few objects): the same columns, counts, unknown keys,
+    spans and array as one scan; while paused, the rows read so far are already the whole scan's."""
+    enc = Encoder(small_config)
+    rng = np.random.default_rng(4)
+    checked = 0
+    for n in (1, 50, 400):
+        rows = [{k: v for k, v in r.items() if not _non_finite(v)} for r in random_rows(small_config, rng, n)]
+        body = json.dumps({"user": {"user_id": "u"}, "candidates": rows, "top_k": 5}, indent=1, ensure_ascii=False).encode()
+        whole = enc.scan("candidate", body, "candidates", 2000)
+        if whole is None:  # a big integer somewhere: the scan leaves it to orjson, in steps too
+            st = enc.scan_start("candidate", body, "candidates", 2000, 1)
+            assert st is None or not st.more()  # it may pause before the value it cannot take
+            continue
+        for k, step in ((1, 0), (n // 2, 0), (n - 1, 0), (n, 0), (n + 5, 0), (7, 7), (1, 1)):
+            st = enc.scan_start("candidate", body, "candidates", 2000, k)
+            assert st is not None
+            assert st.done == (k >= n or k < 1)
+            if not st.done:
+                assert st.n == k and st.start == whole[2].start
+                for name in whole[0].present:
+                    assert np.array_equal(st.rows(0, k).present[name], whole[0].present[name][:k]), name
+            while step and not st.done:
+                assert st.more(st.n + step)
+            assert st.more() and st.done
+            g, spans, array = st.result()
+            assert_same(g, whole[0])
+            assert np.array_equal(spans, whole[1]) and array == whole[2]
+            checked += 1
+    assert checked >= 14  # two bodies or more were scanned in steps, seven ways each
+    st = enc.scan_start("candidate", b'{"candidates": [{"video_id": "a"}, {"video_id": "a"}, {}]}', "candidates", 9, 1)
+    with pytest.raises(ValueError, match="paused scan"):
+        _native.scan(st.body, st.key, st.spec, st.spans[0], st.spans[1], -1, 10**6, st.start, st.n)
+    # a damaged rest: the resumed scan gives nothing certain
+    st = enc.scan_start("candidate", b'{"candidates": [{"video_id": "a"}, {"video_id": 1}]}', "candidates", 9, 1)
+    assert st is not None and not st.done and not st.more()
+
+
 def _non_finite(v) -> bool:
     vals = v if isinstance(v, list) else [v]
     return any(isinstance(x, float) and not np.isfinite(x) for x in vals)

@@ -230,7 +230,7 @@ static PyObject *gather(PyObject *self, PyObject *args) {
  * JSON or UTF-8) makes it stop, and the caller parses the body with orjson as before.
  */
 
-enum { BAIL = 100 };
+enum { BAIL = 100, PAUSED = 2 };
 #define MAX_DEPTH 64
 
 /* 128-bit mantissas of 10**q, rounded down, q in [MIN_EXP10, MAX_EXP10] (set_powers, from Python) */
@@ -382,17 +382,18 @@ static int scan_number(Cursor *c, double *out) {
         }
         if (have_powers && eisel_lemire(man, (int)exp10, neg, out)) return OK;
     }
-    /* the rest: Python's own correctly rounded conversion */
+    /* the rest: Python's own correctly rounded conversion (with the GIL: the scan may run without it) */
     char buf[128];
     Py_ssize_t len = p - start;
     if (len >= (Py_ssize_t)sizeof(buf)) return BAIL;
     memcpy(buf, start, len);
     buf[len] = 0;
+    PyGILState_STATE gil = PyGILState_Ensure();
     double d = PyOS_string_to_double(buf, NULL, NULL);
-    if (d == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        return BAIL;
-    }
+    int failed = d == -1.0 && PyErr_Occurred();
+    if (failed) PyErr_Clear();
+    PyGILState_Release(gil);
+    if (failed) return BAIL;
     if (!isfinite(d)) return BAIL; /* orjson refuses a number that overflows a double */
     *out = d;
     return OK;
@@ -633,17 +634,101 @@ static int scan_object(Cursor *c, Field *fields, Py_ssize_t nf, Py_ssize_t i, Py
     }
 }
 
+/* the array's objects from c->p (an object's start), rows *n on; OK when the array closed, PAUSED when
+   `stop_after` rows are read and another follows (c->p is at its start) */
+static int scan_items(Cursor *c, Field *fields, Py_ssize_t nf, const unsigned char *base, int64_t *st, int64_t *en,
+                      Py_ssize_t cap, Py_ssize_t *n, Py_ssize_t *unknown, Py_ssize_t stop_after) {
+    for (;;) {
+        if (*n >= cap) return BAIL;
+        st[*n] = c->p - base;
+        if (scan_object(c, fields, nf, *n, unknown) != OK) return BAIL;
+        en[*n] = c->p - base;
+        (*n)++;
+        int r = after_item(c, ']');
+        if (r == CLOSED) return OK;
+        if (r != NEXT) return BAIL;
+        if (*n == stop_after) return PAUSED;
+    }
+}
+
 PyDoc_STRVAR(scan_doc,
-"scan(body, key, fields, starts, ends) -> (status, n, array_start, array_end, unknown)\n\n"
+"scan(body, key, fields, starts, ends, stop_after=-1, resume_at=0, array_start=-1, first_row=0)\n"
+"    -> (status, n, array_start, array_end, unknown, resume_at)\n\n"
 "Reads the array under the top-level `key` (bytes) of the JSON object `body`: one row per object\n"
 "in it, into `fields` (as for gather; the buffers have room for len(starts) rows). starts/ends\n"
 "(int64) get each object's byte span. status 0: done, and array_start/array_end are the array's\n"
-"span; otherwise nothing is certain (the caller parses the body another way).");
+"span; 2 (PAUSED): `stop_after` rows are read and more follow; call again with resume_at, array_start\n"
+"and first_row = n to go on (unknown counts the keys of this call's rows only); otherwise nothing is\n"
+"certain (the caller parses the body another way).");
+
+/* what one scan call reads, and where it got to */
+typedef struct {
+    const unsigned char *base, *end, *key;
+    Py_ssize_t klen, nf, cap, stop_after, resume_at, array_start, first_row;
+    Field *fields;
+    int64_t *st, *en;
+    Py_ssize_t n, unknown, a_start, a_end, pos; /* out */
+} ScanJob;
+
+/* the scan itself: no Python object is touched (it runs without the GIL), but for scan_number's rare
+   fallback, which takes the GIL back for itself */
+static int scan_run(ScanJob *j) {
+    Cursor c = {j->base, j->end};
+    const unsigned char *base = j->base;
+    Field *fields = j->fields;
+    Py_ssize_t nf = j->nf, cap = j->cap, n = 0, unknown = 0, a_start = -1, a_end = -1, pos = 0;
+    int64_t *st = j->st, *en = j->en;
+    int status = BAIL, r;
+    if (j->resume_at) { /* inside the array, at an object's start, as a PAUSED call left it */
+        c.p = base + j->resume_at;
+        n = j->first_row;
+        a_start = j->array_start;
+        if ((r = scan_items(&c, fields, nf, base, st, en, cap, &n, &unknown, j->stop_after)) != OK) goto stopped;
+        a_end = c.p - base;
+        goto next_key;
+    }
+    ws(&c);
+    if (c.p >= c.end || *c.p != '{' || opens_empty(&c, '}')) goto bail; /* no candidates: orjson's path says so */
+    for (;;) {
+        const unsigned char *key;
+        Py_ssize_t klen;
+        if (scan_key(&c, &key, &klen, 1) != OK) goto bail;
+        if (klen == j->klen && memcmp(key, j->key, klen) == 0) {
+            if (a_start >= 0 || c.p >= c.end || *c.p != '[') goto bail;
+            a_start = c.p - base;
+            if (!opens_empty(&c, ']') &&
+                (r = scan_items(&c, fields, nf, base, st, en, cap, &n, &unknown, j->stop_after)) != OK)
+                goto stopped;
+            a_end = c.p - base;
+        } else if (skip_value(&c, 1) != OK) {
+            goto bail;
+        }
+    next_key:
+        if ((r = after_item(&c, '}')) == CLOSED) break;
+        if (r != NEXT) goto bail;
+    }
+    ws(&c);
+    if (c.p != c.end || a_start < 0) goto bail;
+    status = OK;
+    goto bail;
+stopped:
+    if (r == PAUSED) {
+        status = PAUSED;
+        pos = c.p - base;
+    }
+bail:
+    if (status == BAIL) n = unknown = a_start = a_end = 0;
+    j->n = n, j->unknown = unknown, j->a_start = a_start, j->a_end = a_end, j->pos = pos;
+    return status;
+}
 
 static PyObject *scan(PyObject *self, PyObject *args) {
     Py_buffer body, key_buf;
     PyObject *spec, *starts_obj, *ends_obj;
-    if (!PyArg_ParseTuple(args, "y*y*O!OO:scan", &body, &key_buf, &PyTuple_Type, &spec, &starts_obj, &ends_obj))
+    ScanJob job = {0};
+    job.stop_after = -1, job.array_start = -1;
+    if (!PyArg_ParseTuple(args, "y*y*O!OO|nnnn:scan", &body, &key_buf, &PyTuple_Type, &spec, &starts_obj, &ends_obj,
+                          &job.stop_after, &job.resume_at, &job.array_start, &job.first_row))
         return NULL;
     PyObject *result = NULL;
     Py_buffer starts = {0}, ends = {0};
@@ -663,47 +748,26 @@ static PyObject *scan(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "scan: at most 64 fields");
         goto done;
     }
+    if (job.resume_at && (job.resume_at < 0 || job.resume_at >= body.len || job.array_start < 0 ||
+                          job.array_start >= job.resume_at || job.first_row < 0 || job.first_row > cap)) {
+        PyErr_SetString(PyExc_ValueError, "scan: resume_at, array_start and first_row must be a paused scan's");
+        goto done;
+    }
     fields = load_fields(spec, cap);
     if (fields == NULL) goto done;
-    int64_t *st = (int64_t *)starts.buf, *en = (int64_t *)ends.buf;
-    Cursor c = {(const unsigned char *)body.buf, (const unsigned char *)body.buf + body.len};
-    const unsigned char *base = c.p;
-    Py_ssize_t n = 0, unknown = 0, a_start = -1, a_end = -1;
-    int status = BAIL;
-    int r;
-    ws(&c);
-    if (c.p >= c.end || *c.p != '{' || opens_empty(&c, '}')) goto bail; /* no candidates: orjson's path says so */
-    for (;;) {
-        const unsigned char *key;
-        Py_ssize_t klen;
-        if (scan_key(&c, &key, &klen, 1) != OK) goto bail;
-        if (klen == key_buf.len && memcmp(key, key_buf.buf, klen) == 0) {
-            if (a_start >= 0 || c.p >= c.end || *c.p != '[') goto bail;
-            a_start = c.p - base;
-            if (!opens_empty(&c, ']')) {
-                for (;;) {
-                    if (n >= cap) goto bail;
-                    st[n] = c.p - base;
-                    if (scan_object(&c, fields, nf, n, &unknown) != OK) goto bail;
-                    en[n] = c.p - base;
-                    n++;
-                    if ((r = after_item(&c, ']')) == CLOSED) break;
-                    if (r != NEXT) goto bail;
-                }
-            }
-            a_end = c.p - base;
-        } else if (skip_value(&c, 1) != OK) {
-            goto bail;
-        }
-        if ((r = after_item(&c, '}')) == CLOSED) break;
-        if (r != NEXT) goto bail;
+    job.base = (const unsigned char *)body.buf, job.end = job.base + body.len;
+    job.key = (const unsigned char *)key_buf.buf, job.klen = key_buf.len;
+    job.fields = fields, job.nf = nf, job.cap = cap;
+    job.st = (int64_t *)starts.buf, job.en = (int64_t *)ends.buf;
+    int status;
+    if (body.len > 8192) { /* another thread may run meanwhile (a part of a batch on the model: Ranker.rank_early) */
+        Py_BEGIN_ALLOW_THREADS
+        status = scan_run(&job);
+        Py_END_ALLOW_THREADS
+    } else {
+        status = scan_run(&job);
     }
-    ws(&c);
-    if (c.p != c.end || a_start < 0) goto bail;
-    status = OK;
-bail:
-    if (status != OK) n = unknown = a_start = a_end = 0;
-    result = Py_BuildValue("innnn", status, n, a_start, a_end, unknown);
+    result = Py_BuildValue("innnnn", status, job.n, job.a_start, job.a_end, job.unknown, job.pos);
 done:
     if (fields) release(fields, nf);
     if (starts.obj) PyBuffer_Release(&starts);

@@ -40,6 +40,11 @@ def has_repeats(values: np.ndarray) -> bool:
     return len(np.unique(values)) != len(values)
 
 
+def count_byte(data: bytes, byte: int) -> int:
+    """How many times `byte` occurs in `data`."""
+    return _native.count_byte(data, byte) if _native is not None else data.count(bytes([byte]))
+
+
 def _powers_of_ten() -> tuple[bytes, bytes]:
     """128-bit mantissas of 10**q, rounded down, q = -348..347, as (high, low) uint64 bytes: the table
     of the Eisel-Lemire number conversion in watchnext/_native.c."""
@@ -201,6 +206,12 @@ class Gathered:
     counts: dict[str, np.ndarray]  # categorical_list: (n,) ids kept (at most max_len)
     unknown: int  # keys in the rows that name no feature of the section
 
+    def rows(self, lo: int, hi: int) -> Gathered:
+        """Rows lo..hi-1 (views)."""
+        return Gathered(hi - lo, {k: v[lo:hi] for k, v in self.present.items()},
+                        {k: v[lo:hi] for k, v in self.values.items()}, {k: v[lo:hi] for k, v in self.counts.items()},
+                        self.unknown)
+
     def missing(self, skip: str | None = None) -> np.ndarray:
         """(n,) bool: rows that lack at least one feature (besides `skip`)."""
         out = np.zeros(self.n, bool)
@@ -208,6 +219,40 @@ class Gathered:
             if name != skip:
                 out |= ~p
         return out
+
+
+class Scan:
+    """A native scan of a body's candidates (Encoder.scan_start), read so far: rows 0..n-1 of `g`."""
+
+    def __init__(self, body: bytes, key: bytes, spec: tuple, g: Gathered, spans: np.ndarray):
+        self.body, self.key, self.spec, self.spans = body, key, spec, spans
+        self.full = g  # room for every row
+        self.n, self.unknown, self.start, self.end, self.pos = 0, 0, -1, -1, 0
+
+    @property
+    def done(self) -> bool:
+        return self.end >= 0
+
+    def more(self, stop_after: int = -1) -> bool:
+        """Reads on, to `stop_after` rows in all (-1: to the end); False when the body needs orjson after all."""
+        if self.done:
+            return True
+        status, n, start, end, unknown, pos = _native.scan(self.body, self.key, self.spec, self.spans[0],
+                                                           self.spans[1], stop_after, self.pos, self.start, self.n)
+        if status not in (0, 2):
+            return False
+        self.n, self.start, self.end, self.pos = n, start, end if status == 0 else -1, pos
+        self.unknown += unknown
+        return True
+
+    def rows(self, lo: int, hi: int) -> Gathered:
+        return self.full.rows(lo, hi)
+
+    def result(self) -> tuple[Gathered, np.ndarray, slice]:
+        """What `Encoder.scan` returns, once done."""
+        g = self.full.rows(0, self.n)
+        g.unknown = self.unknown
+        return g, self.spans[:, : self.n].T, slice(self.start, self.end)
 
 
 @dataclass
@@ -356,19 +401,18 @@ class Encoder:
         module was not built, the array holds more than `limit` objects, or the body holds anything that
         `orjson.loads` + `gather` would not take as it is (see watchnext/_native.c): the caller then does that.
         """
+        st = self.scan_start(source, body, key, limit)
+        return st.result() if st is not None and st.done else None
+
+    def scan_start(self, source: str, body: bytes, key: str, limit: int, stop_after: int = -1) -> Scan | None:
+        """`scan`, in steps: it pauses after `stop_after` objects when more follow (`Scan.more` goes on), so that
+        the rows read so far can be put to work while the rest are read. None where `scan` gives None."""
         if _native is None:
             return None
-        rows = min(_native.count_byte(body, 0x7B), limit)  # every object starts with "{": room enough
+        rows = min(count_byte(body, 0x7B), limit)  # every object starts with "{": room enough
         spec, g = self._columns(source, rows)
-        spans = np.zeros((2, rows), np.int64)
-        status, n, start, end, g.unknown = _native.scan(body, key.encode(), spec, spans[0], spans[1])
-        if status:
-            return None
-        g.n = n
-        g.present = {k: v[:n] for k, v in g.present.items()}
-        g.values = {k: v[:n] for k, v in g.values.items()}
-        g.counts = {k: v[:n] for k, v in g.counts.items()}
-        return g, spans[:, :n].T, slice(start, end)
+        st = Scan(body, key.encode(), spec, g, np.zeros((2, rows), np.int64))
+        return st if st.more(stop_after) else None
 
     def _columns(self, source: str, n: int) -> tuple[tuple, Gathered]:
         """The native module's field spec for n rows of `source`, and the Gathered whose arrays it fills."""

@@ -310,3 +310,78 @@ def test_feature_store_reads_a_reply_in_one_parse_and_survives_a_corrupt_entry(s
     assert store.get(keys + ["wn:f:candidate:b"]) == [{"video_age_days": 1.0}, None, None]
     assert m.feature_hits.get() == 2
     store.close()
+
+
+def test_rank_early_serves_what_finish_serves(trained, redis_url):
+    """The model starts on the first share of the candidates while the rest are read (Ranker.rank_early, the
+    path of the only request in flight): the same items, order, scores and impression as parsing everything
+    first; and wherever it is in doubt (sections after the candidates, a value to check, ids that repeat,
+    a look-up in the feature store) it gives what `finish` gives, errors included."""
+    from service.features import FeatureStore
+    from service.models import ModelManager
+    from service.observability import Metrics
+    from service.ranker import Ranker
+    from service.request import RankInput
+    from watchnext.repository import ModelRepository
+
+    config = load_config(trained["config_path"])
+    repo = ModelRepository(trained["models"], config.model.name)
+    metrics = Metrics()
+    base = rank_requests(trained["history"], 1, top_k=30)[0]
+    pool = candidates_pool(trained["history"], 300)
+
+    def same(a, b) -> None:
+        assert [i["id"] for i in a.body["items"]] == [i["id"] for i in b.body["items"]]
+        np.testing.assert_allclose([i["score"] for i in a.body["items"]], [i["score"] for i in b.body["items"]],
+                                   rtol=1e-5)
+        assert {k: v for k, v in a.impression.items() if k != "ts"} == {k: v for k, v in b.impression.items() if k != "ts"}
+
+    for threads in (2, 3):
+        model = ModelManager(config, repo, metrics, "cpu", threads).load(2)
+        ranker = Ranker(config, FeatureStore(config, None, metrics, 20), metrics)
+        shares: list[int] = []
+
+        def counted(x, submit=model.session.submit, shares=shares):  # the real submit, counted
+            shares.append(len(x["video_id"]))
+            return submit(x)
+
+        model.session.submit = counted
+        for n in (95, 96, 150, 300):
+            body = json.dumps({**base, "candidates": pool[:n]}).encode()
+            shares.clear()
+            same(ranker.rank_early(body, model), ranker.finish(ranker.codec.parse(body), model))
+            room = n + 4  # the objects: the body's own, user, query, context, and the candidates
+            assert shares == ([room // threads] if room >= 48 * threads else []), n
+        # sections after the candidates: the ones before are not the request's, so the early share is dropped;
+        # an escaped id in the rest, which the scan leaves to orjson: parsed again
+        escaped = [dict(c) for c in pool[:200]]
+        escaped[150]["video_id"] = "vé150"
+        for tail, cands in (({"user": {**base["user"], "user_id": "someone-else"}}, pool[:200]),
+                            ({"top_k": 3}, pool[:200]), ({}, escaped)):
+            body = json.dumps({**base, "candidates": cands}).encode()
+            if tail:
+                body = body[:-1] + b", " + json.dumps(tail).encode()[1:]
+            assert (b"\\u00e9" in body) == (cands is escaped)
+            shares.clear()
+            same(ranker.rank_early(body, model), ranker.finish(ranker.codec.parse(body), model))
+            assert len(shares) == 1
+        # a value to check in the first share or in the rest, and ids that repeat: the error parse + encode give
+        for i, change in ((3, {"video_views": -5.0}), (180, {"video_views": -5.0}), (190, {"video_id": pool[1]["video_id"]})):
+            cands = [dict(c) for c in pool[:200]]
+            cands[i].update(change)
+            body = json.dumps({**base, "candidates": cands}).encode()
+            with pytest.raises(BadRequest) as want:
+                ranker.finish(ranker.codec.parse(body), model)
+            with pytest.raises(BadRequest) as got:
+                ranker.rank_early(body, model)
+            assert (got.value.field, got.value.reason) == (want.value.field, want.value.reason)
+
+    # with a feature store: a candidate that leaves features out is handed back, to be finished off the loop
+    model = ModelManager(config, repo, metrics, "cpu", 2).load(2)
+    ranker = Ranker(config, FeatureStore(config, redis_url, metrics, 200), metrics)
+    cands = [dict(c) for c in pool[:200]]
+    del cands[150]["video_embedding"]
+    got = ranker.rank_early(json.dumps({**base, "candidates": cands}).encode(), model)
+    assert isinstance(got, RankInput) and got.n == 200
+    full = ranker.rank_early(json.dumps({**base, "candidates": pool[:200]}).encode(), model)
+    assert not isinstance(full, RankInput) and len(full.body["items"]) == 30
