@@ -90,7 +90,8 @@ class Ranker:
             if rest is None:  # the usual way, from the parsed request
                 return inp if self.looks_up(inp) else self.finish(inp, model, live)
             self._prepare(inp)
-            heads = np.concatenate([first.result(), routed.session.run(rest, parts - 1)])
+            tail = routed.session.run(rest, parts - 1)  # first: the pool's share runs meanwhile
+            heads = np.concatenate([first.result(), tail])
         finally:
             if first is not None and not first.done():  # an exception on the way: the pool's part ends first
                 first.exception()

@@ -340,18 +340,37 @@ def test_rank_early_serves_what_finish_serves(trained, redis_url):
         model = ModelManager(config, repo, metrics, "cpu", threads).load(2)
         ranker = Ranker(config, FeatureStore(config, None, metrics, 20), metrics)
         shares: list[int] = []
+        events: list[str] = []
 
-        def counted(x, submit=model.session.submit, shares=shares):  # the real submit, counted
+        class Counted:  # the real future, its wait recorded
+            def __init__(self, future):
+                self.future = future
+
+            def result(self):
+                events.append("wait for the share")
+                return self.future.result()
+
+            def __getattr__(self, name):
+                return getattr(self.future, name)
+
+        def counted(x, submit=model.session.submit):  # the real submit, counted
             shares.append(len(x["video_id"]))
-            return submit(x)
+            return Counted(submit(x))
 
-        model.session.submit = counted
+        def run(x, parts=None, run=model.session.run):
+            events.append("run the rest")
+            return run(x, parts)
+
+        model.session.submit, model.session.run = counted, run
         for n in (95, 96, 150, 300):
             body = json.dumps({**base, "candidates": pool[:n]}).encode()
             shares.clear()
+            events.clear()
             same(ranker.rank_early(body, model), ranker.finish(ranker.codec.parse(body), model))
             room = n + 4  # the objects: the body's own, user, query, context, and the candidates
             assert shares == ([room // threads] if room >= 48 * threads else []), n
+            if shares:  # the rest ran while the share did, not after it
+                assert events == ["run the rest", "wait for the share", "run the rest"], n
         # sections after the candidates: the ones before are not the request's, so the early share is dropped;
         # an escaped id in the rest, which the scan leaves to orjson: parsed again
         escaped = [dict(c) for c in pool[:200]]
