@@ -336,11 +336,11 @@ def test_rank_early_serves_what_finish_serves(trained, redis_url):
                                    rtol=1e-5)
         assert {k: v for k, v in a.impression.items() if k != "ts"} == {k: v for k, v in b.impression.items() if k != "ts"}
 
+    shares: list[int] = []  # the rows of each share submitted early
+    events: list[str] = []
     for threads in (2, 3):
         model = ModelManager(config, repo, metrics, "cpu", threads).load(2)
         ranker = Ranker(config, FeatureStore(config, None, metrics, 20), metrics)
-        shares: list[int] = []
-        events: list[str] = []
 
         class Counted:  # the real future, its wait recorded
             def __init__(self, future):
