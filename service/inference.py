@@ -5,7 +5,8 @@
 binding, so the inputs are copied to the device once and the outputs are read
 back once, without the extra staging copies of `session.run`. On the CPU it
 runs a batch as parts at once, one ONNX Runtime thread each, as many as the
-CPUs this process may use (or `threads`).
+CPUs this process may use (or `threads`); `submit` runs a batch on the pool's
+thread while the caller goes on (Ranker.rank_early).
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """POST /v1/rank, the work: fill absent features from the store, encode once, run once, combine, keep top_k.
 
-Runs in a worker thread (ONNX Runtime releases the GIL), so the event loop
-stays free for other requests, feedback and health checks.
+The only rank request in flight runs on the event loop (`rank_early`: the model
+starts on the first share of the candidates while the rest are read); with
+others in flight each runs in a worker thread (ONNX Runtime and the native scan
+release the GIL), so the event loop stays free to read their bodies, feedback
+and health checks.
 """
 
 from __future__ import annotations

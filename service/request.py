@@ -11,6 +11,12 @@ that these refuse (NaN, a wrong type somewhere) or one holding a boolean is
 parsed by `json` and checked value by value, to name the field and the index::
 
     candidates[3].video_age_days: expected a number, got str '3 days'
+
+The encoding itself is one native call where it can be (`Encoder.encode_native`),
+and numpy's `encode_gathered` where a value fails a check (it names the field).
+For the only request in flight, `start` / `encode_rows` / `finish_early` read a
+body in steps, so that the model can start on the first share of the candidates
+while the rest are read (Ranker.rank_early).
 """
 
 from __future__ import annotations

@@ -9,8 +9,11 @@
  *   numeric           the number as a double                     float64 (n,)
  *   vector            the `width` numbers as doubles             float64 (n, width)
  *
- * and, for every feature, whether the row holds it (uint8, 0 for absent or null). Bucketing,
- * transforms, defaults and the checks stay in watchnext/encoding.py, shared with the Arrow path.
+ * and, for every feature, whether the row holds it (uint8, 0 for absent or null). `scan` reads the
+ * same columns straight from a request body's bytes, in steps if asked (see below), and `encode`
+ * turns the columns into the model's inputs: bucketing, padding, defaults and the checks of
+ * Encoder.encode_gathered, which stays the reference (tests hold the two to the same bits) and
+ * which the caller falls back on whenever `encode` finds a value that fails a check.
  *
  * It only gathers plain values: a str id, an int or float number (not a bool), lists of those.
  * Anything else (a wrong type, a vector of the wrong length, a null inside a list, an integer that
@@ -992,7 +995,8 @@ static PyMethodDef methods[] = {
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "watchnext._native",
-    "Gathers feature values from dicts into columns for watchnext.encoding (see gather).", -1, methods,
+    "Feature values from dicts (gather) or JSON bytes (scan) into columns, and columns into model inputs (encode),"
+    " for watchnext.encoding.", -1, methods,
 };
 
 PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }
