@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from watchnext.config import Config
 from watchnext.scoring import combine
@@ -88,7 +89,9 @@ class Ranker:
             inp = self.codec.finish_early(early)
             scanned = early.scan.done and inp.n == early.scan.n  # not parsed another way after all
             rest = None
-            if first is not None and scanned and inp.shared == early.shared and not self.looks_up(inp):
+            # the sections as read before the candidates must be the request's, to the bit (-0.0 is not 0.0)
+            same = scanned and orjson.dumps(inp.shared) == orjson.dumps(early.shared)
+            if first is not None and same and not self.looks_up(inp):
                 rest = self.codec.encode_rows(early, k, inp.n)
             if rest is None:  # the usual way, from the parsed request
                 return inp if self.looks_up(inp) else self.finish(inp, model, live)

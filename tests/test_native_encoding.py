@@ -94,8 +94,8 @@ def test_native_encode_equals_the_numpy_path(small_config):
     assert kinds == {"categorical", "categorical_list", "numeric", "vector"}  # every kind is broadcast somewhere
     transforms = {f.transform for f in enc.numeric}
     assert transforms == {"none", "log1p"}
-    compared = refused = 0
-    for n in (0, 1, 2, 7, 300, 300, 300):
+    compared = refused = refused_shared = 0
+    for n in (0, 1, 2, 7, 300, 300, 300, *rng.integers(0, 40, 40).tolist()):
         cands = random_rows(small_config, rng, n)
         shared = {s: random_rows(small_config, rng, 1, s)[0] for s in ("user", "query", "context")}
         if rng.random() < 0.3:
@@ -103,9 +103,20 @@ def test_native_encode_equals_the_numpy_path(small_config):
         reference, problems = enc.empty_inputs(n), Problems(n)
         enc.encode_section("candidate", pa.array(cands, type=section_type(small_config, "candidate")), n, reference,
                            problems)
+        bad_shared = False
         for s, row in shared.items():
             if row is not None:
                 enc.encode_section(s, pa.array([row] * n, type=section_type(small_config, s)), n, reference, problems)
+                one = Problems(1)  # as the service checks them: one row, whatever n is
+                enc.encode_section(s, pa.array([row], type=section_type(small_config, s)), 1, enc.empty_inputs(1), one)
+                bad_shared |= bool(one.bad.any())
+        if bad_shared:  # nothing to compare: refused, at any n
+            sections = {s: enc.gather(s, [row]) for s, row in shared.items() if row is not None}
+            for m in (0, n):
+                sections["candidate"] = enc.gather("candidate", cands[:m])
+                assert enc.encode_native(sections, m) is None
+            refused_shared += 1
+            continue
         bad = problems.bad
         sections = {"candidate": enc.gather("candidate", cands)}
         sections.update({s: enc.gather(s, [row]) for s, row in shared.items() if row is not None})
@@ -122,7 +133,7 @@ def test_native_encode_equals_the_numpy_path(small_config):
             assert got[k].dtype == reference[k].dtype and got[k].shape == reference[k].shape, k
             assert np.array_equal(got[k], reference[k]), k
         compared += 1
-    assert refused >= 3 and compared == 7
+    assert refused >= 3 and refused_shared >= 3 and compared >= 20, (refused, refused_shared, compared)
 
 
 @native
@@ -133,12 +144,18 @@ def test_native_encode_refuses_each_failed_check(small_config):
     for change in ({"video_age_days": -1.0}, {"video_age_days": 1e39}, {"video_embedding": [0.5] * 15 + [1e39]}):
         g = enc.gather("candidate", [good, {**good, **change}, good])
         assert enc.encode_native({"candidate": g}, 3) is None, change
-    g = enc.gather("context", [{"hour": -1e39}])  # in a broadcast section too
-    assert enc.encode_native({"candidate": enc.gather("candidate", [good] * 3), "context": g}, 3) is None
+    g = enc.gather("context", [{"hour": -1e39}])  # in a broadcast section too, with or without rows to write
+    for n in (3, 0):
+        assert enc.encode_native({"candidate": enc.gather("candidate", [good] * n), "context": g}, n) is None, n
+    g = enc.gather("user", [{"user_embedding": [1e39] * 16}])
+    assert enc.encode_native({"user": g}, 0) is None
+    assert enc.encode_native({"user": enc.gather("user", [{"user_embedding": [1.0] * 16}])}, 0) is not None
     with pytest.raises(ValueError, match="column 0 is not valid"):
         _native.encode(((0, 5, None, None, None, 7, 1, 0, 0, 0.0, np.zeros(2, np.int64)),), 2, None, None)
     with pytest.raises(ValueError, match="out buffer"):
         _native.encode(((0, 0, None, None, None, 7, 1, 0, 0, 0.0, np.zeros(3, np.int64)),), 2, None, None)
+    with pytest.raises(ValueError, match="column 0 is not valid"):  # a width whose buffer size would overflow
+        _native.encode(((1, 0, None, None, None, 7, 2**20, 0, 0, 0.0, np.zeros(0, np.int64)),), 2**44, None, None)
 
 
 @native
@@ -326,8 +343,10 @@ def test_scan_in_steps_equals_one_scan(small_config):
             checked += 1
     assert checked >= 14  # two bodies or more were scanned in steps, seven ways each
     st = enc.scan_start("candidate", b'{"candidates": [{"video_id": "a"}, {"video_id": "a"}, {}]}', "candidates", 9, 1)
-    with pytest.raises(ValueError, match="paused scan"):
-        _native.scan(st.body, st.key, st.spec, st.spans[0], st.spans[1], -1, 10**6, st.start, st.n)
+    for resume_at, array_start, first_row in ((10**6, st.start, st.n), (st.pos, st.start, -1), (st.pos, st.start, 10**6),
+                                              (st.pos, st.pos, st.n), (st.pos, -1, st.n), (-5, st.start, st.n)):
+        with pytest.raises(ValueError, match="paused scan"):
+            _native.scan(st.body, st.key, st.spec, st.spans[0], st.spans[1], -1, resume_at, array_start, first_row)
     # a damaged rest: the resumed scan gives nothing certain
     st = enc.scan_start("candidate", b'{"candidates": [{"video_id": "a"}, {"video_id": 1}]}', "candidates", 9, 1)
     assert st is not None and not st.done and not st.more()

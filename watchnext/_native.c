@@ -763,7 +763,9 @@ static PyObject *scan(PyObject *self, PyObject *args) {
     job.fields = fields, job.nf = nf, job.cap = cap;
     job.st = (int64_t *)starts.buf, job.en = (int64_t *)ends.buf;
     int status;
-    if (body.len > 8192) { /* another thread may run meanwhile (a part of a batch on the model: Ranker.rank_early) */
+    /* another thread may run meanwhile (a share of a batch on the model: Ranker.rank_early); only over immutable
+       bytes, which no thread can change under the scan */
+    if (body.len > 8192 && body.obj != NULL && PyBytes_CheckExact(body.obj)) {
         Py_BEGIN_ALLOW_THREADS
         status = scan_run(&job);
         Py_END_ALLOW_THREADS
@@ -811,6 +813,21 @@ static void release_columns(Column *cols, Py_ssize_t nc) {
 }
 
 static inline int fits(double v) { return isfinite(v) && fabs(v) <= F32_MAX; }
+
+/* the checks of encode_row alone, for row r (a one-row section with no rows to write it to) */
+static int check_row(Column *c, Py_ssize_t r) {
+    if (!((const uint8_t *)c->present.buf)[r]) return 0;
+    if (c->kind == NUMERIC) {
+        double v = ((const double *)c->values.buf)[r];
+        return !fits(v) || (c->log1p && !(v > -1));
+    }
+    if (c->kind == VECTOR) {
+        const double *v = (const double *)c->values.buf + r * c->width;
+        for (Py_ssize_t k = 0; k < c->width; k++)
+            if (!fits(v[k])) return 1;
+    }
+    return 0;
+}
 
 /* row r of column c into output row i (r is i, or 0 for a broadcast section); 1 when a value fails a check */
 static int encode_row(Column *c, Py_ssize_t r, Py_ssize_t i, double *num, float *mask, Py_ssize_t ncols) {
@@ -889,7 +906,7 @@ static PyObject *encode(PyObject *self, PyObject *args) {
                               &count, &c->buckets, &c->width, &c->col, &c->log1p, &c->dflt, &out))
             goto done;
         if (c->kind < CATEGORICAL || c->kind > VECTOR || !(c->rows == 0 || c->rows == 1 || c->rows == n) ||
-            c->width < 1 || c->width > 1 << 20 || ((c->kind == CATEGORICAL || c->kind == LIST) && c->buckets == 0) ||
+            c->width < 1 || c->width > 1 << 20 || c->width > PY_SSIZE_T_MAX / 8 / (n > 1 ? n : 1) || ((c->kind == CATEGORICAL || c->kind == LIST) && c->buckets == 0) ||
             (c->kind == NUMERIC && (num.obj == NULL || c->col < 0 || c->col >= ncols))) {
             PyErr_Format(PyExc_ValueError, "encode: column %zd is not valid", j);
             goto done;
@@ -906,9 +923,11 @@ static PyObject *encode(PyObject *self, PyObject *args) {
     int status = 0;
     for (Py_ssize_t j = 0; j < nc && !status; j++) {
         Column *c = &cols[j];
-        if (c->rows == n) {
+        if (n == 0) { /* nothing to write, but a one-row section's values are checked all the same */
+            status = c->rows ? check_row(c, 0) : 0;
+        } else if (c->rows == n) {
             for (Py_ssize_t i = 0; i < n && !status; i++) status = encode_row(c, i, i, num.buf, mask.buf, ncols);
-        } else if (n) { /* one row (or none) for all: encode row 0, then copy it */
+        } else { /* one row (or none) for all: encode row 0, then copy it */
             status = encode_row(c, 0, 0, num.buf, mask.buf, ncols);
             for (Py_ssize_t i = 1; i < n && !status; i++) {
                 if (c->kind == NUMERIC) {

@@ -395,6 +395,30 @@ def test_rank_early_serves_what_finish_serves(trained, redis_url):
                 ranker.rank_early(body, model)
             assert (got.value.field, got.value.reason) == (want.value.field, want.value.reason)
 
+    # a live experiment: each user's arm, version and weights, as `finish` routes them; a section after the
+    # candidates that differs only in a zero's sign is another request too (the share is dropped)
+    from service.experiments import LiveExperiment
+    from watchnext.experiments import Arm, Experiment
+
+    ranker = Ranker(config, FeatureStore(config, None, metrics, 20), metrics)
+    promoted, older = (ModelManager(config, repo, metrics, "cpu", 2).load(v) for v in (2, 1))
+    exp = Experiment("e", (Arm("control", 0.5), Arm("older", 0.5, version=1, weights={"click": 1.0, "like": 3.0})), "s")
+    live = LiveExperiment(exp, {1: older}, b"")
+    arms = set()
+    for u in range(12):
+        user = {**base["user"], "user_id": f"u{u}"}
+        body = json.dumps({**base, "user": user, "candidates": pool[:200]}).encode()
+        got, want = ranker.rank_early(body, promoted, live), ranker.finish(ranker.codec.parse(body), promoted, live)
+        same(got, want)
+        assert (got.body["arm"], got.body["model_version"]) == (want.body["arm"], want.body["model_version"])
+        arms.add(got.body["arm"])
+    assert arms == {"control", "older"}
+    body = json.dumps({**base, "context": {**base["context"], "hour": 0.0}, "candidates": pool[:200]}).encode()
+    body = body[:-1] + b', "context": ' + json.dumps({**base["context"], "hour": -0.0}).encode() + b"}"
+    got = ranker.rank_early(body, promoted)
+    assert got.impression["context"]["hour"] == 0.0 and str(got.impression["context"]["hour"]) == "-0.0"
+    same(got, ranker.finish(ranker.codec.parse(body), promoted))
+
     # with a feature store: a candidate that leaves features out is handed back, to be finished off the loop
     model = ModelManager(config, repo, metrics, "cpu", 2).load(2)
     ranker = Ranker(config, FeatureStore(config, redis_url, metrics, 200), metrics)
