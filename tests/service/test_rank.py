@@ -127,6 +127,9 @@ BAD = [
      "candidates[3].video_id", "repeats candidates[1]"),
     (b'{"query": {"query_embedding": [1, NaN, 3]}, "candidates": []}', 422, "query.query_embedding", None),
     (b'{"context": {"hour": "noon"}, "candidates": []}', 422, "context.hour", "expected a number"),
+    (b'{"context": {"hour": 1e39}, "candidates": []}', 422, "context.hour", "float32"),  # no rows, still checked
+    (b'{"user": {"user_embedding": [1e39, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}, "candidates": [{"video_id": "a"}]}',
+     422, "user.user_embedding", "float32"),
     (b'{"candidates": [], "top_k": 0}', 422, "top_k", ">= 1"),
     (b'{"candidates": [], "top_k": "5"}', 422, "top_k", None),
     (b'{"request_id": {"a": 1}, "candidates": []}', 422, "request_id", None),
