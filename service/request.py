@@ -246,8 +246,8 @@ class RequestCodec:
         candidates do not parse alone, and Early.scan.done where the whole list was read."""
         if parts < 2 or not NATIVE:
             return None
-        room = min(count_byte(body, 0x7B), self.max_candidates)  # the objects, and a few more
-        if room < parts * MIN_PART_ROWS:
+        room = count_byte(body, 0x7B)  # the objects, and a few more
+        if room < parts * MIN_PART_ROWS or room > self.max_candidates:  # near the limit: `parse` says 413 or not
             return None
         scan = self.encoder.scan_start("candidate", body, "candidates", self.max_candidates, room // parts)
         if scan is None:

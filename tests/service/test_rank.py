@@ -397,6 +397,12 @@ def test_rank_early_serves_what_finish_serves(trained, redis_url):
             with pytest.raises(BadRequest) as got:
                 ranker.rank_early(body, model)
             assert (got.value.field, got.value.reason) == (want.value.field, want.value.reason)
+        # more candidates than the limit: a 413, and no share is run for it
+        many = [{"video_id": f"x{i}"} for i in range(config.service.max_candidates + 1)]
+        shares.clear()
+        with pytest.raises(BadRequest) as got:
+            ranker.rank_early(json.dumps({**base, "candidates": many}).encode(), model)
+        assert got.value.status == 413 and shares == []
 
     # a live experiment: each user's arm, version and weights, as `finish` routes them; a section after the
     # candidates that differs only in a zero's sign is another request too (the share is dropped)
