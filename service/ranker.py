@@ -69,8 +69,8 @@ class Ranker:
         encode everything before the model starts (500 candidates: 0.3 ms), and the pool's thread would
         then start its part late (waking it: about 0.1 ms here). The first share runs whole on the pool;
         the rest, once read, as the session's other parts. Any doubt (a value to check, sections after
-        the candidates that differ from those before them, a feature-store look-up) and the first share's
-        heads are dropped and the request takes `finish`, so what is served is the same. Returns the
+        the candidates that differ from those before them, a feature-store look-up, a body the scan leaves
+        to orjson) and the first share's heads are dropped and the request takes `finish`, so what is served is the same. Returns the
         parsed request instead when ranking it waits on the feature store (the caller runs `finish` off
         the event loop).
         """
@@ -96,7 +96,7 @@ class Ranker:
             if rest is None:  # the usual way, from the parsed request
                 return inp if self.looks_up(inp) else self.finish(inp, model, live)
             self._prepare(inp)
-            tail = routed.session.run(rest, parts - 1)  # first: the pool's share runs meanwhile
+            tail = routed.session.run(rest, parts - 1)  # before waiting for the share, which runs meanwhile
             heads = np.concatenate([first.result(), tail])
         finally:
             if first is not None and not first.done():  # an exception on the way: the pool's part ends first

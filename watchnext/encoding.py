@@ -207,7 +207,7 @@ class Gathered:
     unknown: int  # keys in the rows that name no feature of the section
 
     def rows(self, lo: int, hi: int) -> Gathered:
-        """Rows lo..hi-1 (views)."""
+        """Rows lo..hi-1 (views; `unknown` stays the whole's)."""
         return Gathered(hi - lo, {k: v[lo:hi] for k, v in self.present.items()},
                         {k: v[lo:hi] for k, v in self.values.items()}, {k: v[lo:hi] for k, v in self.counts.items()},
                         self.unknown)
@@ -222,7 +222,7 @@ class Gathered:
 
 
 class Scan:
-    """A native scan of a body's candidates (Encoder.scan_start), read so far: rows 0..n-1 of `g`."""
+    """A native scan of a body's candidates (Encoder.scan_start), read so far: rows 0..n-1 of `full`."""
 
     def __init__(self, body: bytes, key: bytes, spec: tuple, g: Gathered, spans: np.ndarray):
         self.body, self.key, self.spec, self.spans = body, key, spec, spans
