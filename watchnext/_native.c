@@ -906,7 +906,8 @@ static PyObject *encode(PyObject *self, PyObject *args) {
                               &count, &c->buckets, &c->width, &c->col, &c->log1p, &c->dflt, &out))
             goto done;
         if (c->kind < CATEGORICAL || c->kind > VECTOR || !(c->rows == 0 || c->rows == 1 || c->rows == n) ||
-            c->width < 1 || c->width > 1 << 20 || c->width > PY_SSIZE_T_MAX / 8 / (n > 1 ? n : 1) || ((c->kind == CATEGORICAL || c->kind == LIST) && c->buckets == 0) ||
+            c->width < 1 || c->width > 1 << 20 || c->width > PY_SSIZE_T_MAX / 8 / (n > 1 ? n : 1) ||
+            ((c->kind == CATEGORICAL || c->kind == LIST) && c->buckets == 0) ||
             (c->kind == NUMERIC && (num.obj == NULL || c->col < 0 || c->col >= ncols))) {
             PyErr_Format(PyExc_ValueError, "encode: column %zd is not valid", j);
             goto done;
