@@ -814,7 +814,7 @@ static void release_columns(Column *cols, Py_ssize_t nc) {
 
 static inline int fits(double v) { return isfinite(v) && fabs(v) <= F32_MAX; }
 
-/* the checks of encode_row alone, for row r (a one-row section with no rows to write it to) */
+/* whether row r of column c fails a check (encode_row's, and a one-row section's with no rows to write) */
 static int check_row(Column *c, Py_ssize_t r) {
     if (!((const uint8_t *)c->present.buf)[r]) return 0;
     if (c->kind == NUMERIC) {
@@ -833,6 +833,7 @@ static int check_row(Column *c, Py_ssize_t r) {
 static int encode_row(Column *c, Py_ssize_t r, Py_ssize_t i, double *num, float *mask, Py_ssize_t ncols) {
     int here = c->rows && ((const uint8_t *)c->present.buf)[r];
     const Py_ssize_t w = c->width;
+    if (here && check_row(c, r)) return 1;
     switch (c->kind) {
     case CATEGORICAL:
         ((int64_t *)c->out.buf)[i] = here ? (int64_t)(((const uint64_t *)c->values.buf)[r] % c->buckets) + 1 : 0;
@@ -846,7 +847,6 @@ static int encode_row(Column *c, Py_ssize_t r, Py_ssize_t i, double *num, float 
     }
     case NUMERIC: {
         double v = here ? ((const double *)c->values.buf)[r] : c->dflt;
-        if (here && (!fits(v) || (c->log1p && !(v > -1)))) return 1;
         num[i * ncols + c->col] = v;
         mask[i * ncols + c->col] = (float)here;
         return 0;
@@ -858,10 +858,7 @@ static int encode_row(Column *c, Py_ssize_t r, Py_ssize_t i, double *num, float 
             return 0;
         }
         const double *v = (const double *)c->values.buf + r * w;
-        for (Py_ssize_t k = 0; k < w; k++) {
-            if (!fits(v[k])) return 1;
-            o[k] = (float)v[k];
-        }
+        for (Py_ssize_t k = 0; k < w; k++) o[k] = (float)v[k];
         return 0;
     }
     }
