@@ -404,12 +404,15 @@ class Encoder:
         st = self.scan_start(source, body, key, limit)
         return st.result() if st is not None and st.done else None
 
-    def scan_start(self, source: str, body: bytes, key: str, limit: int, stop_after: int = -1) -> Scan | None:
+    def scan_start(self, source: str, body: bytes, key: str, limit: int, stop_after: int = -1,
+                   braces: int | None = None) -> Scan | None:
         """`scan`, in steps: it pauses after `stop_after` objects when more follow (`Scan.more` goes on), so that
-        the rows read so far can be put to work while the rest are read. None where `scan` gives None."""
+        the rows read so far can be put to work while the rest are read. None where `scan` gives None.
+        `braces`: count_byte(body, 0x7B), where the caller has it already."""
         if _native is None:
             return None
-        rows = min(count_byte(body, 0x7B), limit)  # every object starts with "{": room enough
+        # every object starts with "{": room enough
+        rows = min(count_byte(body, 0x7B) if braces is None else braces, limit)
         spec, g = self._columns(source, rows)
         st = Scan(body, key.encode(), spec, g, np.zeros((2, rows), np.int64))
         return st if st.more(stop_after) else None
