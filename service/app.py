@@ -210,10 +210,9 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
             else:
                 # the only rank request in the process: on the event loop, without the thread hand-off there
                 # and back (p50 at 500 candidates, one client: 0.2-0.3 ms less), unless it waits on the
-                # feature store. Parsing and encoding are CPU work, and ONNX Runtime runs its parts on the
-                # pool's threads. With others in flight, worker threads keep the loop free to read their
+                # feature store; the model starts on the first share of the candidates while the rest are
+                # read (rank_early). With others in flight, worker threads keep the loop free to read their
                 # bodies: all on the loop, p99 at eight clients was 3x the p50.
-                # The model starts on the first share of the candidates while the rest are read (rank_early).
                 got = svc.ranker.rank_early(body, model, live)
                 if isinstance(got, RankInput):  # it waits on the feature store
                     ranked = await anyio.to_thread.run_sync(svc.ranker.finish, got, model, live, limiter=svc.limiter)
@@ -416,7 +415,6 @@ METRICS_DIR_ENV = "WATCHNEXT_WORKER_METRICS"
 def worker_app() -> FastAPI:
     """The app of one worker process of `watchnext serve --workers N` (uvicorn's factory, "service.app:worker_app"):
     the settings the parent checked, read from its environment."""
-    import gc
     import os
 
     from .settings import build_deps
@@ -425,9 +423,18 @@ def worker_app() -> FastAPI:
     # stops rather than restart the worker
     settings = Settings.from_json(os.environ[SETTINGS_ENV])
     app = create_app(settings, build_deps(settings, os.environ.get(METRICS_DIR_ENV)))
-    gc.collect()
-    gc.freeze()  # see service.cli.run_server
+    freeze_startup()
     return app
+
+
+def freeze_startup() -> None:
+    """What start-up built (modules, the app) lives as long as the process: take it out of the collector's
+    generations, so that the full collections requests trigger do not walk it all (500 candidates at
+    concurrency 1 on 2 cores: p99 28-38 ms without this, 11-24 ms with it; measured 2026-11-23)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 def switch(svc: Service, version: int, commit) -> dict[str, Any]:

@@ -84,10 +84,10 @@ class InferenceSession:
         if k <= 1:
             return self.session.run(inputs)
         cut = np.linspace(0, n, k + 1).astype(int)
-        parts = [{name: a[lo:hi] for name, a in inputs.items()} for lo, hi in zip(cut[:-1], cut[1:], strict=True)]
+        pieces = [{name: a[lo:hi] for name, a in inputs.items()} for lo, hi in zip(cut[:-1], cut[1:], strict=True)]
         pool = parts_pool()
-        rest = [pool.submit(self.session.run, p) for p in parts[1:]]
-        first = self.session.run(parts[0])  # this thread runs one part itself: the pool never waits on the pool
+        rest = [pool.submit(self.session.run, p) for p in pieces[1:]]
+        first = self.session.run(pieces[0])  # this thread runs one part itself: the pool never waits on the pool
         return np.concatenate([first, *(f.result() for f in rest)])
 
     def submit(self, inputs: dict[str, np.ndarray]) -> Future:

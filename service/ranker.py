@@ -77,8 +77,8 @@ class Ranker:
         parts = getattr(model.session, "parts", 1)
         early = self.codec.start(body, parts)
         if early is None or early.shared is None or early.scan.done:
-            inp = self.codec.finish_early(early) if early is not None else self.codec.parse(body)
-            return inp if self.looks_up(inp) else self.finish(inp, model, live)
+            return self._ordinary(self.codec.finish_early(early) if early is not None else self.codec.parse(body),
+                                  model, live)
         arm, experiment, routed, weights = self._route(early.shared, model, live)
         first, k = None, early.scan.n  # the first share's rows
         lookups = self.store.enabled and self._shared_lookups(early.shared)
@@ -93,8 +93,8 @@ class Ranker:
             same = scanned and orjson.dumps(inp.shared) == orjson.dumps(early.shared)
             if first is not None and same and not self.looks_up(inp):
                 rest = self.codec.encode_rows(early, k, inp.n)
-            if rest is None:  # the usual way, from the parsed request
-                return inp if self.looks_up(inp) else self.finish(inp, model, live)
+            if rest is None:
+                return self._ordinary(inp, model, live)
             self._prepare(inp)
             tail = routed.session.run(rest, parts - 1)  # before waiting for the share, which runs meanwhile
             heads = np.concatenate([first.result(), tail])
@@ -102,6 +102,10 @@ class Ranker:
             if first is not None and not first.done():  # an exception on the way: the pool's part ends first
                 first.exception()
         return self._post(inp, heads, routed, weights, arm, experiment)
+
+    def _ordinary(self, inp: RankInput, model: LoadedModel, live: LiveExperiment | None) -> Ranked | RankInput:
+        """rank_early's way out: `finish` here, or the parsed request back when it waits on the feature store."""
+        return inp if self.looks_up(inp) else self.finish(inp, model, live)
 
     def _route(self, shared: dict, model: LoadedModel, live: LiveExperiment | None) -> tuple:
         """(arm, experiment, model, weights) for a request with these shared sections."""
