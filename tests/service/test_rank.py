@@ -340,53 +340,66 @@ def test_rank_early_serves_what_finish_serves(trained, redis_url):
         assert {k: v for k, v in a.impression.items() if k != "ts"} == {k: v for k, v in b.impression.items() if k != "ts"}
 
     shares: list[int] = []  # the rows of each share submitted early
-    events: list[str] = []
-    for threads in (2, 3):
-        model = ModelManager(config, repo, metrics, "cpu", threads).load(2)
-        ranker = Ranker(config, FeatureStore(config, None, metrics, 20), metrics)
+    events: list = []  # ("run", parts) for each session.run, and the wait for a share
 
-        class Counted:  # the real future, its wait recorded
-            def __init__(self, future):
-                self.future = future
+    class Counted:  # the real future, its wait recorded
+        def __init__(self, future):
+            self.future = future
 
-            def result(self):
-                events.append("wait for the share")
-                return self.future.result()
+        def result(self):
+            events.append("wait for the share")
+            return self.future.result()
 
-            def __getattr__(self, name):
-                return getattr(self.future, name)
+        def __getattr__(self, name):
+            return getattr(self.future, name)
 
-        def counted(x, submit=model.session.submit):  # the real submit, counted
+    def instrument(model) -> None:
+        """The model's real session, its submits and runs recorded: the early path runs the rest as
+        parts - 1 parts; `finish` runs the whole batch as the session's parts (None)."""
+        submit, run = model.session.submit, model.session.run
+
+        def counted(x):
             shares.append(len(x["video_id"]))
             return Counted(submit(x))
 
-        def run(x, parts=None, run=model.session.run):
-            events.append("run the rest")
+        def recorded(x, parts=None):
+            events.append(("run", parts))
             return run(x, parts)
 
-        model.session.submit, model.session.run = counted, run
+        model.session.submit, model.session.run = counted, recorded
+
+    def early(ranker, body, model, live=None):
+        """rank_early's answer, and what it did."""
+        shares.clear()
+        events.clear()
+        return ranker.rank_early(body, model, live), list(events)
+
+    dropped = [("run", None)]  # the share's heads thrown away: `finish` ran the whole batch
+    for threads in (2, 3):
+        model = ModelManager(config, repo, metrics, "cpu", threads).load(2)
+        instrument(model)
+        ranker = Ranker(config, FeatureStore(config, None, metrics, 20), metrics)
+        kept = [("run", threads - 1), "wait for the share"]  # the rest ran while the share did, not after it
         for n in (95, 96, 150, 300):
             body = json.dumps({**base, "candidates": pool[:n]}).encode()
-            shares.clear()
-            events.clear()
-            same(ranker.rank_early(body, model), ranker.finish(ranker.codec.parse(body), model))
+            got, did = early(ranker, body, model)
             room = n + 4  # the objects: the body's own, user, query, context, and the candidates
             assert shares == ([room // threads] if room >= 48 * threads else []), n
-            if shares:  # the rest ran while the share did, not after it
-                assert events == ["run the rest", "wait for the share", "run the rest"], n
-        # sections after the candidates: the ones before are not the request's, so the early share is dropped;
-        # an escaped id in the rest, which the scan leaves to orjson: parsed again
+            assert did == (kept if shares else dropped), n
+            same(got, ranker.finish(ranker.codec.parse(body), model))
+        # sections after the candidates: the ones before are not the request's, so the early share is dropped
+        # (unless they only add top_k); an escaped id in the rest, which the scan leaves to orjson: parsed again
         escaped = [dict(c) for c in pool[:200]]
         escaped[150]["video_id"] = "vé150"
-        for tail, cands in (({"user": {**base["user"], "user_id": "someone-else"}}, pool[:200]),
-                            ({"top_k": 3}, pool[:200]), ({}, escaped)):
+        for tail, cands, want_did in (({"user": {**base["user"], "user_id": "someone-else"}}, pool[:200], dropped),
+                                      ({"top_k": 3}, pool[:200], kept), ({}, escaped, dropped)):
             body = json.dumps({**base, "candidates": cands}).encode()
             if tail:
                 body = body[:-1] + b", " + json.dumps(tail).encode()[1:]
             assert (b"\\u00e9" in body) == (cands is escaped)
-            shares.clear()
-            same(ranker.rank_early(body, model), ranker.finish(ranker.codec.parse(body), model))
-            assert len(shares) == 1
+            got, did = early(ranker, body, model)
+            assert len(shares) == 1 and did == want_did, tail
+            same(got, ranker.finish(ranker.codec.parse(body), model))
         # a value to check in the first share or in the rest, and ids that repeat: the error parse + encode give
         for i, change in ((3, {"video_views": -5.0}), (180, {"video_views": -5.0}), (190, {"video_id": pool[1]["video_id"]})):
             cands = [dict(c) for c in pool[:200]]
@@ -411,6 +424,7 @@ def test_rank_early_serves_what_finish_serves(trained, redis_url):
 
     ranker = Ranker(config, FeatureStore(config, None, metrics, 20), metrics)
     promoted, older = (ModelManager(config, repo, metrics, "cpu", 2).load(v) for v in (2, 1))
+    instrument(promoted)
     exp = Experiment("e", (Arm("control", 0.5), Arm("older", 0.5, version=1, weights={"click": 1.0, "like": 3.0})), "s")
     live = LiveExperiment(exp, {1: older}, b"")
     arms = set()
@@ -424,7 +438,8 @@ def test_rank_early_serves_what_finish_serves(trained, redis_url):
     assert arms == {"control", "older"}
     body = json.dumps({**base, "context": {**base["context"], "hour": 0.0}, "candidates": pool[:200]}).encode()
     body = body[:-1] + b', "context": ' + json.dumps({**base["context"], "hour": -0.0}).encode() + b"}"
-    got = ranker.rank_early(body, promoted)
+    got, did = early(ranker, body, promoted)
+    assert len(shares) == 1 and did == dropped
     assert got.impression["context"]["hour"] == 0.0 and str(got.impression["context"]["hour"]) == "-0.0"
     same(got, ranker.finish(ranker.codec.parse(body), promoted))
 
