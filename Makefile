@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 
 # install into .venv. torch is pinned first to the CPU build that lies on this
 # machine's disk; an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml setup.py watchnext/_native.c
+$(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet "torch==2.13.0"
 	$(BIN)/pip install --quiet -e ".[train,dev]"

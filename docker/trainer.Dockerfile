@@ -8,24 +8,20 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 
-# gcc and the Python headers build watchnext._native (the encoder's gather; setup.py) and are removed
-# after the install below (python -P: the installed package, not the sources in /app)
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev gcc libc6-dev \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
 
 WORKDIR /app
-COPY pyproject.toml setup.py README.md watchnext.toml ./
+COPY pyproject.toml README.md watchnext.toml ./
 COPY watchnext ./watchnext
 COPY service ./service
 COPY training ./training
 # the project itself, by path: its own pyproject.toml pins the ranges (torch>=2.4,<2.14)
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[train]" \
-    && python -P -c "import watchnext._native" \
-    && apt-get purge -y --auto-remove gcc libc6-dev python3-dev \
     && useradd --create-home --uid 10001 watchnext \
     && mkdir -p /models /checkpoints \
     && chown watchnext /models /checkpoints

@@ -23,18 +23,17 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from watchnext.cli import models_summary
-from watchnext.encoding import NATIVE
+from watchnext.encoding import Encoder
 from watchnext.repository import RepositoryError
 
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unavailable
 from .experiments import Experiments, report_of, view
-from .features import FeatureStore
+from .features import OnlineFeatures
 from .feedback import MAX_EVENTS, parse_feedback
 from .impressions import REASONS, REDIS_ERRORS, ImpressionLog
 from .models import ModelManager, VersionRefused
 from .observability import Metrics, SharedMetrics, Stopwatch, log, setup_logging
 from .ranker import Ranker
-from .request import RankInput
 from .schema import (
     FeedbackResponse,
     RankResponse,
@@ -77,8 +76,10 @@ class Service:
         self.metrics = Metrics()
         self.models = ModelManager(deps.config, deps.repo, self.metrics, settings.device, settings.threads,
                                    settings.backend, settings.triton_url)
-        self.store = FeatureStore(deps.config, deps.redis_url, self.metrics, deps.config.service.feature_timeout_ms,
-                                  settings.feature_backoff_s)
+        svc_cfg = deps.config.service
+        self.store = OnlineFeatures(deps.config, Encoder(deps.config), deps.redis_url, self.metrics,
+                                    svc_cfg.feature_timeout_ms, settings.feature_backoff_s,
+                                    int(svc_cfg.feature_cache_mb * (1 << 20)))
         self.log = (
             ImpressionLog(deps.config, deps.redis_url, self.metrics, settings.flush_interval_s,
                           settings.impression_buffer, settings.close_interval_s)
@@ -106,6 +107,7 @@ class Service:
         self.models.start(self.config.service.model_poll_s)
         if self.log is not None:
             self.log.start()
+        self.store.start()
         if self.experiments is not None:
             self.experiments.start(self.config.service.model_poll_s)
         if self.shared is not None:
@@ -114,8 +116,7 @@ class Service:
         log(logger, logging.INFO, "service_started", config=self.config.path, config_hash=self.config.hash,
             model_version=cur.version if cur else None, provider=cur.provider if cur else None,
             backend=self.settings.backend, redis=bool(self.deps.redis_url), shared_metrics=self.deps.metrics_dir,
-            # False: watchnext._native was not built, and requests take the slower Arrow path
-            native_encoder=NATIVE)
+            feature_cache_mb=self.config.service.feature_cache_mb)
 
     def stop(self) -> None:
         self.models.stop()
@@ -203,21 +204,15 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
             if model is None:
                 raise Unavailable("model", "no model version is loaded yet (the repository is empty or every version was refused)")
             live = svc.experiments.live if svc.experiments is not None else None  # taken once, like the model
-            if svc.limiter is None:  # rank_workers = 0: all on the event loop
-                ranked = svc.ranker.rank(body, model, live)
-            elif svc.ranking > 1 or svc.remote_model:
-                ranked = await anyio.to_thread.run_sync(svc.ranker.rank, body, model, live, limiter=svc.limiter)
+            # parsed on the event loop (msgspec holds the GIL either way, and its nesting limit then meets the
+            # same stack depth for every body); ranked there too when it is the only request in flight and the
+            # cache held everything (no thread hand-off: 0.1-0.2 ms). Otherwise on a worker thread, which keeps
+            # the loop free to read other bodies while this one waits on Redis or ONNX Runtime.
+            prep = svc.ranker.prepare(body, request.headers.get("content-type"))
+            if svc.limiter is None or (svc.ranking == 1 and not prep.needs_fetch and not svc.remote_model):
+                ranked = svc.ranker.rank(prep, model, live)
             else:
-                # the only rank request in the process: on the event loop, without the thread hand-off there
-                # and back (p50 at 500 candidates, one client: 0.2-0.3 ms less), unless it waits on the
-                # feature store; the model starts on the first share of the candidates while the rest are
-                # read (rank_early). With others in flight, worker threads keep the loop free to read their
-                # bodies: all on the loop, p99 at eight clients was 3x the p50.
-                got = svc.ranker.rank_early(body, model, live)
-                if isinstance(got, RankInput):  # it waits on the feature store
-                    ranked = await anyio.to_thread.run_sync(svc.ranker.finish, got, model, live, limiter=svc.limiter)
-                else:
-                    ranked = got
+                ranked = await anyio.to_thread.run_sync(svc.ranker.rank, prep, model, live, limiter=svc.limiter)
         finally:
             svc.ranking -= 1
         if svc.log is not None:

@@ -219,9 +219,8 @@ def cmd_features_load(args) -> int:
     import redis
 
     from watchnext.cli import config_of
+    from watchnext.entities import load_file
     from watchnext.redis_embed import start_embedded
-
-    from .features import load_file
 
     if not Path(args.file).is_file():
         raise CliError(f"{args.file}: no such file")

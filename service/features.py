@@ -1,68 +1,207 @@
-"""Online features in Redis: what a request leaves out is read from here.
+"""Online features: `read(source, ids)` -> encoded columns, from an in-process cache in front of Redis.
 
-Key layout (one JSON object per entity, feature name -> value)::
+The store holds each user, query video and candidate video as an encoded row
+(watchnext/entities.py), so ranking candidates by id is a gather:
 
-    wn:f:user:<user id>          e.g. wn:f:user:u17  -> {"user_country": "NL", "user_recent_videos": ["v1", "v9"]}
-    wn:f:query:<query id>        e.g. wn:f:query:v9  -> {"query_embedding": [0.1, ...]}
-    wn:f:candidate:<item id>     e.g. wn:f:candidate:v3 -> {"video_age_days": 3.5, "video_channel": "c7", ...}
+1. `plan(wants)` looks every id up in this process's cache (one dict look-up per id,
+   in C via `map`); hits are gathered from a numpy table of encoded rows.
+2. `fetch(plan)` asks Redis for the misses only, every source in one pipelined
+   round trip (HMGET), with a tight timeout; the rows are checked, cached (an id
+   the store does not have is cached as absent too) and gathered.
+3. With Redis down, cached entries keep serving; misses go on with absent values
+   (the model's "missing" rows) and are counted in /metrics
+   (`watchnext_feature_store_misses_total{reason="outage"}`).
 
-The id of a section is its key feature: `[item] id` for candidates, and the
-first categorical feature of the source for user and query (user_id,
-query_video_id in the shipped config). Context has no entity and no entry.
+The cache is bounded in bytes (`[service] feature_cache_mb`, shared by the
+three sources: half for candidates, a quarter each for users and queries);
+past its share a source evicts the least recently used eighth of its entries.
 
-All the lookups of a request go out as one MGET: one round trip, with a tight
-timeout (`[service] feature_timeout_ms`). When Redis is unreachable or slow the
-request goes on with the values it has (missing values take the model's
-"missing" rows) and the miss is counted; after a failure the store is skipped
-for `feature_backoff_s`, then tried again, so it recovers by itself.
+Freshness: a thread follows the store's change stream (`wn:f:changes`, written
+with every `write_entities`) with a blocking XREAD and re-reads the ids this
+process caches, so a write reaches every replica's cache within one Redis round
+trip of the write (milliseconds; `bench/serve_latency.py` measures it). A
+replica cut off from Redis serves what it has and catches up when it is back;
+if the stream was trimmed past where it stopped, it empties its cache.
 """
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
-import pyarrow as pa
+import numpy as np
+import orjson
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from watchnext.config import Config
-from watchnext.encoding import SECTIONS, Encoder, Problems, section_type
-from watchnext.examples import clean_section
+from watchnext.encoding import Columns, Encoder
+from watchnext.entities import CHANGES, STORE_SOURCES, RowLayout, key_feature
 
 from .observability import Metrics, log
 
 logger = logging.getLogger("watchnext.service.features")
-PREFIX = "wn:f:"
-STORE_SOURCES = ("user", "query", "candidate")
+REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+SHARES = {"candidate": 0.5, "user": 0.25, "query": 0.25}  # of the cache's bytes
+ENTRY_OVERHEAD = 160  # bytes per cached entry beside its row and JSON: the dict entry, the id, two list slots
+RECENT_LIMIT = 200_000  # ids remembered as changed while a fetch was in flight (see EntityCache.put)
 
 
-def key_feature(config: Config, source: str) -> str | None:
-    """The feature whose value names a section's entity in the store (None: the section has no entries)."""
-    if source == "candidate":
-        return config.item_id
-    if source == "context":
-        return None
-    return next((f.name for f in config.features if f.source == source and f.kind == "categorical"), None)
+@dataclass
+class Stored:
+    """What the store holds for n ids: encoded columns (absent where it has nothing) and each entry's JSON."""
+
+    columns: Columns
+    found: np.ndarray  # (n,) bool
+    raw: np.ndarray  # (n,) object: each entity's features as JSON bytes; b"" where not found
 
 
-def feature_key(source: str, entity_id: str) -> str:
-    return f"{PREFIX}{source}:{entity_id}"
+class EntityCache:
+    """One source's cached entries: encoded rows in a numpy table, their JSON, an id -> slot dict."""
+
+    def __init__(self, layout: RowLayout, budget_bytes: int):
+        self.layout = layout
+        self.budget = budget_bytes
+        self.entry_bytes = layout.dtype.itemsize + ENTRY_OVERHEAD
+        self.capacity = max(64, budget_bytes // self.entry_bytes)
+        self.rows = np.zeros(self.capacity, layout.dtype)  # calloc: pages are touched as entries arrive
+        self.raw = np.full(self.capacity, b"", object)
+        self.ids = np.full(self.capacity, None, object)
+        self.used = np.zeros(self.capacity, np.int64)  # the tick of each slot's last use
+        self.slot: dict[str, int] = {}
+        self.free = list(range(self.capacity - 1, -1, -1))
+        self.bytes = 0
+        self.tick = 0
+        self.seq = 0  # changes seen; a fetch started before a change to its ids must not cache them
+        self.recent: dict[str, int] = {}  # id -> seq of its latest change
+        self.floor = 0  # fetches started before this seq cache nothing (`recent` was cleared)
+        self.lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+    def slots(self, ids: list[str]) -> np.ndarray:
+        """(n,) int64 slot of each id, -1 where not cached; marks the hits as used."""
+        with self.lock:
+            s = np.fromiter(map(self.slot.get, ids, itertools.repeat(-1)), np.int64, len(ids))
+            self.tick += 1
+            self.used[s[s >= 0]] = self.tick
+        return s
+
+    def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The rows and the JSON (an object array) of cached slots."""
+        with self.lock:
+            return self.rows[slots], self.raw[slots]
+
+    def put(self, ids: list[str], rows: np.ndarray, raw: np.ndarray, since: int | None = None) -> np.ndarray:
+        """Cache entries (replacing the ids' old ones); returns their slots, -1 for those not cached. `since`:
+        the seq when the caller's fetch started: ids changed after it are not cached (the follower may have
+        refreshed them before this fetch's older answer arrived)."""
+        out = np.full(len(ids), -1, np.int64)
+        with self.lock:
+            idx = np.arange(len(ids))
+            if since is not None:
+                if since < self.floor:
+                    return out
+                if self.recent:
+                    changed = np.fromiter(map(self.recent.get, ids, itertools.repeat(-1)), np.int64, len(ids))
+                    idx = np.flatnonzero(changed < since)
+            kids = np.empty(len(ids), object)
+            kids[:] = ids
+            kids = kids[idx]
+            slots = np.fromiter(map(self.slot.get, kids, itertools.repeat(-1)), np.int64, len(kids))
+            new = slots < 0
+            need = int(new.sum())
+            if need > len(self.free) or self.bytes + need * self.entry_bytes > self.budget:
+                self._evict(need)
+            if need > len(self.free):  # more than the whole cache holds: keep what fits
+                fit = np.ones(len(kids), bool)
+                fit[np.flatnonzero(new)[len(self.free):]] = False
+                idx, kids, slots, new = idx[fit], kids[fit], slots[fit], new[fit]
+                need = int(new.sum())
+            if need:
+                fresh = np.array(self.free[len(self.free) - need:], np.int64)
+                del self.free[len(self.free) - need:]
+                slots[new] = fresh
+                self.ids[fresh] = kids[new]
+                self.slot.update(zip(kids[new].tolist(), fresh.tolist()))
+            self.bytes -= sum(map(len, self.raw[slots[~new]]))
+            vals = raw[idx]
+            self.raw[slots] = vals
+            self.rows[slots] = rows[idx]
+            self.tick += 1
+            self.used[slots] = self.tick
+            self.bytes += need * self.entry_bytes + sum(map(len, vals))
+            out[idx] = slots
+        return out
+
+    def _evict(self, need: int) -> None:
+        """Free the least recently used eighth of the entries (or `need`, if more); under the lock."""
+        taken = np.flatnonzero(self.ids != None)  # noqa: E711 (element-wise)
+        k = min(len(taken), max(need, len(taken) // 8, 1))
+        if not k:
+            return
+        victims = taken[np.argpartition(self.used[taken], k - 1)[:k]] if k < len(taken) else taken
+        for i in self.ids[victims].tolist():
+            del self.slot[i]
+        self.bytes -= len(victims) * self.entry_bytes + sum(map(len, self.raw[victims]))
+        self.ids[victims] = None
+        self.raw[victims] = b""
+        self.free.extend(victims.tolist())
+
+    def changed(self, ids: list[str]) -> list[str]:
+        """Note ids the store changed; returns those cached here (the follower re-reads them)."""
+        with self.lock:
+            self.seq += 1
+            if len(self.recent) + len(ids) > RECENT_LIMIT:
+                self.recent.clear()
+                self.floor = self.seq
+            self.recent.update(zip(ids, itertools.repeat(self.seq)))
+            return [i for i in ids if i in self.slot]
+
+    def clear(self) -> None:
+        with self.lock:
+            self.slot.clear()
+            self.ids[:] = None
+            self.raw[:] = b""
+            self.free = list(range(self.capacity - 1, -1, -1))
+            self.bytes = 0
+            self.seq += 1
+            self.recent.clear()
+            self.floor = self.seq
 
 
-class FeatureStore:
-    """Reads entries for a request in one MGET; degrades to 'nothing found' when Redis is away."""
+@dataclass
+class Plan:
+    """One request's reads: per source, the ids, their cache slots (-1: a miss), and after `fetch` the rows
+    of the misses."""
 
-    def __init__(self, config: Config, url: str | None, metrics: Metrics, timeout_ms: float, backoff_s: float = 1.0):
-        self.config, self.metrics = config, metrics
+    ids: dict[str, list[str]]
+    slots: dict[str, np.ndarray]
+    since: dict[str, int]
+    fetched: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # rows, entries, JSON
+
+    @property
+    def misses(self) -> int:
+        return sum(int((s < 0).sum()) for src, s in self.slots.items() if src not in self.fetched)
+
+
+class OnlineFeatures:
+    """The online store as the service reads it: `plan` (the cache), `fetch` (Redis, misses only), `stored`."""
+
+    def __init__(self, config: Config, encoder: Encoder, url: str | None, metrics: Metrics, timeout_ms: float,
+                 backoff_s: float = 1.0, cache_bytes: int = 256 << 20):
+        self.config, self.encoder, self.metrics = config, encoder, metrics
         self.keys = {s: key_feature(config, s) for s in STORE_SOURCES}
+        self.layouts = {s: RowLayout(encoder, s) for s in STORE_SOURCES if self.keys[s] is not None}
+        self.caches = {s: EntityCache(lay, int(cache_bytes * SHARES[s])) for s, lay in self.layouts.items()}
+        self.absent_rows = {s: lay.pack(encoder.absent(s, 1)) for s, lay in self.layouts.items()}
         self.backoff_s = backoff_s
+        self.url = url
         self.client = None
         if url:
             t = timeout_ms / 1000
@@ -72,135 +211,195 @@ class FeatureStore:
         self._down_until = 0.0
         self._up = True
         self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.followed = 0  # change entries applied (tests, metrics)
 
     @property
     def enabled(self) -> bool:
         return self.client is not None
 
-    def get(self, keys: list[str]) -> list[Any] | None:
-        """Parsed entries for `keys` (None where absent); None when the store could not be asked."""
-        if not keys:
-            return []
+    # ------------------------------------------------------------ reading
+    def plan(self, wants: dict[str, list[str]]) -> Plan:
+        """Cache look-ups for {source: ids}; `Plan.misses` says whether `fetch` has anything to ask Redis."""
+        wants = {s: ids for s, ids in wants.items() if s in self.caches}
+        since = {s: self.caches[s].seq for s in wants}
+        return Plan(wants, {s: self.caches[s].slots(ids) for s, ids in wants.items()}, since)
+
+    def fetch(self, plan: Plan) -> None:
+        """Read the plan's misses from Redis in one pipelined round trip and cache them; with Redis away, count
+        them as misses and go on."""
+        todo = {s: np.flatnonzero(plan.slots[s] < 0) for s in plan.ids if s not in plan.fetched}
+        todo = {s: rows for s, rows in todo.items() if len(rows)}
+        if not todo:
+            return
+        total = sum(len(r) for r in todo.values())
         if self.client is None:
-            self.metrics.feature_misses.inc(len(keys), "disabled")
-            return None
+            self.metrics.feature_misses.inc(total, "disabled")
+            return
         if time.monotonic() < self._down_until:
-            self.metrics.feature_misses.inc(len(keys), "outage")
-            return None
+            self.metrics.feature_misses.inc(total, "outage")
+            return
+        names = {s: [plan.ids[s][r] for r in rows.tolist()] for s, rows in todo.items()}
         try:
-            raw = self.client.mget(keys)
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as e:
-            with self._lock:
-                first, self._up = self._up, False
-                self._down_until = time.monotonic() + self.backoff_s
-            self.metrics.feature_misses.inc(len(keys), "outage")
-            self.metrics.redis_up.set(0)
-            if first:  # one line per outage, not one per retry
-                log(logger, logging.WARNING, "feature_store_unavailable", error=str(e)[:200],
-                    retry_every_s=self.backoff_s)
-            return None
+            pipe = self.client.pipeline(transaction=False)
+            for s, ids in names.items():
+                pipe.hmget(self.layouts[s].rows_key, ids)
+                pipe.hmget(self.layouts[s].json_key, ids)
+            got = pipe.execute()
+        except REDIS_ERRORS as e:
+            self._failed(e)
+            self.metrics.feature_misses.inc(total, "outage")
+            return
+        self._ok()
+        for k, (s, ids) in enumerate(names.items()):
+            rows, found, raw = self._decode(s, got[2 * k], got[2 * k + 1])
+            self.metrics.feature_hits.inc(int(found.sum()))
+            if (~found).any():
+                self.metrics.feature_misses.inc(int((~found).sum()), "absent")
+            slots = self.caches[s].put(ids, rows, raw, plan.since[s])
+            plan.fetched[s] = (todo[s], rows, raw)
+            plan.slots[s][todo[s][slots >= 0]] = slots[slots >= 0]
+
+    def stored(self, plan: Plan, source: str) -> Stored:
+        """The entries of one source's ids: from the cache, and the rows `fetch` read (absent where neither)."""
+        slots = plan.slots[source]
+        layout, cache = self.layouts[source], self.caches[source]
+        hit = slots >= 0
+        if hit.all():
+            rows, raw = cache.gather(slots)
+        else:
+            rows = np.repeat(self.absent_rows[source], len(slots))
+            raw = np.full(len(slots), b"", object)
+            h = np.flatnonzero(hit)
+            if len(h):
+                rows[h], raw[h] = cache.gather(slots[h])
+            if source in plan.fetched:  # read from Redis but not cached (a change raced the read, or no room)
+                where, frows, fraw = plan.fetched[source]
+                left = ~hit[where]
+                rows[where[left]], raw[where[left]] = frows[left], fraw[left]
+        return Stored(layout.unpack(rows), rows["present"].any(axis=1), raw)
+
+    def _decode(self, source: str, packed: list, raw: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of one HMGET reply; an entry that is absent, of the wrong width or fails the checks reads as
+        absent (and is counted as corrupt unless simply absent)."""
+        layout = self.layouts[source]
+        n, w = len(packed), layout.dtype.itemsize
+        sizes = np.fromiter(map(len, (p or b"" for p in packed)), np.int64, n)
+        fits = sizes == w
+        rows = np.repeat(self.absent_rows[source], n)
+        if fits.any():
+            rows[fits] = np.frombuffer(b"".join(p for p, f in zip(packed, fits.tolist()) if f), layout.dtype)
+        good = fits & layout.check(rows)
+        wrong = int((sizes > 0).sum() - good.sum())
+        if wrong:
+            self.metrics.feature_misses.inc(wrong, "corrupt")
+            log(logger, logging.WARNING, "feature_store_corrupt_entries", source=source, count=wrong)
+            rows[~good] = self.absent_rows[source]
+        texts = np.empty(n, object)
+        texts[:] = [r if r is not None else b"" for r in raw]
+        texts[~good] = b""
+        return rows, good & rows["present"].any(axis=1), texts
+
+    def _failed(self, e: Exception) -> None:
+        with self._lock:
+            first, self._up = self._up, False
+            self._down_until = time.monotonic() + self.backoff_s
+        self.metrics.redis_up.set(0)
+        if first:  # one line per outage, not one per retry
+            log(logger, logging.WARNING, "feature_store_unavailable", error=str(e)[:200], retry_every_s=self.backoff_s)
+
+    def _ok(self) -> None:
         if not self._up:
-            self._up = True
+            with self._lock:
+                self._up = True
             log(logger, logging.INFO, "feature_store_available")
         self.metrics.redis_up.set(1)
-        try:  # one parse for the whole reply; a corrupt entry sends it down the careful path
-            out = json.loads(b"[" + b",".join(b"null" if b is None else b for b in raw) + b"]")
-            if len(out) != len(raw):
-                raise ValueError("an entry holds more than one JSON value")
-        except ValueError:
-            out = [_parse_entry(b) for b in raw]
-        hits = sum(1 for d in out if d is not None)
-        self.metrics.feature_hits.inc(hits)
-        if len(keys) - hits:
-            self.metrics.feature_misses.inc(len(keys) - hits, "absent")
-        return out
+
+    # ------------------------------------------------------------ freshness
+    def start(self) -> None:
+        """Follow the change stream (a daemon thread), so that writes reach this cache."""
+        if self.url is None or self._thread is not None:
+            return
+        self._thread = threading.Thread(target=self._follow, name="feature-changes", daemon=True)
+        self._thread.start()
+
+    def _follow(self) -> None:
+        block_ms = 1000
+        client = redis.Redis.from_url(self.url, socket_timeout=block_ms / 1000 + 5, socket_connect_timeout=2,
+                                      retry=Retry(NoBackoff(), 0))
+        last: str | None = None
+        while not self._stop.is_set():
+            try:
+                if last is None:  # from now on; the cache is empty or was filled by reads after this point
+                    top = client.xrevrange(CHANGES, count=1)
+                    last = top[0][0].decode() if top else "0-0"
+                got = client.xread({CHANGES: last}, count=200, block=block_ms)
+                for _key, entries in got or []:
+                    for eid, fields in entries:
+                        self._apply(client, fields)
+                        last = eid.decode()
+                        self.followed += 1
+            except REDIS_ERRORS as e:
+                if self._stop.wait(self.backoff_s):
+                    break
+                last = self._resume(client, last, e)
+            except Exception as e:  # a malformed entry must not stop the follower
+                log(logger, logging.ERROR, "feature_changes_failed", error=repr(e)[:300])
+                if self._stop.wait(self.backoff_s):
+                    break
+        client.close()
+
+    def _resume(self, client: redis.Redis, last: str | None, error: Exception) -> str | None:
+        """After losing Redis: go on from `last` if the stream still holds what followed it, else empty the caches."""
+        try:
+            first = client.xrange(CHANGES, count=1)
+        except REDIS_ERRORS:
+            return last
+        if last is not None and first and _id_tuple(first[0][0].decode()) > _id_tuple(last):
+            for c in self.caches.values():  # changes were trimmed unseen: nothing cached can be trusted
+                c.clear()
+            log(logger, logging.WARNING, "feature_cache_cleared", reason="changes missed while Redis was away",
+                error=str(error)[:200])
+            return None
+        return last
+
+    def _apply(self, client: redis.Redis, fields: dict) -> None:
+        source = fields.get(b"source", b"").decode(errors="replace")
+        if source not in self.caches:
+            return
+        ids = orjson.loads(fields.get(b"ids", b"[]"))
+        if not isinstance(ids, list):
+            return
+        ids = [i for i in ids if isinstance(i, str)]
+        cache = self.caches[source]
+        mine = cache.changed(ids)
+        if not mine:
+            return
+        lay = self.layouts[source]
+        pipe = client.pipeline(transaction=False)
+        pipe.hmget(lay.rows_key, mine)
+        pipe.hmget(lay.json_key, mine)
+        packed, raw = pipe.execute()
+        rows, _found, texts = self._decode(source, packed, raw)
+        cache.put(mine, rows, texts)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
 
     def close(self) -> None:
+        self.stop()
         if self.client is not None:
             self.client.close()
 
-
-# ---------------------------------------------------------------- loading
-
-
-def _parse_entry(b: bytes | None) -> Any:
-    if b is None:
-        return None
-    try:
-        return json.loads(b)
-    except ValueError:
-        return None
+    def cache_entries(self) -> dict[str, int]:
+        return {s: len(c) for s, c in self.caches.items()}
 
 
-def entities_of(obj: dict, config: Config, where: str) -> Iterable[tuple[str, str, dict]]:
-    """(source, id, features) found in one input line.
+def _id_tuple(eid: str) -> tuple[int, int]:
+    ms, _, seq = eid.partition("-")
+    return int(ms), int(seq or 0)
 
-    A line is either an entity record ``{"source": "candidate", "id": "v3", "features": {...}}``
-    or an example / rank-request-shaped object whose sections carry their own ids.
-    """
-    if "source" in obj and "features" in obj:
-        src, ent = obj.get("source"), obj.get("id")
-        if src not in STORE_SOURCES:
-            raise ValueError(f"{where}: source: expected one of {', '.join(STORE_SOURCES)}, got {src!r}")
-        if not isinstance(ent, (str, int)) or isinstance(ent, bool):
-            raise ValueError(f"{where}: id: expected a string id, got {ent!r}")
-        feats = obj.get("features")
-        if not isinstance(feats, dict):
-            raise ValueError(f"{where}: features: expected an object")
-        yield src, str(ent), clean_section(feats, config, src)
-        return
-    sections = [(s, obj.get(s)) for s in SECTIONS if s in STORE_SOURCES]
-    sections += [("candidate", c) for c in obj.get("candidates") or []]
-    for src, sec in sections:
-        if not isinstance(sec, dict):
-            continue
-        kf = key_feature(config, src)
-        if kf is None or sec.get(kf) is None:
-            continue
-        feats = clean_section(sec, config, src)
-        ent = feats.pop(kf)
-        if feats:
-            yield src, ent, feats
-
-
-def load_file(client: redis.Redis, config: Config, path: str | Path, batch: int = 5000) -> dict[str, int]:
-    """Write the entities of a JSON-lines file to the store. An entity's fields merge over the
-    file's lines (later lines win); its entry replaces what the store held for it.
-
-    Raises ValueError naming FILE:LINE and the field on a bad line.
-    """
-    encoder = Encoder(config)
-    types = {s: section_type(config, s) for s in STORE_SOURCES}
-    merged: dict[str, dict] = {}
-    lines = 0
-    with open(path, encoding="utf-8") as fh:
-        for ln, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{ln}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
-            try:
-                for src, ent, feats in entities_of(obj, config, where):
-                    probs = Problems(1)  # the encoder's own checks: finite numbers, vector lengths
-                    encoder.encode_section(src, pa.array([feats], type=types[src]), 1, encoder.empty_inputs(1), probs)
-                    bad = probs.first()
-                    if bad is not None:
-                        raise ValueError(bad[1])
-                    merged.setdefault(feature_key(src, ent), {}).update(feats)
-            except ValueError as e:
-                msg = str(e)
-                raise ValueError(msg if msg.startswith(str(path)) else f"{where}: {msg}") from None
-            lines += 1
-    items = list(merged.items())
-    for lo in range(0, len(items), batch):
-        pipe = client.pipeline(transaction=False)
-        for k, v in items[lo : lo + batch]:
-            pipe.set(k, json.dumps(v, separators=(",", ":")))
-        pipe.execute()
-    counts = {s: sum(1 for k in merged if k.startswith(f"{PREFIX}{s}:")) for s in STORE_SOURCES}
-    return {"lines": lines, "entities": len(merged), **counts}

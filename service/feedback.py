@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
 from watchnext.config import Config
 
 from .errors import BadRequest
-from .request import ident, parse_json
+from .request import MAX_REQUEST_ID
 
 MAX_EVENTS = 1000
+
+
+def parse_json(body: bytes) -> Any:
+    """JSON bytes -> Python; NaN/Infinity literals parse here and are refused where they are used."""
+    try:
+        return json.loads(body)
+    except json.JSONDecodeError as e:
+        raise BadRequest("body", f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", status=400) from None
+    except UnicodeDecodeError:
+        raise BadRequest("body", "not valid UTF-8", status=400) from None
+    except RecursionError:
+        raise BadRequest("body", "nested too deeply", status=400) from None
+
+
+def ident(v: Any, field: str, required: bool = True) -> str | None:
+    """A request or item id: a non-empty string (integers are accepted and read as strings)."""
+    if v is None:
+        if required:
+            raise BadRequest(field, "is required")
+        return None
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = str(v)
+    if not isinstance(v, str):
+        raise BadRequest(field, f"expected a string id, got {type(v).__name__}")
+    if not 0 < len(v) <= MAX_REQUEST_ID:
+        raise BadRequest(field, f"must be 1 to {MAX_REQUEST_ID} characters, got {len(v)}")
+    return v
 
 
 def parse_feedback(body: bytes, config: Config, max_events: int = MAX_EVENTS) -> list[dict[str, Any]]:

@@ -36,8 +36,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from watchnext.config import Config
+from watchnext.entities import key_feature
 
-from .features import key_feature
 from .observability import Metrics, log
 
 logger = logging.getLogger("watchnext.service.impressions")

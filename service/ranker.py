@@ -1,10 +1,24 @@
-"""POST /v1/rank, the work: fill absent features from the store, encode once, run once, combine, keep top_k.
+"""POST /v1/rank, the work. One path, in these steps:
 
-The only rank request in flight runs on the event loop (`rank_early`: the model
-starts on the first share of the candidates while the rest are read); with
-others in flight each runs in a worker thread (ONNX Runtime and the native scan
-release the GIL), so the event loop stays free to read their bodies, feedback
-and health checks.
+1. parse    body bytes -> `RankInput` (service/request.py): the request id, the user,
+            query and context sections, top_k, the candidates' ids and any features
+            sent with them (JSON by msgspec, or an Arrow IPC stream).
+2. plan     what the online store must supply: the user and the query video when the
+            request leaves some of their features out, and every candidate that lacks a
+            feature. The cache answers what it holds (service/features.py).
+3. fetch    the cache's misses from Redis, every source in one round trip (only when
+            there are misses; with Redis down the request goes on without them).
+4. route    the live experiment's arm for the user (its version and score weights),
+            else the promoted version.
+5. encode   the sent values with the trainer's encoder (`Encoder.encode_columns`);
+            stored rows fill what was not sent (sent values win); the user, query and
+            context rows are broadcast to every candidate (`Encoder.assemble`).
+6. run      ONNX Runtime on the batch -> heads (B, T) in label units.
+7. answer   the weighted score (watchnext.scoring), the top k, the response, and the
+            impression to log (the top k's features as served).
+
+Steps 1-2 run on the event loop; app.py runs 3-7 there too when the request is
+the only one in flight and the cache held everything, else on a worker thread.
 """
 
 from __future__ import annotations
@@ -15,12 +29,16 @@ from typing import Any
 
 import numpy as np
 import orjson
+import pyarrow as pa
 
 from watchnext.config import Config
+from watchnext.encoding import Columns, Encoder, Problems, overlay, section_type
+from watchnext.entities import key_feature
 from watchnext.scoring import combine
 
+from .errors import BadRequest, split_reason
 from .experiments import LiveExperiment
-from .features import FeatureStore, feature_key, key_feature
+from .features import OnlineFeatures, Plan
 from .models import LoadedModel
 from .observability import Metrics
 from .request import SHARED, RankInput, RequestCodec
@@ -35,96 +53,133 @@ class Ranked:
     candidates: int
 
 
+@dataclass
+class Prepared:
+    """A parsed request and its store plan (steps 1-2); `needs_fetch`: step 3 goes to Redis."""
+
+    inp: RankInput
+    plan: Plan
+    candidate_rows: np.ndarray  # the candidates the plan looks up (rows of the request)
+
+    @property
+    def needs_fetch(self) -> bool:
+        return self.plan.misses > 0
+
+
 class Ranker:
-    def __init__(self, config: Config, store: FeatureStore, metrics: Metrics):
+    def __init__(self, config: Config, store: OnlineFeatures, metrics: Metrics):
         self.config, self.store, self.metrics = config, store, metrics
         self.codec = RequestCodec(config)
+        self.encoder: Encoder = store.encoder
         self.mode = config.score.combine
-        self.source_features = {s: {f.name for f in config.features if f.source == s} for s in SHARED}
-        self.user_key = key_feature(config, "user")  # the id that assigns an experiment's arm
+        self.types = {s: section_type(config, s) for s in SHARED}
+        self.features = {s: frozenset(f.name for f in config.features if f.source == s) for s in SHARED}
+        self.keys = {s: key_feature(config, s) for s in (*SHARED, "candidate")}
+        self.item_id = config.item_id
 
-    def rank(self, body: bytes, model: LoadedModel, live: LiveExperiment | None = None) -> Ranked:
-        """Rank one request with `model` (the promoted version), or, when an experiment is live and the request
-        names its user, with the user's arm's version and weights."""
-        return self.finish(self.codec.parse(body), model, live)
+    # ------------------------------------------------------------ 1-2
+    def prepare(self, body: bytes, content_type: str | None = None) -> Prepared:
+        """Parse the body and look up what it leaves to the store in the cache."""
+        inp = self.codec.parse(body, content_type)
+        if inp.unknown_features:
+            self.metrics.unknown_features.inc(inp.unknown_features)
+        wants: dict[str, list[str]] = {}
+        for s in ("user", "query"):
+            k, sec = self.keys[s], inp.shared[s]
+            if k is not None and sec.get(k) is not None and not self.features[s] <= sec.keys():
+                wants[s] = [sec[k]]
+        rows = np.zeros(0, np.int64)
+        if inp.ids is not None:
+            rows = np.arange(inp.n) if inp.candidates is None else np.flatnonzero(self._lacking(inp.candidates))
+            if len(rows):
+                wants["candidate"] = inp.ids if len(rows) == inp.n else [inp.ids[r] for r in rows.tolist()]
+        if not self.store.enabled:
+            wants = {}
+        return Prepared(inp, self.store.plan(wants), rows)
 
-    def looks_up(self, inp: RankInput) -> bool:
-        """Whether ranking `inp` asks the feature store (it leaves features out): a network round trip."""
-        return self.store.enabled and bool(self._store_plan(inp)[0])
+    def _lacking(self, arr: pa.StructArray) -> np.ndarray:
+        """(n,) bool: candidates sent without some feature (besides the id)."""
+        out = np.zeros(len(arr), bool)
+        for i, f in enumerate(arr.type):
+            if f.name != self.item_id and arr.field(i).null_count:
+                out |= np.asarray(arr.field(i).is_null())
+        return out
 
-    def finish(self, inp: RankInput, model: LoadedModel, live: LiveExperiment | None = None) -> Ranked:
-        """`rank` for a parsed request."""
+    # ------------------------------------------------------------ 3-7
+    def rank(self, prep: Prepared, model: LoadedModel, live: LiveExperiment | None = None) -> Ranked:
+        """Rank a prepared request with `model` (the promoted version), or, when an experiment is live and the
+        request names its user, with the user's arm's version and weights."""
+        if prep.needs_fetch:
+            self.store.fetch(prep.plan)
+        inp = prep.inp
         arm, experiment, model, weights = self._route(inp.shared, model, live)
-        self._prepare(inp)
-        n = inp.n
-        inputs = self.codec.encode(inp)
+        inputs, served = self._encode(prep)
         session = model.session
-        heads = session.run(inputs) if n else np.zeros((0, len(session.task_names)), np.float32)  # (B, T)
-        return self._post(inp, heads, model, weights, arm, experiment)
+        heads = session.run(inputs) if inp.n else np.zeros((0, len(session.task_names)), np.float32)  # (B, T)
+        return self._answer(prep, served, heads, model, weights, arm, experiment)
 
-    def rank_early(self, body: bytes, model: LoadedModel, live: LiveExperiment | None = None) -> Ranked | RankInput:
-        """`rank`, with the model at work on the first share of the candidates while this thread reads the rest.
-
-        For the only request in flight on the CPU, where the calling thread would otherwise parse and
-        encode everything before the model starts (500 candidates: 0.3 ms), and the pool's thread would
-        then start its part late (waking it: about 0.1 ms here). The first share runs whole on the pool;
-        the rest, once read, as the session's other parts. Any doubt (a value to check, sections after
-        the candidates that differ from those before them, a feature-store look-up, a body the scan leaves
-        to orjson) and the first share's heads are dropped and the request takes `finish`, so what is served is the same. Returns the
-        parsed request instead when ranking it waits on the feature store (the caller runs `finish` off
-        the event loop).
-        """
-        parts = getattr(model.session, "parts", 1)
-        early = self.codec.start(body, parts)
-        if early is None or early.shared is None or early.scan.done:
-            return self._ordinary(self.codec.finish_early(early) if early is not None else self.codec.parse(body),
-                                  model, live)
-        arm, experiment, routed, weights = self._route(early.shared, model, live)
-        first, k = None, early.scan.n  # the first share's rows
-        lookups = self.store.enabled and self._shared_lookups(early.shared)
-        if not lookups and getattr(routed.session, "parts", 1) == parts:
-            x = self.codec.encode_rows(early, 0, k)
-            first = routed.session.submit(x) if x is not None else None
-        try:
-            inp = self.codec.finish_early(early)
-            scanned = early.scan.done and inp.n == early.scan.n  # not parsed another way after all
-            rest = None
-            # the sections as read before the candidates must be the request's, to the bit (-0.0 is not 0.0)
-            same = scanned and orjson.dumps(inp.shared) == orjson.dumps(early.shared)
-            if first is not None and same and not self.looks_up(inp):
-                rest = self.codec.encode_rows(early, k, inp.n)
-            if rest is None:
-                return self._ordinary(inp, model, live)
-            self._prepare(inp)
-            tail = routed.session.run(rest, parts - 1)  # before waiting for the share, which runs meanwhile
-            heads = np.concatenate([first.result(), tail])
-        finally:
-            if first is not None and not first.done():  # an exception on the way: the pool's part ends first
-                first.exception()
-        return self._post(inp, heads, routed, weights, arm, experiment)
-
-    def _ordinary(self, inp: RankInput, model: LoadedModel, live: LiveExperiment | None) -> Ranked | RankInput:
-        """rank_early's way out: `finish` here, or the parsed request back when it waits on the feature store."""
-        return inp if self.looks_up(inp) else self.finish(inp, model, live)
+    def encode(self, prep: Prepared) -> dict[str, np.ndarray]:
+        """The model's inputs for a prepared request (steps 3 and 5; tests and benchmarks)."""
+        if prep.needs_fetch:
+            self.store.fetch(prep.plan)
+        return self._encode(prep)[0]
 
     def _route(self, shared: dict, model: LoadedModel, live: LiveExperiment | None) -> tuple:
         """(arm, experiment, model, weights) for a request with these shared sections."""
-        uid = shared["user"].get(self.user_key) if live is not None and self.user_key else None
+        uid = shared["user"].get(self.keys["user"]) if live is not None and self.keys["user"] else None
         if uid is None:
             return CONTROL, None, model, model.weights
         a, model, weights = live.route(str(uid), model)
         return a.name, live.exp.name, model, weights
 
-    def _prepare(self, inp: RankInput) -> None:
-        """Counts the request's unknown features and fills what it leaves out from the store."""
-        if inp.unknown_features:
-            self.metrics.unknown_features.inc(inp.unknown_features)
-        if self.store.enabled:
-            self.fill(inp)
+    def _encode(self, prep: Prepared) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The model's inputs, and what serving used beside the request: the shared sections as served and the
+        candidates' stored entries."""
+        inp, plan = prep.inp, prep.plan
+        problems = Problems(1)
+        sections: dict[str, Columns] = {}
+        shared = dict(inp.shared)
+        for s in SHARED:
+            sec = inp.shared[s]
+            c = self.encoder.encode_columns(s, pa.array([sec], type=self.types[s]) if sec else None, 1, problems)
+            if s in plan.ids:
+                st = self.store.stored(plan, s)
+                c = overlay(c, st.columns)
+                if st.found[0]:
+                    shared[s] = {**_entry(st.raw[0]), **sec}
+            sections[s] = c
+        bad = problems.first()
+        if bad is not None:
+            raise BadRequest(*split_reason(bad[1].split("; ")[0]))
+        n = inp.n
+        stored = self.store.stored(plan, "candidate") if "candidate" in plan.ids else None
+        if inp.candidates is not None:
+            problems = Problems(n)
+            cand = self.encoder.encode_columns("candidate", inp.candidates, n, problems)
+            bad = problems.first()
+            if bad is not None:
+                field, reason = split_reason(bad[1].split("; ")[0])
+                raise BadRequest(f"candidates[{bad[0]}]{field[len('candidate'):]}", reason)
+            if stored is not None:  # fill the rows that lack something (sent values win)
+                rows = prep.candidate_rows
+                filled = overlay(cand.take(rows), stored.columns)
+                for name in cand.values:
+                    cand.values[name][rows] = filled.values[name]
+                    cand.present[name][rows] = filled.present[name]
+        elif stored is not None and stored.found.all():  # every id in the store: its rows are the inputs
+            cand = stored.columns
+        else:
+            ids = pa.StructArray.from_arrays([pa.array(inp.ids or [], pa.string())], names=[self.item_id])
+            cand = self.encoder.encode_columns("candidate", ids if n else None, n, Problems(n))
+            if stored is not None:
+                cand = overlay(cand, stored.columns)
+        sections["candidate"] = cand
+        return self.encoder.assemble(sections, n), {"shared": shared, "stored": stored}
 
-    def _post(self, inp: RankInput, heads: np.ndarray, model: LoadedModel, weights: Any, arm: str,
-              experiment: str | None) -> Ranked:
+    def _answer(self, prep: Prepared, served: dict[str, Any], heads: np.ndarray, model: LoadedModel, weights: Any,
+                arm: str, experiment: str | None) -> Ranked:
         """The response and the impression, from the heads of every candidate."""
+        inp = prep.inp
         n = inp.n
         scores = combine(heads, weights, self.mode)  # (B,)
         finite = np.isfinite(heads).all(axis=1) & np.isfinite(scores)
@@ -141,67 +196,52 @@ class Ranker:
         else:
             top = np.argsort(-s, kind="stable")
         order = idx[top]
-        objects = inp.objects(order)
-        if self.config.item_id is not None:
-            ids = [o[self.config.item_id] for o in objects]
-        else:
-            ids = [str(i) for i in order.tolist()]
+        ids = [inp.ids[i] for i in order.tolist()] if inp.ids is not None else [str(i) for i in order.tolist()]
         names = model.session.task_names
-        head_rows = heads[order].astype(np.float64).tolist()
         items = [
             {"id": i, "score": sc, "heads": dict(zip(names, h))}
-            for i, sc, h in zip(ids, scores[order].tolist(), head_rows)
+            for i, sc, h in zip(ids, scores[order].tolist(), heads[order].astype(np.float64).tolist())
         ]
         version = str(model.version)
-        served = inp.served(objects, self.codec.known["candidate"])
         impression = {
             "ts": time.time(),
             "request_id": inp.request_id,
-            **{s: inp.shared[s] for s in SHARED},
+            **{s: served["shared"][s] for s in SHARED},
             "experiment": experiment,
             "arm": arm,
             "model_version": version,
-            "items": [(i, c, pos) for pos, (i, c) in enumerate(zip(ids, served))],
+            "items": [(i, c, pos) for pos, (i, c) in enumerate(zip(ids, self._served(prep, served["stored"], order)))],
         }
-        body_out = {"request_id": inp.request_id, "model_version": version, "arm": arm, "experiment": experiment,
-                    "items": items}
-        return Ranked(body_out, impression, n)
+        body = {"request_id": inp.request_id, "model_version": version, "arm": arm, "experiment": experiment,
+                "items": items}
+        return Ranked(body, impression, n)
 
-    def _shared_lookups(self, shared: dict) -> list[str]:
-        """The shared sections that leave out something the store holds for them."""
+    def _served(self, prep: Prepared, stored: Any, order: np.ndarray) -> list[dict[str, Any]]:
+        """The features the top candidates were ranked with: their store entries, then the values sent."""
+        inp = prep.inp
+        sent = inp.sent(order, self.codec.known["candidate"])
+        if stored is None:
+            base = [{} for _ in range(len(order))]
+        else:
+            where = np.full(inp.n, -1, np.int64)  # request row -> row of the stored entries
+            where[prep.candidate_rows] = np.arange(len(prep.candidate_rows))
+            at = where[order]
+            base = [_entry(stored.raw[j]) if j >= 0 else {} for j in at.tolist()]
         out = []
-        for s in ("user", "query"):
-            kf, sec = self.store.keys[s], shared[s]
-            if kf is not None and sec.get(kf) is not None and not self.source_features[s] <= sec.keys():
-                out.append(s)
+        for i, b, s in zip(order.tolist(), base, sent):
+            o = {**b, **s}
+            if inp.ids is not None:
+                o[self.item_id] = inp.ids[i]
+            out.append(o)
         return out
 
-    def _store_plan(self, inp: RankInput) -> tuple[list[str], list[str], np.ndarray]:
-        """The store keys of what `inp` leaves out, the shared sections they fill, and the candidate rows."""
-        if inp.store_plan is not None:
-            return inp.store_plan
-        shared_keys = self._shared_lookups(inp.shared)
-        keys = [feature_key(s, inp.shared[s][self.store.keys[s]]) for s in shared_keys]
-        rows = np.zeros(0, np.int64)
-        if self.config.item_id is not None and inp.n:
-            rows = np.flatnonzero(self.codec.missing_candidate_rows(inp))
-            if len(rows):
-                ids = [o[self.config.item_id] for o in inp.objects(rows)]
-                keys += [feature_key("candidate", i) for i in ids]
-        inp.store_plan = keys, shared_keys, rows
-        return inp.store_plan
 
-    def fill(self, inp: RankInput) -> None:
-        """Read what the request left out from the feature store, in one round trip."""
-        keys, shared_keys, rows = self._store_plan(inp)
-        got = self.store.get(keys) if keys else None
-        if not got:
-            return
-        for s, v in zip(shared_keys, got):
-            stored = self.codec.clean_stored(s, v) if v is not None else None
-            if stored:
-                inp.shared[s] = {**stored, **inp.shared[s]}
-        if len(rows):
-            cands = [self.codec.clean_stored("candidate", v) if v is not None else None for v in got[len(shared_keys):]]
-            if any(c is not None for c in cands):
-                inp.candidates = self.codec.fill_candidates(inp.candidates, rows, cands)
+def _entry(raw: bytes) -> dict[str, Any]:
+    """A stored entity's JSON (not trusted: anything but an object reads as nothing)."""
+    if not raw:
+        return {}
+    try:
+        d = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return d if isinstance(d, dict) else {}

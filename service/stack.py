@@ -55,7 +55,7 @@ def bootstrap(config_args: list[str], examples: int, checkpoint: str) -> Path:
 def load_features(history: Path, deps, redis_url: str) -> None:
     import redis
 
-    from .features import load_file
+    from watchnext.entities import load_file
 
     client = redis.Redis.from_url(redis_url)
     try:

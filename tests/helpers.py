@@ -183,6 +183,20 @@ class ServeProcess:
 
         wait_for(ready, timeout, f"watchnext serve on port {self.port} to be ready", step=0.1)
 
+    def events(self, event: str) -> list[dict]:
+        """The JSON log records named `event` so far, each with the pid of the process that wrote it (one
+        of the worker processes, with `--workers N`); needs log_level="info" for the service's own events."""
+        out = []
+        for line in self.log_path.read_text(errors="replace").splitlines():
+            if f'"{event}"' in line:
+                try:
+                    record = json.loads(line)
+                except ValueError:  # a line still being written
+                    continue
+                if record.get("event") == event:
+                    out.append(record)
+        return out
+
     def stop(self) -> int:
         code = _stop(self.proc, timeout=20)
         self._log.close()

@@ -123,6 +123,7 @@ class Service:
     default_top_k: int = 20
     attribution_window_s: float = 1800.0
     feature_timeout_ms: float = 20.0
+    feature_cache_mb: float = 256.0  # each service process's cache of encoded store entries
     model_poll_s: float = 2.0
 
 
@@ -389,6 +390,7 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         default_top_k=sv.positive("default_top_k", 20),
         attribution_window_s=sv.positive("attribution_window_s", 1800.0, float),
         feature_timeout_ms=sv.positive("feature_timeout_ms", 20.0, float),
+        feature_cache_mb=sv.positive("feature_cache_mb", 256.0, float),
         model_poll_s=sv.positive("model_poll_s", 2.0, float),
     )
     sv.done()

@@ -299,7 +299,10 @@ def _number(v: Any, where: str, allow_bool: bool = False) -> float | None:
         raise ValueError(f"{where}: expected a number, got {v!r}")
     if not isinstance(v, (int, float)):
         raise ValueError(f"{where}: expected a number, got {type(v).__name__} {v!r}")
-    return float(v)  # NaN / inf are caught by the encoder's checks, with the others
+    try:
+        return float(v)
+    except OverflowError:  # an integer past float64
+        raise ValueError(f"{where}: outside the float64 range") from None  # NaN / inf are caught by the encoder's checks, with the others
 
 
 # ---------------------------------------------------------------- files

@@ -104,10 +104,18 @@ def test_serve_with_two_worker_processes_counts_every_request_and_survives_a_kil
     serve = ServeProcess(trained["config_path"], trained["models"], None, None, tmp_path / "serve.log", cwd=tmp_path,
                          log_level="info", extra_env={"WATCHNEXT_WORKERS": "2"})
     reqs = rank_requests(trained["history"], 40, top_k=3)
+
+    def started() -> list[int]:
+        """The worker processes that have started serving: a worker logs service_started once its figures are
+        shared (its file in the metrics directory written), before uvicorn takes connections in it."""
+        return sorted(e["pid"] for e in serve.events("service_started"))
+
     try:
-        serve.wait_ready()
+        serve.wait_ready()  # one worker answers /readyz; the other may still be starting
         workers = children_by_kind(serve.proc.pid)["worker"]
         assert len(workers) == 2
+        wait_for(lambda: set(started()) >= set(workers), 60, f"both worker processes {workers} to start serving")
+        assert started() == sorted(workers)
 
         def rank_all(batch) -> None:
             for req in batch:  # a new connection each: the kernel hands them to either worker
@@ -120,12 +128,17 @@ def test_serve_with_two_worker_processes_counts_every_request_and_survives_a_kil
             text = c.get("/metrics").text
         assert 'watchnext_requests_total{endpoint="/v1/rank",status="200"} 20' in text
         assert "watchnext_rank_latency_seconds_count 20" in text and "watchnext_worker_processes 2" in text
-        started = [json.loads(line) for line in (tmp_path / "serve.log").read_text().splitlines()
-                   if '"service_started"' in line]
-        assert sorted(e["pid"] for e in started) == sorted(workers)
         os.kill(workers[0], signal.SIGKILL)
-        wait_for(lambda: len(set(children_by_kind(serve.proc.pid).get("worker", [])) - {workers[0]}) == 2, 60,
-                 "the supervisor to start a new worker")
+
+        def replacement() -> list[int]:  # the killed worker gone, the other still there, and one new one
+            now = children_by_kind(serve.proc.pid).get("worker", [])
+            return [pid for pid in now if pid not in workers] if len(now) == 2 and workers[0] not in now \
+                and workers[1] in now else []
+
+        (new,) = wait_for(replacement, 60, "the supervisor to start a new worker")
+        # the new process exists, but until it has started /metrics rightly counts one worker serving
+        wait_for(lambda: new in started(), 60, f"the new worker process {new} to start serving")
+        assert started() == sorted(workers + [new])
         serve.wait_ready()
         rank_all(reqs[20:])
         with httpx.Client(base_url=serve.url, timeout=30) as c:

@@ -10,20 +10,31 @@ import sys
 import numpy as np
 import pytest
 
-from service.errors import BadRequest
+from service.features import OnlineFeatures
 from service.inference import InferenceSession
-from service.request import RequestCodec
+from service.observability import Metrics
+from service.ranker import Ranker
 from tests.service.traffic import candidates_pool, rank_requests
 from watchnext.config import load_config
+from watchnext.encoding import Encoder
 from watchnext.scoring import combine, weight_vector
+
+
+def offline_ranker(config, redis_url=None) -> Ranker:
+    m = Metrics()
+    return Ranker(config, OnlineFeatures(config, Encoder(config), redis_url, m, 500), m)
+
+
+def encode(config, body: bytes, content_type=None, redis_url=None) -> dict[str, np.ndarray]:
+    """The model's inputs for a request body, as the service builds them."""
+    r = offline_ranker(config, redis_url)
+    return r.encode(r.prepare(body, content_type))
 
 
 def direct_scores(config, onnx_path, req: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Heads and scores computed without the service: the encoder and ONNX Runtime alone."""
-    codec = RequestCodec(config)
-    inp = codec.parse(json.dumps(req).encode())
     sess = InferenceSession(onnx_path, "cpu", 1)
-    heads = sess.run(codec.encode(inp))
+    heads = sess.run(encode(config, json.dumps(req).encode()))
     w = weight_vector(sess.task_names, config.score.weights)
     return heads, combine(heads, w, config.score.combine), sess.task_names
 
@@ -32,13 +43,12 @@ def test_batch_in_parts_equals_one_run(trained):
     """On the CPU a batch runs as parts at once (one ORT thread each): the same heads as one run, in order."""
     config = load_config(trained["config_path"])
     onnx = trained["models"] / "ranker" / "2" / "model.onnx"
-    codec = RequestCodec(config)
     pool = candidates_pool(trained["history"], 300)
     whole = InferenceSession(onnx, "cpu", 1)
     split3 = InferenceSession(onnx, "cpu", 3)
     assert (whole.parts, split3.parts) == (1, 3)
     for n in (1, 47, 96, 97, 145, 300):
-        inputs = codec.encode(codec.parse(json.dumps({"candidates": pool[:n]}).encode()))
+        inputs = encode(config, json.dumps({"candidates": pool[:n]}).encode())
         a, b = whole.run(inputs), split3.run(inputs)
         assert a.shape == b.shape == (n, len(whole.task_names))
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
@@ -103,37 +113,51 @@ def test_unknown_features_are_ignored_and_counted(trained, client):
     assert r.status_code == 200
     assert r.json()["items"] == base["items"]  # same scores: unknown keys change nothing
     metrics = client.get("/metrics").text
-    assert "watchnext_unknown_features_total 7" in metrics
+    assert "watchnext_unknown_features_total 1" in metrics  # the user's; candidates' unknown keys are not counted
 
 
 BAD = [
     # (body, status, field, words in the reason)
     (b"{not json", 400, "body", "not valid JSON"),
-    (b"[1, 2]", 422, "body", "expected a JSON object"),
-    (b'{"candidates": 5}', 422, "candidates", "expected a list"),
-    (b'{"user": []}', 422, "user", "expected an object"),
-    (b'{"candidates": [{"video_id": "v1"}, 7]}', 422, "candidates[1]", "expected an object"),
+    (b"[1, 2]", 422, "body", "expected `object`"),
+    (b'{"candidates": 5}', 422, "candidates", "expected `array`"),
+    (b'{"user": []}', 422, "user", "expected `object"),
+    (b'{"candidates": [{"video_id": "v1"}, 7]}', 422, "candidates[1]", "expected `object`"),
     (b'{"candidates": [{"video_id": "v1"}, {"video_id": "v2", "video_age_days": "old"}]}', 422,
-     "candidates[1].video_age_days", "expected a number"),
-    (b'{"candidates": [{"video_id": "v1", "video_age_days": NaN}]}', 422, "candidates[0].video_age_days", "finite"),
-    (b'{"candidates": [{"video_id": "v1", "video_views": Infinity}]}', 422, "candidates[0].video_views", "finite"),
-    (b'{"candidates": [{"video_id": "v1", "video_age_days": true}]}', 422, "candidates[0].video_age_days", "expected a number"),
+     "candidates[1].video_age_days", "expected `float | null`, got `str`"),
+    (b'{"candidates": [{"video_id": "v1", "video_age_days": NaN}]}', 400, "body", "not valid JSON"),
+    (b'{"candidates": [{"video_id": "v1", "video_views": Infinity}]}', 400, "body", "not valid JSON"),
+    (b'{"candidates": [{"video_id": "v1", "video_views": 1e400}]}', 422, "candidates[0].video_views", "out of range"),
+    (b'{"candidates": [{"video_id": "v1", "video_views": 1e39}]}', 422, "candidates[0].video_views", "float32"),
+    (b'{"candidates": [{"video_id": "v1", "video_age_days": true}]}', 422, "candidates[0].video_age_days",
+     "got `bool`"),
     (b'{"candidates": [{"video_id": "v1"}, {"video_id": "v2", "video_embedding": [1, 2]}]}', 422,
      "candidates[1].video_embedding", "expected 16 numbers"),
     (b'{"candidates": [{"video_id": "v1", "video_age_days": -3}]}', 422, "candidates[0].video_age_days", "> -1"),
     (b'{"candidates": [{"video_channel": "c1"}]}', 422, "candidates[0].video_id", "is required"),
-    (b'{"candidates": [{"video_id": [1]}]}', 422, "candidates[0].video_id", "expected a string"),
+    (b'{"candidates": [{"video_id": [1]}]}', 422, "candidates[0].video_id", "expected `int | str`"),
+    (b'{"candidates": [{"video_id": "v1", "video_tags": ["a", null]}]}', 422, "candidates[0].video_tags[1]",
+     "got `null`"),
+    (b'{"candidates": [{"video_id": "v1", "video_embedding": [1, null, 3]}]}', 422,
+     "candidates[0].video_embedding[1]", "got `null`"),
     (b'{"candidates": [{"video_id": "v1"}, {"video_id": "v2"}, {"video_id": "v3"}, {"video_id": "v2"}]}', 422,
      "candidates[3].video_id", "repeats candidates[1]"),
-    (b'{"query": {"query_embedding": [1, NaN, 3]}, "candidates": []}', 422, "query.query_embedding", None),
+    (b'{"query": {"query_embedding": [1, NaN, 3]}, "candidates": []}', 400, "body", "not valid JSON"),
     (b'{"context": {"hour": "noon"}, "candidates": []}', 422, "context.hour", "expected a number"),
     (b'{"context": {"hour": 1e39}, "candidates": []}', 422, "context.hour", "float32"),  # no rows, still checked
+    (b'{"context": {"hour": 1' + b"0" * 400 + b'}, "candidates": []}', 422, "context.hour", "float64"),
     (b'{"user": {"user_embedding": [1e39, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}, "candidates": [{"video_id": "a"}]}',
      422, "user.user_embedding", "float32"),
+    (b'{"user": {"user_recent_videos": ["a", null]}, "candidates": []}', 422, "user.user_recent_videos",
+     "expected a string or integer id"),
     (b'{"candidates": [], "top_k": 0}', 422, "top_k", ">= 1"),
     (b'{"candidates": [], "top_k": "5"}', 422, "top_k", None),
     (b'{"request_id": {"a": 1}, "candidates": []}', 422, "request_id", None),
+    (b'{"request_id": "", "candidates": []}', 422, "request_id", "length >= 1"),
     (b'{"user": {"user_id": "u1"}}', 422, "candidates", "is required"),
+    (b'{"candidates": [{"video_id": "a\\ud800"}]}', 400, "body", "surrogate pair"),
+    (b'{"candidates": [{"video_id": "a\xed\xa0\x80"}]}', 400, "body", "UTF-8"),
+    (b'{"pad": ' + b"[" * 100_000 + b"]" * 100_000 + b', "candidates": []}', 400, "body", "nested too deeply"),
 ]
 
 
@@ -200,255 +224,106 @@ def test_non_finite_model_output_never_reaches_a_response(trained, server, clien
     assert svc.metrics.nonfinite.get() == 3
 
 
-def test_native_paths_agree_with_arrow(trained, monkeypatch):
-    """The native scan of the body's bytes, orjson + the native gather, and the Arrow path (which serves where
-    watchnext._native was not built): the same inputs, ids, served features and counts."""
-    import watchnext.encoding
-
-    if not watchnext.encoding.NATIVE:
-        pytest.skip("watchnext._native was not built")
-    config = load_config(trained["config_path"])
-    codec = RequestCodec(config)
-    order = np.array([2, 0, 1])
-    known = codec.known["candidate"]
-    for req in rank_requests(trained["history"], 3):
-        req["candidates"][1]["colour"] = "red"
-        req["candidates"][2]["video_views"] = None
-        req["candidates"][0]["video_age_days"] = 3  # an integer
-        body = json.dumps(req).encode()
-        scanned = codec.parse(body)
-        with monkeypatch.context() as m:
-            m.setattr(codec, "_parse_scanned", lambda body: None)
-            gathered = codec.parse(body)
-            m.setattr(watchnext.encoding, "_native", None)
-            arrow = codec.parse(body)
-            arrow_inputs = codec.encode(arrow)
-        assert scanned._spans is not None and gathered._rows is not None and arrow.gathered is None
-        for inp in (scanned, gathered):
-            assert inp.gathered is not None
-            assert inp.unknown_features == arrow.unknown_features == 1
-            assert inp.candidates.equals(arrow.candidates)
-            inputs = codec.encode(inp)
-            assert all(np.array_equal(arrow_inputs[k], inputs[k]) for k in arrow_inputs)
-            assert inp.served(inp.objects(order), known) == arrow.served(arrow.objects(order), known)
-            assert codec.missing_candidate_rows(inp).tolist() == codec.missing_candidate_rows(arrow).tolist()
-        assert [o["video_id"] for o in scanned.objects(order)] == [req["candidates"][i]["video_id"] for i in order]
-        assert "colour" not in scanned.served(scanned.objects(np.array([1])), known)[0]
-    # what the scan is not sure of goes to orjson, with the same result
-    for body in (b'{"candidates": [{"video_id": "a\\u0062"}]}', b'{"candidates": [{"video_id": "a", "video_id": "b"}]}',
-                 b'{"candidates": [{"video_id": "a", "video_views": 12345678901234567890}]}',
-                 b'{"candidates": [{"video_id": "a"}], "candidates": [{"video_id": "b"}]}'):
-        assert codec._parse_scanned(body) is None
-        inp = codec.parse(body)
-        assert inp._rows is not None or inp._arr is not None
-    assert codec.parse(b'{"candidates": [{"video_id": "a\\u0062"}]}').objects(np.array([0]))[0]["video_id"] == "ab"
-
-
-def test_checking_path_agrees_with_fast_path(trained):
-    """The same request through orjson + Arrow and through json + checks: the same arrays and counts."""
-    config = load_config(trained["config_path"])
-    codec = RequestCodec(config)
-    for req in rank_requests(trained["history"], 3):
-        req["candidates"][1]["colour"] = "red"  # unknown features are counted on both paths
-        req["user"]["mood"] = 3
-        req["candidates"][2]["video_views"] = None
-        body = json.dumps(req).encode()
-        fast, checked = codec._parse_fast(body), codec._parse_checked(body)
-        assert fast is not None
-        assert fast.candidates.equals(checked.candidates)
-        assert fast.shared == checked.shared and fast.unknown_features == checked.unknown_features == 2
-        assert (fast.request_id, fast.top_k) == (checked.request_id, checked.top_k)
-        a, b = codec.encode(fast), codec.encode(checked)
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
-    # integer ids: Arrow refuses them, the checking path reads them as strings
-    assert codec._parse_fast(b'{"candidates": [{"video_id": 3}]}') is None
-    assert codec.parse(b'{"candidates": [{"video_id": 3}]}').candidates.field("video_id").to_pylist() == ["3"]
-    assert codec._parse_fast(b'{"candidates": []} {"candidates": []}') is None
-    # NaN, a null candidate: the checking path names the field
-    for body in (b'{"candidates": [{"video_id": "a", "video_views": NaN}]}', b'{"candidates": [{"video_id": "a"}, null]}'):
-        assert codec._parse_fast(body) is None
-    with pytest.raises(BadRequest, match="candidates\\[1\\]"):
-        codec.parse(b'{"candidates": [{"video_id": "a"}, null]}')
-    # a list where a section belongs: both paths name the section
-    for parse in (codec._parse_fast, codec._parse_checked):
-        with pytest.raises(BadRequest, match="^user: expected an object"):
-            parse(b'{"user": [], "candidates": [{"video_id": "a"}]}')
-
-
 def test_service_never_imports_torch():
     code = "import sys, service.app, service.cli; assert 'torch' not in sys.modules, 'torch imported'; " \
            "assert not any(m == 'training' or m.startswith('training.') for m in sys.modules)"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_store_fill_leaves_a_candidate_without_an_entry_missing(small_config):
-    """A candidate the store has no entry for stays missing (its vector is not an empty list)."""
-    import numpy as np
+
+
+ODD = [
+    # (a piece of a body, the status it gets, the field named) -- the same answer whatever else the body holds
+    (b'"video_views": 18446744073709551617', 200, None),  # an integer past int64 where a number is read
+    (b'"video_views": 1e39', 422, "candidates[0].video_views"),  # past float32
+    (b'"video_tags": ["a", null]', 422, "candidates[0].video_tags[1]"),
+    (b'"video_embedding": null', 200, None),
+    (b'"deep": ' + b"[" * 50 + b"]" * 50, 200, None),  # nesting the decoder takes, in an unknown key
+    (b'"deep": ' + b"[" * 5000 + b"]" * 5000, 400, "body"),
+    (b'"video_channel": "\\ud800"', 400, "body"),  # a lone surrogate
+    (b'"video_channel": "\\ud83d\\ude00"', 200, None),  # a pair is one character
+]
+OTHERS = [  # what else a body may hold: booleans elsewhere, integer ids, other candidates, several features
+    b'{"request_id": "r", "top_k": 3, "candidates": [{"video_id": "v1", %s}]}',
+    b'{"user": {"user_id": 7, "flag": true}, "candidates": [{"video_id": "v1", "on": false, %s}, {"video_id": 2}]}',
+    b'{"candidates": [{"video_id": "v1", "video_age_days": 3, %s}, {"video_id": "v2", "x": [true, null]}]}',
+]
+
+
+@pytest.mark.parametrize("piece,status,field", ODD, ids=[f"{i}" for i in range(len(ODD))])
+def test_one_answer_per_body(trained, client, piece, status, field):
+    for other in OTHERS:
+        r = client.post("/v1/rank", content=other % piece, headers={"content-type": "application/json"})
+        assert r.status_code == status, (other, r.text)
+        if field is not None:
+            assert r.json()["error"]["field"] == field
+
+
+def test_integer_ids_of_any_size_are_their_decimal_strings(trained, client):
+    big = 2**70
+    r = client.post("/v1/rank", content=b'{"candidates": [{"video_id": %d}, {"video_id": -5}]}' % big,
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert {it["id"] for it in r.json()["items"]} == {str(big), "-5"}
+    r = client.post("/v1/rank", content=b'{"candidates": [{"video_id": %d}, {"video_id": "%d"}]}' % (big, big),
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "repeats" in r.json()["error"]["reason"]
+
+
+def arrow_body(req: dict, config) -> bytes:
+    """A request as an Arrow IPC stream: one row per candidate, the rest in the schema's metadata."""
     import pyarrow as pa
 
-    from service.request import RequestCodec
+    from watchnext.encoding import section_type
 
-    codec = RequestCodec(small_config)
-    arr = pa.array([{"video_id": "a"}, {"video_id": "b"}], type=codec.types["candidate"])
-    stored = [{"video_embedding": [0.5] * 16, "video_age_days": 2.0}, None]
-    filled = codec.fill_candidates(arr, np.array([0, 1]), stored)
-    emb = filled.field("video_embedding").to_pylist()
-    assert emb[0] == [0.5] * 16 and emb[1] is None
-    assert filled.field("video_age_days").to_pylist() == [2.0, None]
-
-
-def test_feature_store_reads_a_reply_in_one_parse_and_survives_a_corrupt_entry(small_config, redis_url):
-    import redis
-
-    from service.features import FeatureStore
-    from service.observability import Metrics
-
-    r = redis.Redis.from_url(redis_url)
-    r.set("wn:f:candidate:a", b'{"video_age_days": 1.0}')
-    r.set("wn:f:candidate:b", b"{not json")
-    m = Metrics()
-    store = FeatureStore(small_config, redis_url, m, timeout_ms=500)
-    keys = ["wn:f:candidate:a", "wn:f:candidate:absent"]
-    assert store.get(keys) == [{"video_age_days": 1.0}, None]
-    assert store.get(keys + ["wn:f:candidate:b"]) == [{"video_age_days": 1.0}, None, None]
-    assert m.feature_hits.get() == 2
-    store.close()
+    typ = section_type(config, "candidate")
+    table = pa.Table.from_struct_array(pa.array(req["candidates"], type=typ))
+    head = {k: v for k, v in req.items() if k != "candidates"}
+    table = table.replace_schema_metadata({"request": json.dumps(head)})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
-def test_rank_early_serves_what_finish_serves(trained, redis_url):
-    """The model starts on the first share of the candidates while the rest are read (Ranker.rank_early, the
-    path of the only request in flight): the same items, order, scores and impression as parsing everything
-    first; and wherever it is in doubt (sections after the candidates, a value to check, ids that repeat,
-    a look-up in the feature store) it gives what `finish` gives, errors included."""
-    from service.features import FeatureStore
-    from service.models import ModelManager
-    from service.observability import Metrics
-    from service.ranker import Ranker
-    from service.request import RankInput
-    from watchnext.repository import ModelRepository
+def test_arrow_body_ranks_like_the_json_body(trained, client):
+    config = load_config(trained["config_path"])
+    for req in rank_requests(trained["history"], 3, top_k=10):
+        want = client.post("/v1/rank", json=req).json()
+        got = client.post("/v1/rank", content=arrow_body(req, config),
+                          headers={"content-type": "application/vnd.apache.arrow.stream"})
+        assert got.status_code == 200, got.text
+        assert got.json()["items"] == want["items"] and got.json()["request_id"] == req["request_id"]
+
+
+def test_bad_arrow_bodies_name_the_field(trained, client):
+    import pyarrow as pa
 
     config = load_config(trained["config_path"])
-    repo = ModelRepository(trained["models"], config.model.name)
-    metrics = Metrics()
-    base = rank_requests(trained["history"], 1, top_k=30)[0]
-    pool = candidates_pool(trained["history"], 300)
+    ct = {"content-type": "application/vnd.apache.arrow.stream"}
+    r = client.post("/v1/rank", content=b"not arrow", headers=ct)
+    assert r.status_code == 400 and r.json()["error"]["field"] == "body"
 
-    def same(a, b) -> None:
-        assert [i["id"] for i in a.body["items"]] == [i["id"] for i in b.body["items"]]
-        np.testing.assert_allclose([i["score"] for i in a.body["items"]], [i["score"] for i in b.body["items"]],
-                                   rtol=1e-5)
-        assert {k: v for k, v in a.impression.items() if k != "ts"} == {k: v for k, v in b.impression.items() if k != "ts"}
+    def stream(table):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, table.schema) as w:
+            w.write_table(table)
+        return sink.getvalue().to_pybytes()
 
-    shares: list[int] = []  # the rows of each share submitted early
-    events: list = []  # ("run", parts) for each session.run, and the wait for a share
-
-    class Counted:  # the real future, its wait recorded
-        def __init__(self, future):
-            self.future = future
-
-        def result(self):
-            events.append("wait for the share")
-            return self.future.result()
-
-        def __getattr__(self, name):
-            return getattr(self.future, name)
-
-    def instrument(model) -> None:
-        """The model's real session, its submits and runs recorded: the early path runs the rest as
-        parts - 1 parts; `finish` runs the whole batch as the session's parts (None)."""
-        submit, run = model.session.submit, model.session.run
-
-        def counted(x):
-            shares.append(len(x["video_id"]))
-            return Counted(submit(x))
-
-        def recorded(x, parts=None):
-            events.append(("run", parts))
-            return run(x, parts)
-
-        model.session.submit, model.session.run = counted, recorded
-
-    def early(ranker, body, model, live=None):
-        """rank_early's answer, and what it did."""
-        shares.clear()
-        events.clear()
-        return ranker.rank_early(body, model, live), list(events)
-
-    dropped = [("run", None)]  # the share's heads thrown away: `finish` ran the whole batch
-    for threads in (2, 3):
-        model = ModelManager(config, repo, metrics, "cpu", threads).load(2)
-        instrument(model)
-        ranker = Ranker(config, FeatureStore(config, None, metrics, 20), metrics)
-        kept = [("run", threads - 1), "wait for the share"]  # the rest ran while the share did, not after it
-        for n in (95, 96, 150, 300):
-            body = json.dumps({**base, "candidates": pool[:n]}).encode()
-            got, did = early(ranker, body, model)
-            room = n + 4  # the objects: the body's own, user, query, context, and the candidates
-            assert shares == ([room // threads] if room >= 48 * threads else []), n
-            assert did == (kept if shares else dropped), n
-            same(got, ranker.finish(ranker.codec.parse(body), model))
-        # sections after the candidates: the ones before are not the request's, so the early share is dropped
-        # (unless they only add top_k); an escaped id in the rest, which the scan leaves to orjson: parsed again
-        escaped = [dict(c) for c in pool[:200]]
-        escaped[150]["video_id"] = "vé150"
-        for tail, cands, want_did in (({"user": {**base["user"], "user_id": "someone-else"}}, pool[:200], dropped),
-                                      ({"top_k": 3}, pool[:200], kept), ({}, escaped, dropped)):
-            body = json.dumps({**base, "candidates": cands}).encode()
-            if tail:
-                body = body[:-1] + b", " + json.dumps(tail).encode()[1:]
-            assert (b"\\u00e9" in body) == (cands is escaped)
-            got, did = early(ranker, body, model)
-            assert len(shares) == 1 and did == want_did, tail
-            same(got, ranker.finish(ranker.codec.parse(body), model))
-        # a value to check in the first share or in the rest, and ids that repeat: the error parse + encode give
-        for i, change in ((3, {"video_views": -5.0}), (180, {"video_views": -5.0}), (190, {"video_id": pool[1]["video_id"]})):
-            cands = [dict(c) for c in pool[:200]]
-            cands[i].update(change)
-            body = json.dumps({**base, "candidates": cands}).encode()
-            with pytest.raises(BadRequest) as want:
-                ranker.finish(ranker.codec.parse(body), model)
-            with pytest.raises(BadRequest) as got:
-                ranker.rank_early(body, model)
-            assert (got.value.field, got.value.reason) == (want.value.field, want.value.reason)
-        # more candidates than the limit: a 413, and no share is run for it
-        many = [{"video_id": f"x{i}"} for i in range(config.service.max_candidates + 1)]
-        shares.clear()
-        with pytest.raises(BadRequest) as got:
-            ranker.rank_early(json.dumps({**base, "candidates": many}).encode(), model)
-        assert got.value.status == 413 and shares == []
-
-    # a live experiment: each user's arm, version and weights, as `finish` routes them; a section after the
-    # candidates that differs only in a zero's sign is another request too (the share is dropped)
-    from service.experiments import LiveExperiment
-    from watchnext.experiments import Arm, Experiment
-
-    ranker = Ranker(config, FeatureStore(config, None, metrics, 20), metrics)
-    promoted, older = (ModelManager(config, repo, metrics, "cpu", 2).load(v) for v in (2, 1))
-    instrument(promoted)
-    exp = Experiment("e", (Arm("control", 0.5), Arm("older", 0.5, version=1, weights={"click": 1.0, "like": 3.0})), "s")
-    live = LiveExperiment(exp, {1: older}, b"")
-    arms = set()
-    for u in range(12):
-        user = {**base["user"], "user_id": f"u{u}"}
-        body = json.dumps({**base, "user": user, "candidates": pool[:200]}).encode()
-        got, want = ranker.rank_early(body, promoted, live), ranker.finish(ranker.codec.parse(body), promoted, live)
-        same(got, want)
-        assert (got.body["arm"], got.body["model_version"]) == (want.body["arm"], want.body["model_version"])
-        arms.add(got.body["arm"])
-    assert arms == {"control", "older"}
-    body = json.dumps({**base, "context": {**base["context"], "hour": 0.0}, "candidates": pool[:200]}).encode()
-    body = body[:-1] + b', "context": ' + json.dumps({**base["context"], "hour": -0.0}).encode() + b"}"
-    got, did = early(ranker, body, promoted)
-    assert len(shares) == 1 and did == dropped
-    assert got.impression["context"]["hour"] == 0.0 and str(got.impression["context"]["hour"]) == "-0.0"
-    same(got, ranker.finish(ranker.codec.parse(body), promoted))
-
-    # with a feature store: a candidate that leaves features out is handed back, to be finished off the loop
-    model = ModelManager(config, repo, metrics, "cpu", 2).load(2)
-    ranker = Ranker(config, FeatureStore(config, redis_url, metrics, 200), metrics)
-    cands = [dict(c) for c in pool[:200]]
-    del cands[150]["video_embedding"]
-    got = ranker.rank_early(json.dumps({**base, "candidates": cands}).encode(), model)
-    assert isinstance(got, RankInput) and got.n == 200
-    full = ranker.rank_early(json.dumps({**base, "candidates": pool[:200]}).encode(), model)
-    assert not isinstance(full, RankInput) and len(full.body["items"]) == 30
+    cases = [
+        (pa.table({"video_id": ["a", "b"], "video_views": [True, False]}), "candidates.video_views", "numbers"),
+        (pa.table({"video_id": ["a", "b"], "video_views": [1.0, float("nan")]}), "candidates[1].video_views", "finite"),
+        (pa.table({"video_id": ["a", None]}), "candidates[1].video_id", "is required"),
+        (pa.table({"video_id": ["a", "a"]}), "candidates[1].video_id", "repeats"),
+        (pa.table({"video_id": ["a"], "video_tags": [["x", None]]}), "candidates[0].video_tags", "null inside"),
+        (pa.table({"video_id": ["a"]}).replace_schema_metadata({"request": '{"top_k": 0}'}), "request.top_k", ">= 1"),
+    ]
+    for table, field, words in cases:
+        r = client.post("/v1/rank", content=stream(table), headers=ct)
+        assert r.status_code == 422, (field, r.text)
+        assert r.json()["error"]["field"] == field and words in r.json()["error"]["reason"], r.text
+    # integer ids and float32 / int columns are read as the JSON values would be
+    ok = pa.table({"video_id": pa.array([3, 4], pa.int32()), "video_views": pa.array([1, 2], pa.int8())})
+    r = client.post("/v1/rank", content=stream(ok), headers=ct)
+    assert r.status_code == 200 and {it["id"] for it in r.json()["items"]} == {"3", "4"}
+    assert config.item_id == "video_id"
