@@ -109,7 +109,7 @@ class EntityCache:
                     return out
                 if self.recent:
                     changed = np.fromiter(map(self.recent.get, ids, itertools.repeat(-1)), np.int64, len(ids))
-                    idx = np.flatnonzero(changed < since)
+                    idx = np.flatnonzero(changed <= since)  # changed before the fetch began: it read them
             kids = np.empty(len(ids), object)
             kids[:] = ids
             kids = kids[idx]
@@ -224,7 +224,11 @@ class OnlineFeatures:
         """Cache look-ups for {source: ids}; `Plan.misses` says whether `fetch` has anything to ask Redis."""
         wants = {s: ids for s, ids in wants.items() if s in self.caches}
         since = {s: self.caches[s].seq for s in wants}
-        return Plan(wants, {s: self.caches[s].slots(ids) for s, ids in wants.items()}, since)
+        plan = Plan(wants, {s: self.caches[s].slots(ids) for s, ids in wants.items()}, since)
+        hits = sum(int((s >= 0).sum()) for s in plan.slots.values())
+        if hits:
+            self.metrics.feature_cache_hits.inc(hits)
+        return plan
 
     def fetch(self, plan: Plan) -> None:
         """Read the plan's misses from Redis in one pipelined round trip and cache them; with Redis away, count

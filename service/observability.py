@@ -122,10 +122,15 @@ class Metrics:
         self.model_refused = Counter("watchnext_model_refused_total", "Versions refused (config hash, corrupt file, bad outputs).")
         self.feature_misses = Counter("watchnext_feature_store_misses_total",
                                       "Online-feature lookups without a value, by reason (absent: no entry; outage: Redis "
-                                      "unreachable or slower than the timeout).", ("reason",))
-        self.feature_hits = Counter("watchnext_feature_store_hits_total", "Online-feature lookups that returned an entry.")
+                                      "unreachable or slower than the timeout; corrupt: an entry that fails its checks; "
+                                      "disabled: no Redis).", ("reason",))
+        self.feature_hits = Counter("watchnext_feature_store_hits_total",
+                                    "Online-feature entries read from Redis (a process's cache misses that the store had).")
+        self.feature_cache_hits = Counter("watchnext_feature_cache_hits_total",
+                                          "Online-feature entries answered by the process's cache.")
         self.unknown_features = Counter("watchnext_unknown_features_total",
-                                        "Request keys that name no feature in the config (ignored).")
+                                        "Keys of a rank request's user, query and context sections that name no feature "
+                                        "in the config (ignored; candidates' unknown keys are ignored uncounted).")
         self.nonfinite = Counter("watchnext_nonfinite_outputs_total", "Candidates dropped because the model's output was not finite.")
         self.impressions_logged = Counter("watchnext_impressions_logged_total", "Impressions written to Redis.")
         self.impressions_dropped = Counter("watchnext_impressions_dropped_total", "Impressions dropped (buffer full).")

@@ -102,9 +102,10 @@ def test_online_features_fill_what_the_request_leaves_out(trained, server, clien
     counts = json.loads(out.stdout)
     assert (counts["user"], counts["query"], counts["candidate"]) == (1, 1, 10)
     r = redis.Redis.from_url(redis_url)
-    stored = json.loads(r.get(f"wn:f:candidate:{req['candidates'][0]['video_id']}"))
+    stored = json.loads(r.hget("wn:f:candidate:json", req["candidates"][0]["video_id"]))
+    assert r.type("wn:f:candidate:json") == b"hash" and not r.keys(f"*{req['candidates'][0]['video_id']}*")
     r.close()
-    assert stored == {k: v for k, v in req["candidates"][0].items() if k != "video_id"}
+    assert stored == req["candidates"][0]  # the features as stored, logged with the impressions served from them
 
     full = client.post("/v1/rank", json=req).json()
     ids_only = {
@@ -116,12 +117,17 @@ def test_online_features_fill_what_the_request_leaves_out(trained, server, clien
         "top_k": 10,
     }
     filled = client.post("/v1/rank", json=ids_only).json()
-    assert filled["items"] == full["items"]
+    assert [it["id"] for it in filled["items"]] == [it["id"] for it in full["items"]]
+    for a, b in zip(filled["items"], full["items"]):
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert a["heads"] == pytest.approx(b["heads"], abs=1e-4)
     # a request value wins over the store
     changed = {**ids_only, "candidates": [{"video_id": c["video_id"], "video_age_days": 0.0} for c in req["candidates"]]}
     assert client.post("/v1/rank", json=changed).json()["items"] != full["items"]
     m = server.service.metrics
-    assert m.feature_hits.get() == 2 * (1 + 1 + 10)  # user, query, candidates, in the two id-only requests; none for the full one
+    # user, query and candidates read from Redis once, by the first id-only request; the second was answered by
+    # the process's cache, and the full request asked for nothing
+    assert m.feature_hits.get() == 1 + 1 + 10 and m.feature_cache_hits.get() == 1 + 1 + 10
     assert m.feature_misses.get("outage") == 0
 
 

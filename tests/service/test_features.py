@@ -1,0 +1,163 @@
+"""Online features: encoded entries in Redis, the byte-bounded cache in front of them, and the change stream that
+brings a write to every service process."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import numpy as np
+import redis
+
+from service.features import EntityCache, OnlineFeatures
+from service.observability import Metrics
+from tests.helpers import serve_processes, wait_for
+from tests.service.fixtures import ADMIN
+from tests.service.traffic import rank_requests
+from watchnext.config import load_config
+from watchnext.encoding import Encoder, Problems
+from watchnext.entities import RowLayout, encode_entities, write_entities
+
+VIDEO = {"video_channel": "c1", "video_tags": ["t1", "t2"], "video_age_days": 3.0, "video_duration_s": 300.0,
+         "video_views": 1000.0, "video_embedding": [0.25] * 16}
+
+
+def store(config, url, cache_mb: float = 4.0) -> OnlineFeatures:
+    return OnlineFeatures(config, Encoder(config), url, Metrics(), 500, 0.2, int(cache_mb * (1 << 20)))
+
+
+def test_stored_rows_are_what_the_encoder_makes(small_config, redis_url):
+    r = redis.Redis.from_url(redis_url)
+    write_entities(r, small_config, "candidate", {"a": VIDEO, "b": {"video_views": 5.0}})
+    s = store(small_config, redis_url)
+    plan = s.plan({"candidate": ["a", "b", "nope"]})
+    assert plan.misses == 3
+    s.fetch(plan)
+    got = s.stored(plan, "candidate")
+    assert got.found.tolist() == [True, True, False]
+    enc = Encoder(small_config)
+    import pyarrow as pa
+
+    from watchnext.encoding import section_type
+
+    want = enc.encode_columns("candidate", pa.array([{**VIDEO, "video_id": "a"}, {"video_views": 5.0, "video_id": "b"},
+                                                     None], type=section_type(small_config, "candidate")), 3, Problems(3))
+    for name in want.values:
+        assert np.array_equal(got.columns.values[name], want.values[name]), name
+        assert got.columns.present[name].tolist() == want.present[name].tolist(), name
+    assert json.loads(got.raw[0]) == {**VIDEO, "video_id": "a"} and got.raw[2] == b""
+    assert s.metrics.feature_hits.get() == 2 and s.metrics.feature_misses.get("absent") == 1
+    again = s.plan({"candidate": ["a", "b", "nope"]})  # all cached now, the absent id too
+    assert again.misses == 0 and s.metrics.feature_cache_hits.get() == 3
+    assert not [k for k in r.keys("*") if b"nope" in k or k.endswith(b":a")]  # ids are hash fields, not keys
+    s.close()
+    r.close()
+
+
+def test_corrupt_entries_read_as_absent_and_are_counted(small_config, redis_url):
+    r = redis.Redis.from_url(redis_url)
+    enc = Encoder(small_config)
+    lay = RowLayout(enc, "candidate")
+    good = encode_entities(enc, lay, [{**VIDEO, "video_id": "ok"}])
+    bad_row = good.copy()
+    bad_row["video_channel"] = 10**9  # past its table
+    nan_row = good.copy()
+    nan_row["video_embedding"][0, 3] = np.nan
+    r.hset(lay.rows_key, mapping={"ok": good.tobytes(), "short": b"xx", "range": bad_row.tobytes(),
+                                  "nan": nan_row.tobytes()})
+    s = store(small_config, redis_url)
+    plan = s.plan({"candidate": ["ok", "short", "range", "nan"]})
+    s.fetch(plan)
+    got = s.stored(plan, "candidate")
+    assert got.found.tolist() == [True, False, False, False]
+    assert s.metrics.feature_misses.get("corrupt") == 3
+    assert not got.columns.present["video_embedding"][1:].any()
+    assert np.isfinite(got.columns.values["video_embedding"]).all()
+    s.close()
+    r.close()
+
+
+def test_cache_is_bounded_in_bytes_and_keeps_what_is_used(small_config):
+    enc = Encoder(small_config)
+    lay = RowLayout(enc, "candidate")
+    budget = 200 * (lay.dtype.itemsize + 160) + 20_000
+    cache = EntityCache(lay, budget)
+    row = encode_entities(enc, lay, [{**VIDEO, "video_id": "x"}])
+    raw = np.empty(1, object)
+    raw[0] = b"x" * 100
+    hot = [f"hot{i}" for i in range(20)]
+    cache.put(hot, np.repeat(row, 20), np.repeat(raw, 20))
+    for k in range(50):  # 2,500 entries through a cache that holds about 170
+        ids = [f"v{k}-{i}" for i in range(50)]
+        cache.put(ids, np.repeat(row, 50), np.repeat(raw, 50))
+        assert (cache.slots(hot) >= 0).all()  # used on every round: never evicted
+        assert cache.bytes <= budget, (k, cache.bytes)
+    assert 100 < len(cache) < 220
+    assert cache.bytes == len(cache) * cache.entry_bytes + 100 * len(cache)
+    rows, texts = cache.gather(cache.slots(hot))
+    assert texts.tolist() == [b"x" * 100] * 20 and np.array_equal(rows, np.repeat(row, 20))
+
+
+def test_a_write_reaches_the_cache_through_the_change_stream(small_config, redis_url):
+    r = redis.Redis.from_url(redis_url)
+    write_entities(r, small_config, "candidate", {"a": VIDEO})
+    s = store(small_config, redis_url)
+    s.start()
+    try:
+        plan = s.plan({"candidate": ["a", "later"]})
+        s.fetch(plan)
+        assert s.stored(plan, "candidate").found.tolist() == [True, False]
+        time.sleep(0.3)  # the follower is reading the stream
+        t0 = time.monotonic()
+        write_entities(r, small_config, "candidate", {"a": {**VIDEO, "video_views": 9.0}, "later": VIDEO})
+
+        def fresh():
+            p = s.plan({"candidate": ["a", "later"]})
+            return p.misses == 0 and s.stored(p, "candidate").columns.values["video_views"].tolist()[0] == \
+                np.float32(np.log1p(9.0)) and s.stored(p, "candidate").found.all()
+        wait_for(fresh, 2.0, "the write to reach the cache")
+        assert time.monotonic() - t0 < 2.0 and s.followed >= 1
+    finally:
+        s.close()
+        r.close()
+
+
+def test_a_feature_write_reaches_both_service_processes(trained, models_dir, redis_url, tmp_path):
+    """Two `watchnext serve` processes rank by id from their caches; a feature written to the store changes what
+    both answer within the documented bound (one change-stream round trip; 2 s allowed here)."""
+    config = load_config(trained["config_path"])
+    req = rank_requests(trained["history"], 1, top_k=10)[0]
+    r = redis.Redis.from_url(redis_url)
+    write_entities(r, config, "candidate", {c["video_id"]: {k: v for k, v in c.items() if k != "video_id"}
+                                            for c in req["candidates"]})
+    body = {"candidates": [{"video_id": c["video_id"]} for c in req["candidates"]], "top_k": 10}
+    target = req["candidates"][0]["video_id"]
+    with serve_processes(2, trained["config_path"], models_dir, redis_url, ADMIN, tmp_path) as urls:
+        clients = [httpx.Client(base_url=u, timeout=10) for u in urls]
+        try:
+            def score_of(c: httpx.Client) -> float:
+                r = c.post("/v1/rank", json=body)
+                assert r.status_code == 200, r.text
+                return {it["id"]: it["heads"]["click"] for it in r.json()["items"]}[target]
+
+            before = [score_of(c) for c in clients]  # both have the entries cached now
+            assert before[0] == before[1]
+            changed = {k: v for k, v in req["candidates"][0].items() if k != "video_id"}
+            changed["video_views"] = 1e9
+            changed["video_age_days"] = 0.0
+            time.sleep(0.5)
+            t0 = time.monotonic()
+            write_entities(r, config, "candidate", {target: changed})
+            seen = [None, None]
+            while time.monotonic() - t0 < 2.0 and None in seen:
+                for k, c in enumerate(clients):
+                    if seen[k] is None and score_of(c) != before[k]:
+                        seen[k] = time.monotonic() - t0
+            assert None not in seen, f"not every process used the write within 2 s: {seen}"
+            after = [score_of(c) for c in clients]
+            assert after[0] == after[1] != before[0]
+        finally:
+            for c in clients:
+                c.close()
+            r.close()
