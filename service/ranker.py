@@ -44,6 +44,7 @@ from .observability import Metrics
 from .request import SHARED, RankInput, RequestCodec
 
 CONTROL = "control"
+SECTION_MEMO = 20_000  # encoded shared sections remembered (a few hundred bytes each)
 
 
 @dataclass
@@ -76,6 +77,9 @@ class Ranker:
         self.features = {s: frozenset(f.name for f in config.features if f.source == s) for s in SHARED}
         self.keys = {s: key_feature(config, s) for s in (*SHARED, "candidate")}
         self.item_id = config.item_id
+        # encoded user / query / context sections by their values: a context such as {"device": "mobile"}
+        # repeats across requests, and a one-row Arrow encode costs more than the whole gather of 500 candidates
+        self._sections: dict[bytes, Columns] = {}
 
     # ------------------------------------------------------------ 1-2
     def prepare(self, body: bytes, content_type: str | None = None) -> Prepared:
@@ -141,7 +145,7 @@ class Ranker:
         shared = dict(inp.shared)
         for s in SHARED:
             sec = inp.shared[s]
-            c = self.encoder.encode_columns(s, pa.array([sec], type=self.types[s]) if sec else None, 1, problems)
+            c = self._section(s, sec, problems)
             if s in plan.ids:
                 st = self.store.stored(plan, s)
                 c = overlay(c, st.columns)
@@ -175,6 +179,25 @@ class Ranker:
                 cand = overlay(cand, stored.columns)
         sections["candidate"] = cand
         return self.encoder.assemble(sections, n), {"shared": shared, "stored": stored}
+
+    def _section(self, source: str, sec: dict[str, Any], problems: Problems) -> Columns:
+        """One shared section's row, encoded (remembered by its values; a bad value is never remembered)."""
+        key = source.encode() + orjson.dumps(sec)
+        got = self._sections.get(key)
+        if got is None:
+            mine = Problems(1)
+            got = self.encoder.encode_columns(source, pa.array([sec], type=self.types[source]) if sec else None, 1,
+                                              mine)
+            if mine.checks:
+                problems.checks += mine.checks
+                return got
+            if len(self._sections) >= SECTION_MEMO:
+                try:  # the oldest (another thread may be at it too)
+                    self._sections.pop(next(iter(self._sections)), None)
+                except (StopIteration, RuntimeError):
+                    pass
+            self._sections[key] = got
+        return got
 
     def _answer(self, prep: Prepared, served: dict[str, Any], heads: np.ndarray, model: LoadedModel, weights: Any,
                 arm: str, experiment: str | None) -> Ranked:
