@@ -4,7 +4,7 @@ The store holds each user, query video and candidate video as an encoded row
 (watchnext/entities.py), so ranking candidates by id is a gather:
 
 1. `plan(wants)` looks every id up in this process's cache (one dict look-up per id,
-   in C via `map`); hits are gathered from a numpy table of encoded rows.
+   in C via `map`); hits are copied out of a numpy table of encoded rows.
 2. `fetch(plan)` asks Redis for the misses only, every source in one pipelined
    round trip (HMGET), with a tight timeout; the rows are checked, cached (an id
    the store does not have is cached as absent too) and gathered.
@@ -84,21 +84,23 @@ class EntityCache:
     def __len__(self) -> int:
         return len(self.slot)
 
-    def slots(self, ids: list[str]) -> np.ndarray:
-        """(n,) int64 slot of each id, -1 where not cached; marks the hits as used."""
+    def lookup(self, ids: list[str], rows: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        """Copy the cached entries of `ids` into `rows` and `raw` (n each) and mark them used; returns (n,) bool,
+        the hits. A copy under the lock: no slot can be given to another id between the look-up and the use."""
         with self.lock:
             s = np.fromiter(map(self.slot.get, ids, itertools.repeat(-1)), np.int64, len(ids))
+            hit = s >= 0
+            if hit.all():
+                rows[:], raw[:] = self.rows[s], self.raw[s]
+            elif hit.any():
+                h = s[hit]
+                rows[hit], raw[hit] = self.rows[h], self.raw[h]
             self.tick += 1
-            self.used[s[s >= 0]] = self.tick
-        return s
-
-    def gather(self, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The rows and the JSON (an object array) of cached slots."""
-        with self.lock:
-            return self.rows[slots], self.raw[slots]
+            self.used[s[hit]] = self.tick
+        return hit
 
     def put(self, ids: list[str], rows: np.ndarray, raw: np.ndarray, since: int | None = None) -> np.ndarray:
-        """Cache entries (replacing the ids' old ones); returns their slots, -1 for those not cached. `since`:
+        """Cache entries (replacing the ids' old ones); returns their slots, -1 for those not cached (tests). `since`:
         the seq when the caller's fetch started: ids changed after it are not cached (the follower may have
         refreshed them before this fetch's older answer arrived)."""
         out = np.full(len(ids), -1, np.int64)
@@ -177,17 +179,19 @@ class EntityCache:
 
 @dataclass
 class Plan:
-    """One request's reads: per source, the ids, their cache slots (-1: a miss), and after `fetch` the rows
-    of the misses."""
+    """One request's reads: per source, the ids and their entries (absent until found), and which were found in
+    the cache or, after `fetch`, in Redis."""
 
     ids: dict[str, list[str]]
-    slots: dict[str, np.ndarray]
-    since: dict[str, int]
-    fetched: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)  # rows, entries, JSON
+    rows: dict[str, np.ndarray]  # (n,) RowLayout.dtype
+    raw: dict[str, np.ndarray]  # (n,) object: JSON bytes, b"" where none
+    hit: dict[str, np.ndarray]  # (n,) bool: answered by the cache
+    since: dict[str, int]  # each cache's change count when the plan was made
+    fetched: set[str] = field(default_factory=set)
 
     @property
     def misses(self) -> int:
-        return sum(int((s < 0).sum()) for src, s in self.slots.items() if src not in self.fetched)
+        return sum(int((~h).sum()) for src, h in self.hit.items() if src not in self.fetched)
 
 
 class OnlineFeatures:
@@ -223,9 +227,12 @@ class OnlineFeatures:
     def plan(self, wants: dict[str, list[str]]) -> Plan:
         """Cache look-ups for {source: ids}; `Plan.misses` says whether `fetch` has anything to ask Redis."""
         wants = {s: ids for s, ids in wants.items() if s in self.caches}
-        since = {s: self.caches[s].seq for s in wants}
-        plan = Plan(wants, {s: self.caches[s].slots(ids) for s, ids in wants.items()}, since)
-        hits = sum(int((s >= 0).sum()) for s in plan.slots.values())
+        plan = Plan(wants, {}, {}, {}, {s: self.caches[s].seq for s in wants})
+        for s, ids in wants.items():
+            plan.rows[s] = np.repeat(self.absent_rows[s], len(ids))
+            plan.raw[s] = np.full(len(ids), b"", object)
+            plan.hit[s] = self.caches[s].lookup(ids, plan.rows[s], plan.raw[s])
+        hits = sum(int(h.sum()) for h in plan.hit.values())
         if hits:
             self.metrics.feature_cache_hits.inc(hits)
         return plan
@@ -233,7 +240,7 @@ class OnlineFeatures:
     def fetch(self, plan: Plan) -> None:
         """Read the plan's misses from Redis in one pipelined round trip and cache them; with Redis away, count
         them as misses and go on."""
-        todo = {s: np.flatnonzero(plan.slots[s] < 0) for s in plan.ids if s not in plan.fetched}
+        todo = {s: np.flatnonzero(~plan.hit[s]) for s in plan.ids if s not in plan.fetched}
         todo = {s: rows for s, rows in todo.items() if len(rows)}
         if not todo:
             return
@@ -261,28 +268,14 @@ class OnlineFeatures:
             self.metrics.feature_hits.inc(int(found.sum()))
             if (~found).any():
                 self.metrics.feature_misses.inc(int((~found).sum()), "absent")
-            slots = self.caches[s].put(ids, rows, raw, plan.since[s])
-            plan.fetched[s] = (todo[s], rows, raw)
-            plan.slots[s][todo[s][slots >= 0]] = slots[slots >= 0]
+            self.caches[s].put(ids, rows, raw, plan.since[s])
+            plan.rows[s][todo[s]], plan.raw[s][todo[s]] = rows, raw
+            plan.fetched.add(s)
 
     def stored(self, plan: Plan, source: str) -> Stored:
-        """The entries of one source's ids: from the cache, and the rows `fetch` read (absent where neither)."""
-        slots = plan.slots[source]
-        layout, cache = self.layouts[source], self.caches[source]
-        hit = slots >= 0
-        if hit.all():
-            rows, raw = cache.gather(slots)
-        else:
-            rows = np.repeat(self.absent_rows[source], len(slots))
-            raw = np.full(len(slots), b"", object)
-            h = np.flatnonzero(hit)
-            if len(h):
-                rows[h], raw[h] = cache.gather(slots[h])
-            if source in plan.fetched:  # read from Redis but not cached (a change raced the read, or no room)
-                where, frows, fraw = plan.fetched[source]
-                left = ~hit[where]
-                rows[where[left]], raw[where[left]] = frows[left], fraw[left]
-        return Stored(layout.unpack(rows), rows["present"].any(axis=1), raw)
+        """The entries of one source's ids: from the cache, and those `fetch` read (absent where neither)."""
+        rows = plan.rows[source]
+        return Stored(self.layouts[source].unpack(rows), rows["present"].any(axis=1), plan.raw[source])
 
     def _decode(self, source: str, packed: list, raw: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows of one HMGET reply; an entry that is absent, of the wrong width or fails the checks reads as

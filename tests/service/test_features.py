@@ -78,6 +78,11 @@ def test_corrupt_entries_read_as_absent_and_are_counted(small_config, redis_url)
     r.close()
 
 
+def lookup(cache: EntityCache, ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows, raw = np.zeros(len(ids), cache.layout.dtype), np.full(len(ids), b"", object)
+    return cache.lookup(ids, rows, raw), rows, raw
+
+
 def test_cache_is_bounded_in_bytes_and_keeps_what_is_used(small_config):
     enc = Encoder(small_config)
     lay = RowLayout(enc, "candidate")
@@ -91,12 +96,12 @@ def test_cache_is_bounded_in_bytes_and_keeps_what_is_used(small_config):
     for k in range(50):  # 2,500 entries through a cache that holds about 170
         ids = [f"v{k}-{i}" for i in range(50)]
         cache.put(ids, np.repeat(row, 50), np.repeat(raw, 50))
-        assert (cache.slots(hot) >= 0).all()  # used on every round: never evicted
+        assert lookup(cache, hot)[0].all()  # used on every round: never evicted
         assert cache.bytes <= budget, (k, cache.bytes)
     assert 100 < len(cache) < 220
     assert cache.bytes == len(cache) * cache.entry_bytes + 100 * len(cache)
-    rows, texts = cache.gather(cache.slots(hot))
-    assert texts.tolist() == [b"x" * 100] * 20 and np.array_equal(rows, np.repeat(row, 20))
+    hit, rows, texts = lookup(cache, hot)
+    assert hit.all() and texts.tolist() == [b"x" * 100] * 20 and np.array_equal(rows, np.repeat(row, 20))
 
 
 def test_a_write_reaches_the_cache_through_the_change_stream(small_config, redis_url):
