@@ -40,7 +40,7 @@ from .schema import (
     errors,
     feedback_request_schema,
     json_body,
-    rank_request_schema,
+    rank_body,
 )
 from .settings import Deps, Settings
 
@@ -192,7 +192,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         return json_response({"error": {"field": field, "reason": str(exc.detail)}}, exc.status_code)
 
     # ------------------------------------------------------------ rank
-    @app.post("/v1/rank", response_model=None, openapi_extra=json_body(rank_request_schema(config)),
+    @app.post("/v1/rank", response_model=None, openapi_extra=rank_body(config),
               responses={200: {"model": RankResponse}, **errors(400, 413, 422, 503)},
               summary="Rank candidates for one request; the best first")
     async def rank(request: Request) -> Response:

@@ -205,7 +205,8 @@ def _features(sub) -> None:
         description="Each line is an entity record {\"source\": \"user\"|\"query\"|\"candidate\", \"id\": ID, "
         "\"features\": {...}} or an example / rank request whose sections carry their ids (user_id, "
         "query_video_id, the [item] id): every section becomes the entry of its entity, later lines winning. "
-        "Keys: wn:f:<source>:<id>, each a JSON object. Uses REDIS_URL; without it, the embedded server's data in "
+        "Entities are written encoded for this config (the hash wn:f:<source>:<layout>) with their JSON beside "
+        "(wn:f:<source>:json), and running services refresh what they cache (the stream wn:f:changes). Uses REDIS_URL; without it, the embedded server's data in "
         f"{REDIS_DIR}/ (the one `watchnext up` and `watchnext serve` start).",
         epilog=EPILOG,
     )

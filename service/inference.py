@@ -5,8 +5,7 @@
 binding, so the inputs are copied to the device once and the outputs are read
 back once, without the extra staging copies of `session.run`. On the CPU it
 runs a batch as parts at once, one ONNX Runtime thread each, as many as the
-CPUs this process may use (or `threads`); `submit` runs a batch on the pool's
-thread while the caller goes on (Ranker.rank_early).
+CPUs this process may use (or `threads`).
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -89,11 +88,6 @@ class InferenceSession:
         rest = [pool.submit(self.session.run, p) for p in pieces[1:]]
         first = self.session.run(pieces[0])  # this thread runs one part itself: the pool never waits on the pool
         return np.concatenate([first, *(f.result() for f in rest)])
-
-    def submit(self, inputs: dict[str, np.ndarray]) -> Future:
-        """Runs a batch whole on one of the pool's threads (Ranker.rank_early: the first rows of a request,
-        while the calling thread reads the rest)."""
-        return parts_pool().submit(self.session.run, inputs)
 
     def _run_cuda(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         sess = self.session.sess

@@ -88,6 +88,18 @@ def json_body(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
+def rank_body(config: Config) -> dict[str, Any]:
+    """The rank request: JSON, or an Arrow IPC stream (one row per candidate, the rest as JSON in the schema's
+    metadata under `request`; see docs/online-features.md)."""
+    body = json_body(rank_request_schema(config))
+    body["requestBody"]["content"]["application/vnd.apache.arrow.stream"] = {
+        "schema": {"type": "string", "format": "binary",
+                   "description": "an Arrow IPC stream: a column per candidate feature, a row per candidate; "
+                                  "request_id, user, query, context and top_k as a JSON object in the schema "
+                                  "metadata under `request`"}}
+    return body
+
+
 # ---------------------------------------------------------------- responses
 
 
