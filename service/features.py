@@ -61,14 +61,17 @@ class Stored:
 
 
 class EntityCache:
-    """One source's cached entries: encoded rows in a numpy table, their JSON, an id -> slot dict."""
+    """One source's cached entries: each field of the encoded rows in its own numpy array (so a gather gives
+    the contiguous columns the model reads), their JSON, an id -> slot dict."""
 
     def __init__(self, layout: RowLayout, budget_bytes: int):
         self.layout = layout
         self.budget = budget_bytes
         self.entry_bytes = layout.dtype.itemsize + ENTRY_OVERHEAD
         self.capacity = max(64, budget_bytes // self.entry_bytes)
-        self.rows = np.zeros(self.capacity, layout.dtype)  # calloc: pages are touched as entries arrive
+        # calloc: pages are touched only as entries arrive
+        self.cols = {name: np.zeros((self.capacity, *layout.dtype[name].shape), layout.dtype[name].base)
+                     for name in layout.dtype.names}
         self.raw = np.full(self.capacity, b"", object)
         self.ids = np.full(self.capacity, None, object)
         self.used = np.zeros(self.capacity, np.int64)  # the tick of each slot's last use
@@ -84,20 +87,29 @@ class EntityCache:
     def __len__(self) -> int:
         return len(self.slot)
 
-    def lookup(self, ids: list[str], rows: np.ndarray, raw: np.ndarray) -> np.ndarray:
-        """Copy the cached entries of `ids` into `rows` and `raw` (n each) and mark them used; returns (n,) bool,
-        the hits. A copy under the lock: no slot can be given to another id between the look-up and the use."""
+    def lookup(self, ids: list[str], absent: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray],
+                                                                           np.ndarray]:
+        """(hit (n,) bool, the entries' fields (n rows each; `absent`'s one row where missed), their JSON (n,)
+        object) for `ids`; marks the hits used. Copied under the lock: no slot can be given to another id
+        between the look-up and the use."""
+        n = len(ids)
         with self.lock:
-            s = np.fromiter(map(self.slot.get, ids, itertools.repeat(-1)), np.int64, len(ids))
+            s = np.fromiter(map(self.slot.get, ids, itertools.repeat(-1)), np.int64, n)
             hit = s >= 0
             if hit.all():
-                rows[:], raw[:] = self.rows[s], self.raw[s]
-            elif hit.any():
-                h = s[hit]
-                rows[hit], raw[hit] = self.rows[h], self.raw[h]
+                cols = {name: np.take(a, s, axis=0) for name, a in self.cols.items()}
+                raw = np.take(self.raw, s)
+            else:
+                cols = {name: np.repeat(v, n, axis=0) for name, v in absent.items()}
+                raw = np.full(n, b"", object)
+                if hit.any():
+                    h = s[hit]
+                    for name, a in self.cols.items():
+                        cols[name][hit] = a[h]
+                    raw[hit] = self.raw[h]
             self.tick += 1
             self.used[s[hit]] = self.tick
-        return hit
+        return hit, cols, raw
 
     def put(self, ids: list[str], rows: np.ndarray, raw: np.ndarray, since: int | None = None) -> np.ndarray:
         """Cache entries (replacing the ids' old ones); returns their slots, -1 for those not cached (tests). `since`:
@@ -134,7 +146,8 @@ class EntityCache:
             self.bytes -= sum(map(len, self.raw[slots[~new]]))
             vals = raw[idx]
             self.raw[slots] = vals
-            self.rows[slots] = rows[idx]
+            for name, a in self.cols.items():
+                a[slots] = rows[name][idx]
             self.tick += 1
             self.used[slots] = self.tick
             self.bytes += need * self.entry_bytes + sum(map(len, vals))
@@ -183,7 +196,7 @@ class Plan:
     the cache or, after `fetch`, in Redis."""
 
     ids: dict[str, list[str]]
-    rows: dict[str, np.ndarray]  # (n,) RowLayout.dtype
+    cols: dict[str, dict[str, np.ndarray]]  # each field of RowLayout.dtype, n rows
     raw: dict[str, np.ndarray]  # (n,) object: JSON bytes, b"" where none
     hit: dict[str, np.ndarray]  # (n,) bool: answered by the cache
     since: dict[str, int]  # each cache's change count when the plan was made
@@ -204,6 +217,8 @@ class OnlineFeatures:
         self.layouts = {s: RowLayout(encoder, s) for s in STORE_SOURCES if self.keys[s] is not None}
         self.caches = {s: EntityCache(lay, int(cache_bytes * SHARES[s])) for s, lay in self.layouts.items()}
         self.absent_rows = {s: lay.pack(encoder.absent(s, 1)) for s, lay in self.layouts.items()}
+        self.absent_fields = {s: {name: np.ascontiguousarray(r[name]) for name in r.dtype.names}
+                              for s, r in self.absent_rows.items()}
         self.backoff_s = backoff_s
         self.url = url
         self.client = None
@@ -229,9 +244,7 @@ class OnlineFeatures:
         wants = {s: ids for s, ids in wants.items() if s in self.caches}
         plan = Plan(wants, {}, {}, {}, {s: self.caches[s].seq for s in wants})
         for s, ids in wants.items():
-            plan.rows[s] = np.repeat(self.absent_rows[s], len(ids))
-            plan.raw[s] = np.full(len(ids), b"", object)
-            plan.hit[s] = self.caches[s].lookup(ids, plan.rows[s], plan.raw[s])
+            plan.hit[s], plan.cols[s], plan.raw[s] = self.caches[s].lookup(ids, self.absent_fields[s])
         hits = sum(int(h.sum()) for h in plan.hit.values())
         if hits:
             self.metrics.feature_cache_hits.inc(hits)
@@ -253,11 +266,7 @@ class OnlineFeatures:
             return
         names = {s: [plan.ids[s][r] for r in rows.tolist()] for s, rows in todo.items()}
         try:
-            pipe = self.client.pipeline(transaction=False)
-            for s, ids in names.items():
-                pipe.hmget(self.layouts[s].rows_key, ids)
-                pipe.hmget(self.layouts[s].json_key, ids)
-            got = pipe.execute()
+            got = self._read(names)
         except REDIS_ERRORS as e:
             self._failed(e)
             self.metrics.feature_misses.inc(total, "outage")
@@ -269,13 +278,23 @@ class OnlineFeatures:
             if (~found).any():
                 self.metrics.feature_misses.inc(int((~found).sum()), "absent")
             self.caches[s].put(ids, rows, raw, plan.since[s])
-            plan.rows[s][todo[s]], plan.raw[s][todo[s]] = rows, raw
+            for name, a in plan.cols[s].items():
+                a[todo[s]] = rows[name]
+            plan.raw[s][todo[s]] = raw
             plan.fetched.add(s)
+
+    def _read(self, names: dict[str, list[str]]) -> list[list]:
+        """Both hashes of every source's ids, pipelined: one round trip. [rows, JSON, rows, JSON, ...]"""
+        pipe = self.client.pipeline(transaction=False)
+        for s, ids in names.items():
+            pipe.hmget(self.layouts[s].rows_key, ids)
+            pipe.hmget(self.layouts[s].json_key, ids)
+        return pipe.execute()
 
     def stored(self, plan: Plan, source: str) -> Stored:
         """The entries of one source's ids: from the cache, and those `fetch` read (absent where neither)."""
-        rows = plan.rows[source]
-        return Stored(self.layouts[source].unpack(rows), rows["present"].any(axis=1), plan.raw[source])
+        cols = plan.cols[source]
+        return Stored(self.layouts[source].columns(cols), cols["present"].any(axis=1), plan.raw[source])
 
     def _decode(self, source: str, packed: list, raw: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows of one HMGET reply; an entry that is absent, of the wrong width or fails the checks reads as

@@ -233,30 +233,51 @@ class Ranker:
             "experiment": experiment,
             "arm": arm,
             "model_version": version,
-            "items": [(i, c, pos) for pos, (i, c) in enumerate(zip(ids, self._served(prep, served["stored"], order)))],
+            "items": self._served(prep, served["stored"], order, ids),
         }
         body = {"request_id": inp.request_id, "model_version": version, "arm": arm, "experiment": experiment,
                 "items": items}
         return Ranked(body, impression, n)
 
-    def _served(self, prep: Prepared, stored: Any, order: np.ndarray) -> list[dict[str, Any]]:
-        """The features the top candidates were ranked with: their store entries, then the values sent."""
+    def _served(self, prep: Prepared, stored: Any, order: np.ndarray, ids: list[str]) -> ServedItems:
+        """The features the top candidates were ranked with, worked out when the impression is written (off the
+        request's path): their store entries, then the values sent."""
         inp = prep.inp
-        sent = inp.sent(order, self.codec.known["candidate"])
-        if stored is None:
-            base = [{} for _ in range(len(order))]
-        else:
+        raw = None
+        if stored is not None:
             where = np.full(inp.n, -1, np.int64)  # request row -> row of the stored entries
             where[prep.candidate_rows] = np.arange(len(prep.candidate_rows))
             at = where[order]
-            base = [_entry(stored.raw[j]) if j >= 0 else {} for j in at.tolist()]
-        out = []
-        for i, b, s in zip(order.tolist(), base, sent):
-            o = {**b, **s}
-            if inp.ids is not None:
-                o[self.item_id] = inp.ids[i]
-            out.append(o)
-        return out
+            raw = np.where(at >= 0, stored.raw[np.maximum(at, 0)], b"")
+        sent = inp.candidates.take(pa.array(order)) if inp.candidates is not None else None
+        return ServedItems(ids, raw, sent, self.item_id if inp.ids is not None else None, self.codec.known["candidate"])
+
+
+class ServedItems:
+    """An impression's items, (item id, features as served, position), built when first read (by the impression
+    log's writer thread): each candidate's store entry, then the known values the request sent over it."""
+
+    def __init__(self, ids: list[str], raw: np.ndarray | None, sent: pa.StructArray | None, item_id: str | None,
+                 known: frozenset[str]):
+        self.ids, self.raw, self.sent, self.item_id, self.known = ids, raw, sent, item_id, known
+        self._items: list[tuple[str, dict[str, Any], int]] | None = None
+
+    def __iter__(self):
+        if self._items is None:
+            k = len(self.ids)
+            base = [_entry(r) for r in self.raw.tolist()] if self.raw is not None else [{} for _ in range(k)]
+            sent = self.sent.to_pylist() if self.sent is not None else [{} for _ in range(k)]
+            items = []
+            for pos, (i, b, o) in enumerate(zip(self.ids, base, sent)):
+                c = {**b, **{f: v for f, v in o.items() if v is not None and f in self.known}}
+                if self.item_id is not None:
+                    c[self.item_id] = i
+                items.append((i, c, pos))
+            self._items = items
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self.ids)
 
 
 def _entry(raw: bytes) -> dict[str, Any]:

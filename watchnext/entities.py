@@ -89,8 +89,12 @@ class RowLayout:
 
     def unpack(self, rows: np.ndarray) -> Columns:
         """Columns of structured rows (views where the dtype allows)."""
-        present = rows["present"].astype(bool)
-        return Columns(len(rows), {f.name: rows[f.name] for f in self.features},
+        return self.columns({name: rows[name] for name in self.dtype.names})
+
+    def columns(self, fields: dict[str, np.ndarray]) -> Columns:
+        """Columns of the rows' fields, each an array of n rows (as `EntityCache` keeps them)."""
+        present = fields["present"].view(bool)
+        return Columns(len(present), {f.name: fields[f.name] for f in self.features},
                        {f.name: present[:, j] for j, f in enumerate(self.features)})
 
     def check(self, rows: np.ndarray) -> np.ndarray:

@@ -79,8 +79,13 @@ def test_corrupt_entries_read_as_absent_and_are_counted(small_config, redis_url)
 
 
 def lookup(cache: EntityCache, ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rows, raw = np.zeros(len(ids), cache.layout.dtype), np.full(len(ids), b"", object)
-    return cache.lookup(ids, rows, raw), rows, raw
+    """(hit, the entries as structured rows, their JSON)."""
+    absent = np.zeros(1, cache.layout.dtype)
+    hit, cols, raw = cache.lookup(ids, {n: absent[n] for n in absent.dtype.names})
+    rows = np.zeros(len(ids), cache.layout.dtype)
+    for name, a in cols.items():
+        rows[name] = a
+    return hit, rows, raw
 
 
 def test_cache_is_bounded_in_bytes_and_keeps_what_is_used(small_config):
