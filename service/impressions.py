@@ -166,6 +166,9 @@ class ImpressionLog:
         due = imp["ts"] + self.window
         shared = {k: imp.get(k) for k in ("ts", "request_id", "user", "query", "context", "experiment", "arm",
                                           "model_version")}
+        for k in ("user", "query", "context"):  # sections the store filled are merged here, off the request's path
+            if hasattr(shared[k], "resolve"):
+                shared[k] = shared[k].resolve()
         # orjson: this runs for every response, beside the rank threads
         mapping = {"_": orjson.dumps(shared), "_due": repr(due)}
         for item_id, cand, pos in imp["items"]:

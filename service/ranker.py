@@ -142,15 +142,18 @@ class Ranker:
         inp, plan = prep.inp, prep.plan
         problems = Problems(1)
         sections: dict[str, Columns] = {}
-        shared = dict(inp.shared)
+        shared = {}  # store entries of the shared sections, for the impression
         for s in SHARED:
             sec = inp.shared[s]
-            c = self._section(s, sec, problems)
             if s in plan.ids:
                 st = self.store.stored(plan, s)
-                c = overlay(c, st.columns)
-                if st.found[0]:
-                    shared[s] = {**_entry(st.raw[0]), **sec}
+                if st.found[0] and sec.keys() == {self.keys[s]}:  # the request names it, the store has the rest
+                    c = st.columns
+                else:
+                    c = overlay(self._section(s, sec, problems), st.columns)
+                shared[s] = st.raw[0]
+            else:
+                c = self._section(s, sec, problems)
             sections[s] = c
         bad = problems.first()
         if bad is not None:
@@ -229,7 +232,8 @@ class Ranker:
         impression = {
             "ts": time.time(),
             "request_id": inp.request_id,
-            **{s: served["shared"][s] for s in SHARED},
+            **{s: _Merged(served["shared"][s], inp.shared[s]) if s in served["shared"] else inp.shared[s]
+               for s in SHARED},
             "experiment": experiment,
             "arm": arm,
             "model_version": version,
@@ -278,6 +282,17 @@ class ServedItems:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+class _Merged:
+    """A shared section as served: its store entry with the request's values over it, worked out when the
+    impression is written (`resolve`)."""
+
+    def __init__(self, raw: bytes, sent: dict[str, Any]):
+        self.raw, self.sent = raw, sent
+
+    def resolve(self) -> dict[str, Any]:
+        return {**_entry(self.raw), **self.sent}
 
 
 def _entry(raw: bytes) -> dict[str, Any]:
