@@ -97,8 +97,8 @@ class EntityCache:
             s = np.fromiter(map(self.slot.get, ids, itertools.repeat(-1)), np.int64, n)
             hit = s >= 0
             if hit.all():
-                cols = {name: np.take(a, s, axis=0) for name, a in self.cols.items()}
-                raw = np.take(self.raw, s)
+                cols = {name: a.take(s, axis=0) for name, a in self.cols.items()}
+                raw = self.raw.take(s)
             else:
                 cols = {name: np.repeat(v, n, axis=0) for name, v in absent.items()}
                 raw = np.full(n, b"", object)
