@@ -44,7 +44,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from service.features import EntityCache, OnlineFeatures  # noqa: E402
+from service.features import ENTRY_OVERHEAD, EntityCache, OnlineFeatures  # noqa: E402
 from service.inference import InferenceSession  # noqa: E402
 from service.observability import Metrics  # noqa: E402
 from service.ranker import Ranker  # noqa: E402
@@ -243,7 +243,7 @@ def cache_memory(config, world: World, items: int) -> dict:
         return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     before = rss()
-    cache = EntityCache(lay, 1 << 40)
+    cache = EntityCache(lay, items * (lay.dtype.itemsize + ENTRY_OVERHEAD + int(max(map(len, raw))) + 1))
     for lo in range(0, items, 1000):
         cache.put([f"m{lo + i}" for i in range(1000)], rows, raw.copy())
     grown = rss() - before

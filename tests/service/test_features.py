@@ -50,6 +50,9 @@ def test_stored_rows_are_what_the_encoder_makes(small_config, redis_url):
     assert s.metrics.feature_hits.get() == 2 and s.metrics.feature_misses.get("absent") == 1
     again = s.plan({"candidate": ["a", "b", "nope"]})  # all cached now, the absent id too
     assert again.misses == 0 and s.metrics.feature_cache_hits.get() == 3
+    one = s.read("candidate", ["b", "a"])  # the one-call form: the same entries
+    assert one.found.tolist() == [True, True] and json.loads(one.raw[1]) == {**VIDEO, "video_id": "a"}
+    assert s.metrics.feature_hits.get() == 2  # from the cache: Redis was not asked again
     assert not [k for k in r.keys("*") if b"nope" in k or k.endswith(b":a")]  # ids are hash fields, not keys
     s.close()
     r.close()
