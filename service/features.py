@@ -47,7 +47,7 @@ from .observability import Metrics, log
 logger = logging.getLogger("watchnext.service.features")
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 SHARES = {"candidate": 0.5, "user": 0.25, "query": 0.25}  # of the cache's bytes
-ENTRY_OVERHEAD = 160  # bytes per cached entry beside its row and JSON: the dict entry, the id, two list slots
+ENTRY_OVERHEAD = 300  # bytes per cached entry beside its row and JSON text: the dict entry, the id, the JSON object, slots (measured: bench/serve_latency.py)
 RECENT_LIMIT = 200_000  # ids remembered as changed while a fetch was in flight (see EntityCache.put)
 
 

@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import redis
 
-from service.features import EntityCache, OnlineFeatures
+from service.features import ENTRY_OVERHEAD, EntityCache, OnlineFeatures
 from service.observability import Metrics
 from tests.helpers import serve_processes, wait_for
 from tests.service.fixtures import ADMIN
@@ -94,7 +94,7 @@ def lookup(cache: EntityCache, ids: list[str]) -> tuple[np.ndarray, np.ndarray, 
 def test_cache_is_bounded_in_bytes_and_keeps_what_is_used(small_config):
     enc = Encoder(small_config)
     lay = RowLayout(enc, "candidate")
-    budget = 200 * (lay.dtype.itemsize + 160) + 20_000
+    budget = 200 * (lay.dtype.itemsize + ENTRY_OVERHEAD) + 20_000
     cache = EntityCache(lay, budget)
     row = encode_entities(enc, lay, [{**VIDEO, "video_id": "x"}])
     raw = np.empty(1, object)
