@@ -13,7 +13,7 @@ import pytest
 import redis
 
 from tests.helpers import SMALL_WORLD
-from tests.service.fixtures import ADMIN
+from tests.service.fixtures import ADMIN, FAST_SERVICE, live_service, write_config
 from watchnext.abreport import read_events
 from watchnext.cli import main
 from watchnext.experiments import Experiment
@@ -63,7 +63,15 @@ def test_no_service_is_a_clear_error(capsys):
     assert "no service answers" in capsys.readouterr().err
 
 
-def test_traffic_against_a_live_service(server, redis_url, tmp_path, capsys):
+def test_traffic_against_a_live_service(trained, models_dir, redis_url, tmp_path, capsys):
+    # an attribution window of 5 s, not the suite's 1 s: the client shares this process (and its garbage collector)
+    # with the service, and feedback held up past the window would be refused as late, not lost
+    cfg = write_config(tmp_path, service={**FAST_SERVICE, "attribution_window_s": 5.0})
+    with live_service(cfg, models_dir, redis_url) as server:
+        traffic_against(server, redis_url, tmp_path, capsys)
+
+
+def traffic_against(server, redis_url, tmp_path, capsys) -> None:
     events = tmp_path / "events.jsonl"
     t0 = time.time()
     rc = main(["simulate", "traffic", "--url", server.url, "--users", "12", "--duration", "3", "--concurrency", "3",
@@ -82,9 +90,9 @@ def test_traffic_against_a_live_service(server, redis_url, tmp_path, capsys):
     c = arm["realised"]["counts"]
     assert s["feedback"] == {"accepted": c["clicks"] + c["dismisses"]} and c["clicks"] > 0
 
-    # the service emits one labelled example per impression when the windows close (1 s here)
+    # the service emits one labelled example per impression when the windows close (5 s here)
     r = redis.Redis.from_url(redis_url)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while r.xlen("watchnext:training") < s["impressions"] and time.monotonic() < deadline:
         time.sleep(0.1)
     examples = [json.loads(f[b"example"]) for _, f in r.xrange("watchnext:training")]
