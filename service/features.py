@@ -309,19 +309,19 @@ class OnlineFeatures:
         absent (and is counted as corrupt unless simply absent)."""
         layout = self.layouts[source]
         n, w = len(packed), layout.dtype.itemsize
-        sizes = np.fromiter(map(len, (p or b"" for p in packed)), np.int64, n)
+        entries = _bytes_array(packed)
+        sizes = np.fromiter(map(len, entries), np.int64, n)
         fits = sizes == w
         rows = np.repeat(self.absent_rows[source], n)
         if fits.any():
-            rows[fits] = np.frombuffer(b"".join(p for p, f in zip(packed, fits.tolist()) if f), layout.dtype)
+            rows[fits] = np.frombuffer(b"".join(entries[fits].tolist()), layout.dtype)
         good = fits & layout.check(rows)
         wrong = int((sizes > 0).sum() - good.sum())
         if wrong:
             self.metrics.feature_misses.inc(wrong, "corrupt")
             log(logger, logging.WARNING, "feature_store_corrupt_entries", source=source, count=wrong)
             rows[~good] = self.absent_rows[source]
-        texts = np.empty(n, object)
-        texts[:] = [r if r is not None else b"" for r in raw]
+        texts = _bytes_array(raw)
         texts[~good] = b""
         return rows, good & rows["present"].any(axis=1), texts
 
@@ -421,6 +421,14 @@ class OnlineFeatures:
 
     def cache_entries(self) -> dict[str, int]:
         return {s: len(c) for s, c in self.caches.items()}
+
+
+def _bytes_array(values: list) -> np.ndarray:
+    """(n,) object array of a reply's values, b"" in place of None (element-wise in numpy, not a Python loop)."""
+    out = np.empty(len(values), object)
+    out[:] = values
+    out[out == None] = b""  # noqa: E711 (element-wise)
+    return out
 
 
 def _id_tuple(eid: str) -> tuple[int, int]:
