@@ -38,7 +38,7 @@ from watchnext.scoring import combine
 
 from .errors import BadRequest, split_reason
 from .experiments import LiveExperiment
-from .features import OnlineFeatures, Plan
+from .features import OnlineFeatures, Plan, pick
 from .models import LoadedModel
 from .observability import Metrics
 from .request import SHARED, RankInput, RequestCodec
@@ -96,7 +96,7 @@ class Ranker:
         if inp.ids is not None:
             rows = np.arange(inp.n) if inp.candidates is None else np.flatnonzero(self._lacking(inp.candidates))
             if len(rows):
-                wants["candidate"] = inp.ids if len(rows) == inp.n else [inp.ids[r] for r in rows.tolist()]
+                wants["candidate"] = inp.ids if len(rows) == inp.n else pick(inp.ids, rows)
         if not self.store.enabled:
             wants = {}
         return Prepared(inp, self.store.plan(wants), rows)

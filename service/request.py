@@ -76,13 +76,6 @@ class RankInput:
     candidates: pa.StructArray | None  # (n,) the features sent with the candidates; None: they name ids only
     unknown_features: int
 
-    def sent(self, rows: np.ndarray, known: frozenset[str]) -> list[dict[str, Any]]:
-        """The candidate values sent for `rows` (a few: the top k), known features that are not null."""
-        if self.candidates is None:
-            return [{} for _ in range(len(rows))]
-        return [{k: v for k, v in o.items() if v is not None and k in known}
-                for o in self.candidates.take(pa.array(rows)).to_pylist()]
-
 
 def _value_type(f: Feature) -> Any:
     if f.kind == "categorical":
@@ -132,18 +125,14 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes, prefix: str = "") -> Any
         if missing:
             path, reason = f"{path}.{missing[1]}".lstrip(".").replace(".[", "["), "is required"
         field = (prefix + path) if path else (prefix.rstrip(".") or "body")
-        return _raise(BadRequest(field, reason[:1].lower() + reason[1:]))
+        raise BadRequest(field, reason[:1].lower() + reason[1:]) from None
     except msgspec.DecodeError as e:
         reason = str(e)
         if _SURROGATE.search(body):  # msgspec says "truncated" for a lone one
             reason += " (a \\ud800-\\udfff escape must be half of a surrogate pair)"
-        return _raise(BadRequest(prefix.rstrip(".") or "body", f"not valid JSON: {reason}", status=400))
+        raise BadRequest(prefix.rstrip(".") or "body", f"not valid JSON: {reason}", status=400) from None
     except RecursionError:
-        return _raise(BadRequest(prefix.rstrip(".") or "body", "nested too deeply", status=400))
-
-
-def _raise(e: Exception) -> Any:
-    raise e
+        raise BadRequest(prefix.rstrip(".") or "body", "nested too deeply", status=400) from None
 
 
 class RequestCodec:
@@ -172,35 +161,37 @@ class RequestCodec:
 
     # ------------------------------------------------------------ JSON
     def parse_json(self, body: bytes) -> RankInput:
-        if self.ids_decoder is not None:
-            # the production request, in its narrower type; a body it does not take (features, unknown keys,
-            # integer ids, anything wrong) is decoded by the full type below, whose answer is the one given
-            try:
-                req = self.ids_decoder.decode(body)
-            except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
-                pass
-            else:
-                n = len(req.candidates)
-                self._check_count(n)
-                head, unknown = self._head(req)
-                ids = list(map(self._id_attr, req.candidates)) if n else None
-                if ids is not None:
-                    self._check_repeats(ids)
-                return RankInput(*head, n, ids, None, unknown)
-        req = _decode(self.json_decoder, body)
-        cands = req.candidates
+        req = self._ids_only(body)
+        only_ids = req is not None
+        if only_ids:
+            cands, ids = req.candidates, list(map(self._id_attr, req.candidates))
+        else:
+            req = _decode(self.json_decoder, body)
+            cands, ids = req.candidates, None
+            if self._id_of is not None:
+                ids = list(map(self._id_of, cands))
+                if int in set(map(type, ids)):
+                    ids = list(map(str, ids))
         n = len(cands)
         self._check_count(n)
         head, unknown = self._head(req)
-        ids = None
-        if self._id_of is not None and n:
-            ids = list(map(self._id_of, cands))
-            if int in set(map(type, ids)):
-                ids = list(map(str, ids))
+        if ids is not None and n:
             self._check_repeats(ids)
-        if ids is not None and sum(map(len, cands)) == n:  # each names its id and nothing else
-            return RankInput(*head, n, ids, None, unknown)
+        else:
+            ids = None
+        if ids is not None and (only_ids or sum(map(len, cands)) == n):
+            return RankInput(*head, n, ids, None, unknown)  # each candidate names its id and nothing else
         return RankInput(*head, n, ids, self._arrow_of(cands), unknown)
+
+    def _ids_only(self, body: bytes) -> Any:
+        """The body in the production request's narrower type, or None where that type does not take it (features,
+        unknown keys, integer ids, anything wrong): the full type then decodes it, and its answer is the one given."""
+        if self.ids_decoder is None:
+            return None
+        try:
+            return self.ids_decoder.decode(body)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            return None
 
     def _arrow_of(self, cands: list[dict]) -> pa.StructArray:
         """The candidates as one Arrow array (C++). Integer ids are read as their decimal strings."""

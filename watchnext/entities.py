@@ -61,7 +61,7 @@ def key_feature(config: Config, source: str) -> str | None:
 class RowLayout:
     """One source's encoded entity row: a present flag per feature, then each feature's encoded value.
 
-    `pack(columns)` -> structured (n,) rows; `unpack(rows)` -> Columns. Little-endian, fixed width
+    `pack(columns)` -> structured (n,) rows; `columns(fields)` -> Columns. Little-endian, fixed width
     (`dtype.itemsize` bytes), so stored bytes read the same on every machine.
     """
 
@@ -86,10 +86,6 @@ class RowLayout:
             rows[f.name] = c.values[f.name]
             rows["present"][:, j] = c.present[f.name]
         return rows
-
-    def unpack(self, rows: np.ndarray) -> Columns:
-        """Columns of structured rows (views where the dtype allows)."""
-        return self.columns({name: rows[name] for name in self.dtype.names})
 
     def columns(self, fields: dict[str, np.ndarray]) -> Columns:
         """Columns of the rows' fields, each an array of n rows (as `EntityCache` keeps them)."""

@@ -121,13 +121,20 @@ def test_online_features_fill_what_the_request_leaves_out(trained, server, clien
     for a, b in zip(filled["items"], full["items"]):
         assert a["score"] == pytest.approx(b["score"], abs=1e-4)
         assert a["heads"] == pytest.approx(b["heads"], abs=1e-4)
+    # half the candidates sent whole, half by id: only the second half is looked up, and the answer is the same
+    mixed = {**ids_only, "candidates": [c if i % 2 else {"video_id": c["video_id"]}
+                                        for i, c in enumerate(req["candidates"])]}
+    got = client.post("/v1/rank", json=mixed).json()
+    assert [it["id"] for it in got["items"]] == [it["id"] for it in full["items"]]
+    assert [it["score"] for it in got["items"]] == pytest.approx([it["score"] for it in full["items"]], abs=1e-4)
     # a request value wins over the store
     changed = {**ids_only, "candidates": [{"video_id": c["video_id"], "video_age_days": 0.0} for c in req["candidates"]]}
     assert client.post("/v1/rank", json=changed).json()["items"] != full["items"]
     m = server.service.metrics
-    # user, query and candidates read from Redis once, by the first id-only request; the second was answered by
-    # the process's cache, and the full request asked for nothing
-    assert m.feature_hits.get() == 1 + 1 + 10 and m.feature_cache_hits.get() == 1 + 1 + 10
+    # user, query and candidates read from Redis once, by the first id-only request; the later ones were answered by
+    # the process's cache (the mixed request: user, query and its 5 candidates sent by id; the changed one: all 12),
+    # and the full request asked for nothing
+    assert m.feature_hits.get() == 1 + 1 + 10 and m.feature_cache_hits.get() == (1 + 1 + 5) + (1 + 1 + 10)
     assert m.feature_misses.get("outage") == 0
 
 
