@@ -261,6 +261,10 @@ class RequestCodec:
                     raise BadRequest(f"candidates[{i}].{f.name}", "null inside the list")
         if not ok:
             raise BadRequest(where, f"expected {expect}, got Arrow type {t}")
+        try:  # Arrow does not check the UTF-8 of strings it reads from a stream: an id must be text
+            col.validate(full=True)
+        except pa.ArrowInvalid as e:
+            raise BadRequest(where, f"not valid: {e}") from None
         try:
             return col.cast(want)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:

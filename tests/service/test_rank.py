@@ -317,6 +317,9 @@ def test_bad_arrow_bodies_name_the_field(trained, client):
         (pa.table({"video_id": ["a", "a"]}), "candidates[1].video_id", "repeats"),
         (pa.table({"video_id": ["a"], "video_tags": [["x", None]]}), "candidates[0].video_tags", "null inside"),
         (pa.table({"video_id": ["a"]}).replace_schema_metadata({"request": '{"top_k": 0}'}), "request.top_k", ">= 1"),
+        (pa.table({"video_id": pa.array([b"a", b"\xed\xa0\x80"]).view(pa.string())}), "candidates.video_id", "UTF8"),
+        (pa.table({"video_id": ["a"], "video_tags": pa.array([[b"\xff"]], pa.list_(pa.binary())).view(
+            pa.list_(pa.string()))}), "candidates.video_tags", "UTF8"),
     ]
     for table, field, words in cases:
         r = client.post("/v1/rank", content=stream(table), headers=ct)
