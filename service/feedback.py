@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from typing import Any
 
+import numpy as np
+
 from watchnext.config import Config
+from watchnext.label_checks import label_problems
 
 from .errors import BadRequest
 from .request import MAX_REQUEST_ID
@@ -38,6 +40,11 @@ def ident(v: Any, field: str, required: bool = True) -> str | None:
         raise BadRequest(field, f"expected a string id, got {type(v).__name__}")
     if not 0 < len(v) <= MAX_REQUEST_ID:
         raise BadRequest(field, f"must be 1 to {MAX_REQUEST_ID} characters, got {len(v)}")
+    if not v.isascii():
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\ud800" escape decodes to a lone surrogate
+            raise BadRequest(field, f"not valid Unicode (a lone surrogate at character {e.start})") from None
     return v
 
 
@@ -54,6 +61,7 @@ def parse_feedback(body: bytes, config: Config, max_events: int = MAX_EVENTS) ->
         raise BadRequest("body", f"at most {max_events} feedback events per request, got {len(events)}", status=413)
     tasks = {t.name: t for t in config.tasks}
     out = []
+    found: dict[str, tuple[list[int], list[float]]] = {name: ([], []) for name in tasks}  # event index, value
     for i, ev in enumerate(events):
         at = "" if single else f"[{i}]."
         if not isinstance(ev, dict):
@@ -71,17 +79,30 @@ def parse_feedback(body: bytes, config: Config, max_events: int = MAX_EVENTS) ->
                 raise BadRequest(where, f"not a task (tasks: {', '.join(tasks)})")
             if v is None:
                 continue
-            if t.kind == "binary":
-                if v not in (0, 1) or isinstance(v, float) and not v.is_integer():
-                    raise BadRequest(where, f"a binary label must be 0, 1, true or false, got {v!r}")
-                clean[name] = float(v)
-                continue
+            if isinstance(v, bool) and t.kind == "binary":
+                v = int(v)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise BadRequest(where, f"expected a number, got {type(v).__name__}")
-            if not math.isfinite(v):
-                raise BadRequest(where, "must be a finite number")
-            if t.transform == "log1p" and v <= -1:
-                raise BadRequest(where, f"must be > -1 (transform log1p), got {v}")
-            clean[name] = float(v)
+            try:
+                clean[name] = float(v)
+            except OverflowError:  # an integer past float64
+                raise BadRequest(where, "must be a finite number") from None
+            found[name][0].append(i)
+            found[name][1].append(clean[name])
         out.append({"request_id": rid, "item_id": item, "labels": clean})
+    _check_values(config, found, single)
     return out
+
+
+def _check_values(config: Config, found: dict[str, tuple[list[int], list[float]]], single: bool) -> None:
+    """Label values against their task's range, one array per task; the first refused (by event) is named."""
+    first: tuple[int, str, str] | None = None
+    for t in config.tasks:
+        index, values = found[t.name]
+        for rows, reason in label_problems(t, np.array(values, dtype=np.float64)):
+            k = int(np.argmax(rows))
+            if first is None or index[k] < first[0]:
+                first = (index[k], t.name, f"{reason}, got {values[k]!r}")
+    if first is not None:
+        i, name, reason = first
+        raise BadRequest(f"{'' if single else f'[{i}].'}labels.{name}", reason)

@@ -110,6 +110,7 @@ class StreamResult:
     trained_now: int
     versions: list[int]
     bad: int
+    skipped_batches: int = 0  # loss or gradients not finite: not trained on
 
 
 def run_stream(
@@ -125,11 +126,15 @@ def run_stream(
     metrics_file: Path | None = None,
     log=lambda msg: print(msg, file=sys.stderr, flush=True),
     stop: list[bool] | None = None,
+    fresh: bool = False,
 ) -> StreamResult:
-    """Consume the stream until stopped (`stop[0] = True`, SIGTERM/SIGINT in the CLI) or idle."""
+    """Consume the stream until stopped (`stop[0] = True`, SIGTERM/SIGINT in the CLI) or idle.
+
+    `fresh` starts a new model over an existing checkpoint (the next checkpoint replaces it)."""
     sc, tc = config.stream, config.trainer
     checkpoint = Path(checkpoint)
-    trainer = Trainer.load(checkpoint, config, pick_device()) if checkpoint.is_file() else Trainer(config, pick_device())
+    resume = checkpoint.is_file() and not fresh
+    trainer = Trainer.load(checkpoint, config, pick_device()) if resume else Trainer(config, pick_device())
     st = trainer.state
     if st.source.get("kind") != "stream" or st.source.get("key") != sc.key:
         # a model trained on files (or on another stream) carries on from here
@@ -160,9 +165,9 @@ def run_stream(
             # the ids of the rows kept (all of them, unless bad entries were skipped)
             kept = buf_ids if len(chunk) == len(buf_ids) else [buf_ids[i - 1] for i in chunk.line.tolist()]
             ids = b",".join(kept)
-            trainer.step(chunk, ids)
-            trained_now += len(chunk)
-            since_ckpt += len(chunk)
+            if trainer.step(chunk, ids) is not None:  # None: not finite, skipped and counted
+                trained_now += len(chunk)
+                since_ckpt += len(chunk)
         last = parse_id(buf_ids[-1])
         st.source["last_id"] = buf_ids[-1].decode()
         unacked.extend(buf_ids)
@@ -194,7 +199,8 @@ def run_stream(
         v = trainer.export(repo, promote=promote)
         versions.append(v)
         t_export = time.monotonic()
-        rep = {"examples": st.examples, "version": v, "promoted": promote, **trainer.metrics.report()}
+        rep = {"examples": st.examples, "version": v, "promoted": promote, "skipped_batches": st.skipped_batches,
+               **trainer.metrics.report()}
         log(f"[stream] exported version {v} after {st.examples:,} examples" + (" (promoted)" if promote else ""))
         if mfile:
             mfile.write(json.dumps(rep) + "\n")
@@ -253,7 +259,7 @@ def run_stream(
         if st.examples > st.exported_at_examples and idle_exit_s is not None:
             export()
             checkpoint_and_ack()
-        return StreamResult(st.examples, trained_now, versions, decoder.bad.count)
+        return StreamResult(st.examples, trained_now, versions, decoder.bad.count, st.skipped_batches)
     finally:
         if mfile:
             mfile.close()
@@ -282,9 +288,10 @@ def run_stream_cli(config: Config, repo: ModelRepository, ckpt: Path, args, metr
         idle_exit_s=args.idle_exit,
         metrics_file=metrics_file,
         stop=stop,
+        fresh=getattr(args, "fresh", False),
     )
     print(json.dumps({"examples": res.examples, "trained_this_run": res.trained_now, "versions": res.versions,
-                      "bad_entries": res.bad, "checkpoint": str(ckpt)}))
+                      "bad_entries": res.bad, "skipped_batches": res.skipped_batches, "checkpoint": str(ckpt)}))
     if server is not None:
         server.stop()
     return 0

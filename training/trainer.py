@@ -7,6 +7,12 @@ optimisers, the normalisation statistics, the RNG state and the exact input
 position, so a run killed at any moment resumes without training any example
 twice or skipping one. `digest` chains the ids of every trained example, so
 tests can prove it.
+
+Nothing non-finite is kept: a batch whose loss or gradients are not finite is
+skipped (no optimiser step, running statistics put back) and counted, and a
+checkpoint or export holding NaN/Inf parameters is refused. A checkpoint ends
+with the sha256 of its payload; an empty, truncated, damaged or foreign file,
+or one saved under another `Config.checkpoint_hash`, is refused with one line.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from watchnext.config import Config, config_from_dict
+from watchnext.config import Config, ConfigError, config_from_dict
 from watchnext.examples import Chunk, Decoder, ExampleFiles, Position
 from watchnext.repository import ModelRepository, atomic_write
 from watchnext.runtime import usable_cpus
@@ -34,6 +40,16 @@ from watchnext.runtime import usable_cpus
 from .export import publish
 from .model import RankerTrain
 from .progressive import ProgressiveMetrics
+
+
+FORMAT = 2
+TRAILER = b"\nwatchnext-checkpoint sha256="  # + 64 hex digits of the payload's sha256 + "\n": the file's end
+TRAILER_LEN = len(TRAILER) + 64 + 1
+START_OVER = "delete it or train with --fresh to start a new model"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used or written; the message names the file (the CLI prints one line)."""
 
 
 def pick_device(name: str | None = None) -> torch.device:
@@ -54,6 +70,8 @@ class TrainState:
     bad_lines: int = 0
     parent_version: int | None = None
     exported_at_examples: int = 0
+    skipped_batches: int = 0  # loss or gradients not finite: not trained on
+    skipped_examples: int = 0
 
 
 class Trainer:
@@ -85,14 +103,29 @@ class Trainer:
             torch.from_numpy(chunk.position).to(dev),
         )
 
-    def step(self, chunk: Chunk, ids: np.ndarray | bytes) -> float:
-        """Score `chunk` (progressive validation), then train on it. `ids` name its rows."""
+    def step(self, chunk: Chunk, ids: np.ndarray | bytes) -> float | None:
+        """Score `chunk` (progressive validation), then train on it. `ids` name its rows.
+
+        Returns the loss, or None when the loss or a gradient was not finite: then nothing
+        moved (no optimiser step, running statistics restored) and the batch is counted skipped.
+        """
         self.net.train()
         inputs, labels, mask, position = self.tensors(chunk)
+        stats = [b.detach().clone() for b in self.net.buffers()]  # the forward pass moves running statistics
         loss, out = self.net(inputs, labels, mask, position, train=True)
         self.opt_dense.zero_grad(set_to_none=True)
         self.opt_sparse.zero_grad(set_to_none=True)
         loss.backward()
+        s = self.state
+        if not self._finite(loss):
+            with torch.no_grad():
+                for b, kept in zip(self.net.buffers(), stats):
+                    b.copy_(kept)
+            self.opt_dense.zero_grad(set_to_none=True)
+            self.opt_sparse.zero_grad(set_to_none=True)
+            s.skipped_batches += 1
+            s.skipped_examples += len(chunk)
+            return None
         self.opt_dense.step()
         self.opt_sparse.step()
         self.metrics.add(
@@ -102,7 +135,6 @@ class Trainer:
             out["mask"].cpu().numpy(),
             out["gates"].detach().cpu().numpy(),
         )
-        s = self.state
         raw = ids if isinstance(ids, bytes) else np.ascontiguousarray(ids).tobytes()
         s.digest = hashlib.blake2b(s.digest.encode() + raw, digest_size=16).hexdigest()
         s.examples += len(chunk)
@@ -110,12 +142,32 @@ class Trainer:
         s.last_ts = max(s.last_ts, float(chunk.ts.max()))
         return float(loss.detach())
 
+    def _finite(self, loss: torch.Tensor) -> bool:
+        """The loss and every gradient finite (one device sync)."""
+        checks = [torch.isfinite(loss)]
+        for p in self.net.parameters():
+            g = p.grad
+            if g is not None:
+                checks.append(torch.isfinite(g._values() if g.is_sparse else g).all())
+        return bool(torch.stack(checks).all())
+
+    def refuse_nonfinite(self, what: str) -> None:
+        """Raise naming `what` (a file, a repository) when a parameter or statistic holds NaN/Inf."""
+        bad = nonfinite(self.net.state_dict())
+        if bad:
+            raise CheckpointError(f"{what}: refused: the model holds NaN/Inf in {', '.join(bad[:5])}"
+                                  + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
+
     # ------------------------------------------------------------ checkpoints
     def save(self, path: Path) -> None:
+        """Atomically write the checkpoint: a torch payload, then a line with its sha256."""
+        path = Path(path)
+        self.refuse_nonfinite(f"{path}: writing the checkpoint")
         blob = {
-            "format": 1,
+            "format": FORMAT,
             "config": self.config.to_dict(),
             "config_hash": self.config.hash,
+            "checkpoint_hash": self.config.checkpoint_hash,
             "model": self.net.state_dict(),
             "opt_dense": self.opt_dense.state_dict(),
             "opt_sparse": self.opt_sparse.state_dict(),
@@ -125,29 +177,41 @@ class Trainer:
         }
         buf = io.BytesIO()
         torch.save(blob, buf)
-        atomic_write(Path(path), buf.getvalue())
+        payload = buf.getvalue()
+        atomic_write(path, payload + TRAILER + hashlib.sha256(payload).hexdigest().encode() + b"\n")
 
     @classmethod
     def load(cls, path: Path, config: Config | None = None, device: torch.device | None = None) -> Trainer:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-        saved = config_from_dict(blob["config"], str(path))
-        if config is not None and config.hash != saved.hash:
-            raise ValueError(
-                f"{path}: checkpoint was trained with another model config (hash {saved.hash}, now {config.hash}); "
-                "start over with --fresh or point --checkpoint elsewhere"
-            )
-        t = cls(config or saved, device)
-        t.net.load_state_dict(blob["model"])
-        t.opt_dense.load_state_dict(blob["opt_dense"])
-        t.opt_sparse.load_state_dict(blob["opt_sparse"])
-        t.state = TrainState(**blob["state"])
-        torch.set_rng_state(blob["rng"])
-        for k, v in blob["metrics"].items():
-            setattr(t.metrics, k, v)
+        """Resume from `path`; refuses (CheckpointError, one line naming the file) what cannot be trusted."""
+        blob = read_checkpoint(path)
+        try:
+            saved = config_from_dict(blob["config"], str(path))
+            if config is not None and config.checkpoint_hash != saved.checkpoint_hash:
+                raise CheckpointError(
+                    f"{path}: checkpoint was trained under another model shape ({shape_diff(saved, config)}); "
+                    f"{START_OVER}, or point --checkpoint elsewhere"
+                )
+            bad = nonfinite(blob["model"])
+            if bad:
+                raise CheckpointError(f"{path}: the checkpoint holds NaN/Inf in {', '.join(bad[:5])}; {START_OVER}")
+            t = cls(config or saved, device)
+            t.net.load_state_dict(blob["model"])
+            t.opt_dense.load_state_dict(blob["opt_dense"])
+            t.opt_sparse.load_state_dict(blob["opt_sparse"])
+            t.state = TrainState(**blob["state"])
+            torch.set_rng_state(blob["rng"])
+            for k, v in blob["metrics"].items():
+                setattr(t.metrics, k, v)
+        except (CheckpointError, ConfigError):
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: checkpoint does not fit this trainer ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0][:200] if str(e) else ''}); {START_OVER}") from None
         return t
 
     # ------------------------------------------------------------ export
     def export(self, repo: ModelRepository, promote: bool = False) -> int:
+        self.refuse_nonfinite(f"{repo.dir}: exporting a version")
         s = self.state
         info = {
             "parent": s.parent_version,
@@ -161,6 +225,56 @@ class Trainer:
         if promote:
             repo.promote(version)
         return version
+
+
+def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating tensors holding NaN or Inf."""
+    return [k for k, t in tensors.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The checkpoint's blob once its checksum matches; CheckpointError naming the file otherwise."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read the checkpoint: {e.strerror or e}") from None
+    if not data:
+        raise CheckpointError(f"{path}: the checkpoint is empty; {START_OVER}")
+    payload, end = data[:-TRAILER_LEN], data[-TRAILER_LEN:]
+    if len(data) < TRAILER_LEN or not end.startswith(TRAILER) or not end.endswith(b"\n"):
+        raise CheckpointError(f"{path}: not a whole watchnext checkpoint (no checksum at its end: truncated, "
+                              f"damaged, from an older version, or another kind of file); {START_OVER}")
+    if hashlib.sha256(payload).hexdigest().encode() != end[len(TRAILER):-1]:
+        raise CheckpointError(f"{path}: the checkpoint is damaged (its sha256 does not match its content); {START_OVER}")
+    try:
+        blob = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    except Exception as e:  # the checksum matched, so the writer was not ours
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}); {START_OVER}") from None
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a watchnext checkpoint of format {FORMAT}; {START_OVER}")
+    return blob
+
+
+def shape_diff(saved: Config, now: Config) -> str:
+    """What differs between two configs' parameter shapes, e.g. 'bias.dim 8 -> 16, features.age added'."""
+    a, b = saved.checkpoint_dict(), now.checkpoint_dict()
+    out = []
+    for key in a:
+        if a[key] == b[key]:
+            continue
+        if isinstance(a[key], list):  # features, tasks: by name
+            old, new = ({e["name"]: e for e in x[key]} for x in (a, b))
+            out += [f"{key}.{n} removed" for n in old if n not in new]
+            out += [f"{key}.{n} added" for n in new if n not in old]
+            out += [f"{key}.{n} changed" for n in old if n in new and old[n] != new[n]]
+            if [e["name"] for e in a[key]] != [e["name"] for e in b[key]] and all(n in new for n in old) and len(old) == len(new):
+                out.append(f"{key} reordered")
+        elif isinstance(a[key], dict):  # model, bias
+            out += [f"{key}.{k} {a[key][k]!r} -> {b[key].get(k)!r}" for k in a[key] if a[key][k] != b[key].get(k)]
+        else:
+            out.append(f"{key} {a[key]!r} -> {b[key]!r}")
+    return ", ".join(out) or "hash " + saved.checkpoint_hash + " -> " + now.checkpoint_hash
 
 
 # ---------------------------------------------------------------- files
@@ -210,6 +324,7 @@ class RunResult:
     version: int | None
     bad_lines: int
     bad_samples: list[str]
+    skipped_batches: int = 0  # loss or gradients not finite: not trained on (counted over the model's life)
 
 
 def train_files(
@@ -257,7 +372,8 @@ def train_files(
         st.source["position"] = batch.end().to_dict()
 
     def emit(final: bool = False) -> dict:
-        rep = {"examples": st.examples, "bad_lines": decoder.bad.count, **trainer.metrics.report()}
+        rep = {"examples": st.examples, "bad_lines": decoder.bad.count, "skipped_batches": st.skipped_batches,
+               **trainer.metrics.report()}
         rep["examples_per_s"] = round(trained_now / max(time.perf_counter() - t0, 1e-9), 1)
         if final:
             rep["final"] = True
@@ -275,9 +391,9 @@ def train_files(
     def train(batch: Chunk) -> None:
         nonlocal trained_now
         ids = np.stack([batch.file_index, batch.line], axis=1)
-        trainer.step(batch, ids)
-        commit(batch)
-        trained_now += len(batch)
+        if trainer.step(batch, ids) is not None:
+            trained_now += len(batch)
+        commit(batch)  # a skipped batch is passed over, never tried again
 
     leftover: Chunk | None = None
     read_bytes = 0
@@ -313,7 +429,8 @@ def train_files(
         if repo is not None and trained_now > 0:
             version = trainer.export(repo, promote=promote)
             checkpoint_now()  # remembers the parent version
-        return RunResult(st.examples, trained_now, time.perf_counter() - t0, rep, version, decoder.bad.count, decoder.bad.first)
+        return RunResult(st.examples, trained_now, time.perf_counter() - t0, rep, version, decoder.bad.count,
+                         decoder.bad.first, st.skipped_batches)
     finally:
         if mfile:
             mfile.close()

@@ -28,6 +28,8 @@ ARCHS = ("mmoe", "shared_bottom")
 COMBINES = ("linear", "multiplicative")
 BAD_LINE_POLICIES = ("skip", "stop")
 POSITION = "position"  # the bias feature read from the example's top level
+FLOAT32_MAX = 3.4028234663852886e38  # labels are trained as float32: a range must lie inside it
+REGRESSION_LIMIT = 1e7  # default bound of a regression label (seconds, counts, scores...)
 
 DEFAULT_CONFIG_NAME = "watchnext.toml"
 
@@ -61,6 +63,16 @@ class Task:
     # the label an impression gets when no feedback arrived in its attribution
     # window (click -> 0); None keeps it missing (satisfaction labels)
     default: float | None = None
+    # the values a label may take, inclusive; a value outside is refused (API 422,
+    # a bad line for the trainer). Not part of any hash: it shapes no parameter.
+    range: tuple[float, float] = (0.0, 1.0)
+
+
+def default_range(kind: str, transform: str) -> tuple[float, float]:
+    """binary [0, 1]; regression [0, 1e7] with transform log1p, else [-1e7, 1e7]."""
+    if kind == "binary":
+        return (0.0, 1.0)
+    return (0.0 if transform == "log1p" else -REGRESSION_LIMIT, REGRESSION_LIMIT)
 
 
 @dataclass(frozen=True)
@@ -158,13 +170,17 @@ class Config:
         return tuple(t for t in self.tasks if t.kind == "binary")
 
     def model_dict(self) -> dict[str, Any]:
-        """The parts that define the exported graph's inputs and outputs."""
+        """The parts that define the exported graph's inputs and outputs (a task's label range does not)."""
         return {
             "item_id": self.item_id,
             "features": [asdict(f) for f in self.features],
-            "tasks": [asdict(t) for t in self.tasks],
+            "tasks": [{k: v for k, v in asdict(t).items() if k != "range"} for t in self.tasks],
             "model": asdict(self.model),
         }
+
+    def checkpoint_dict(self) -> dict[str, Any]:
+        """Everything that shapes the trained parameters: the exported model and the shallow tower."""
+        return {**self.model_dict(), "bias": asdict(self.bias)}
 
     @property
     def hash(self) -> str:
@@ -173,14 +189,23 @@ class Config:
         Score weights, trainer and service settings are left out on purpose: they
         can change without retraining.
         """
-        blob = json.dumps(self.model_dict(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return _hash(self.model_dict())
+
+    @property
+    def checkpoint_hash(self) -> str:
+        """Identifies the parameters' shapes (`hash` plus `[bias]`): a checkpoint saved under another is refused."""
+        return _hash(self.checkpoint_dict())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("path")
         d["score"]["weights"] = dict(self.score.weights)
         return d
+
+
+def _hash(d: dict[str, Any]) -> str:
+    blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------- parsing
@@ -286,8 +311,31 @@ def _parse_task(path: str, i: int, raw: Any) -> Task:
     default = s.get("default", float, None)
     if kind == "binary" and default not in (None, 0.0, 1.0):
         s.fail(f"a binary task's default must be 0 or 1, got {default}", "default")
+    lo, hi = _parse_range(s, kind, transform)
+    if default is not None and not lo <= default <= hi:
+        s.fail(f"must lie in the task's range [{lo:g}, {hi:g}], got {default:g}", "default")
     s.done()
-    return Task(name, kind, group, loss_weight, transform, given, default)
+    return Task(name, kind, group, loss_weight, transform, given, default, (lo, hi))
+
+
+def _parse_range(s: _Section, kind: str, transform: str) -> tuple[float, float]:
+    """`range = [lo, hi]`: inclusive, lo < hi, inside float32; binary tasks only [0, 1]; log1p needs lo > -1."""
+    if "range" not in s.table:
+        s.used.add("range")
+        return default_range(kind, transform)
+    v = s.get("range", list)
+    if len(v) != 2 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        s.fail(f"expected [lo, hi], two numbers, got {v!r}", "range")
+    lo, hi = float(v[0]), float(v[1])
+    if not all(math.isfinite(x) and abs(x) <= FLOAT32_MAX for x in (lo, hi)):
+        s.fail(f"bounds must be finite numbers within float32 (|x| <= {FLOAT32_MAX:.4g}), got {v!r}", "range")
+    if not lo < hi:
+        s.fail(f"lo must be < hi, got [{lo:g}, {hi:g}]", "range")
+    if kind == "binary" and (lo, hi) != (0.0, 1.0):
+        s.fail(f"a binary task's labels are 0 or 1: its range can only be [0, 1], got [{lo:g}, {hi:g}]", "range")
+    if transform == "log1p" and lo <= -1:
+        s.fail(f"transform log1p needs lo > -1, got {lo:g}", "range")
+    return lo, hi
 
 
 def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:

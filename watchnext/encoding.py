@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .config import SOURCES, Config, Feature
+from .label_checks import label_problems
 
 FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 FNV_PRIME = np.uint64(0x100000001B3)
@@ -385,13 +386,10 @@ class Encoder:
             col = arr.field(t.name)
             v = col.to_numpy(zero_copy_only=False).astype(np.float64)
             null = section_null | (np.asarray(col.is_null()) if col.null_count else False)
-            where = f"labels.{t.name}"
-            problems.add(~null & ~np.isfinite(v), f"{where}: must be a finite number")
-            if t.kind == "binary":
-                problems.add(~null & np.isfinite(v) & (v != 0) & (v != 1), f"{where}: a binary label must be 0 or 1")
-            elif t.transform == "log1p":
-                problems.add(~null & (v <= -1), f"{where}: must be > -1 for transform log1p")
-            known = ~null & np.isfinite(v)
+            known = ~null
+            for rows, reason in label_problems(t, v, known):
+                problems.add(rows, f"labels.{t.name}: {reason}")
+                known = known & ~rows  # a refused row is dropped; never cast to float32
             values[:, j] = np.where(known, v, 0.0)
             mask[:, j] = known
         return Labels(values, mask)
