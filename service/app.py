@@ -260,6 +260,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         cur = svc.models.current
         summary["loaded"] = {"version": cur.version, "provider": cur.provider} if cur else None
         summary["refused"] = {str(v): reason for v, (_, reason) in svc.models.refused.items()}
+        summary["serving_fallback"] = svc.models.fallback
         live = svc.experiments.live if svc.experiments is not None else None
         summary["experiment"] = {"name": live.exp.name, "loaded": sorted(live.models)} if live is not None else None
         return summary
@@ -282,12 +283,11 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         svc.require_admin(request)
 
         def do() -> dict[str, Any]:
-            st = deps.repo.state()
-            hist = [h["version"] for h in st.get("history") or []]
-            prev = [v for v in hist if v != st.get("promoted") and v in deps.repo.versions()]
-            if not prev:
-                raise Conflict("version", "no earlier promoted version to roll back to")
-            return switch(svc, prev[-1], deps.repo.rollback)
+            try:
+                target = deps.repo.rollback_target()
+            except RepositoryError as e:  # none to roll back to, or a damaged serving.json (named)
+                raise Conflict("version", str(e)) from None
+            return switch(svc, target, deps.repo.rollback)
 
         return await anyio.to_thread.run_sync(do)
 
@@ -384,6 +384,8 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
             "degraded": redis_ok is False,
             "impression_backlog": svc.log.backlog() if svc.log is not None else 0,
         }
+        # serving another version than the promoted one, which was refused: {"promoted", "serving", "reason"}
+        body["serving_fallback"] = svc.models.fallback
         if triton is not None:
             body["triton_url"], body["backend_error"] = triton.url, problem
         return json_response(body, 200 if ready else 503)

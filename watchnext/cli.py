@@ -242,21 +242,36 @@ def _models(sub) -> None:
     ls = msub.add_parser("list", help="versions with their metrics; which one serves")
     common(ls)
     ls.set_defaults(func=cmd_models_list)
-    pr = msub.add_parser("promote", help="make VERSION the one the service serves")
+    pr = msub.add_parser("promote", help="make VERSION the one the service serves, once it loads and runs",
+                         description="Load VERSION with ONNX Runtime (CPU) and run it on batches of absent features, "
+                         "as a service does before serving it: its metadata must carry this config's hash, model.onnx "
+                         "its recorded checksum, and its outputs be finite and of the config's tasks. Only then is "
+                         "it promoted.", epilog=EPILOG)
     common(pr)
-    pr.add_argument("version", type=int)
+    pr.add_argument("version", metavar="VERSION", help="a version number: 3 (or v3)")
     pr.set_defaults(func=cmd_models_promote)
-    rb = msub.add_parser("rollback", help="promote the previously promoted version again")
+    rb = msub.add_parser("rollback", help="promote the previously promoted version again, once it loads and runs")
     common(rb)
     rb.set_defaults(func=cmd_models_rollback)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
 
 
 def models_summary(repo: ModelRepository) -> dict:
-    serving = repo.serving()
+    """Every version with its metrics, and which one is promoted. A damaged metadata.json is a row with an
+    `error` naming the file; a damaged serving.json is `state_error` (the newest version then serves)."""
+    state_error = None
+    try:
+        promoted, serving = repo.promoted(), repo.serving()
+    except RepositoryError as e:
+        state_error, promoted = str(e), None
+        serving = (repo.versions() or [None])[-1]
     out = []
     for v in repo.versions():
-        m = repo.metadata(v)
+        try:
+            m = repo.metadata(v)
+        except RepositoryError as e:
+            out.append({"version": v, "error": str(e), "serving": v == serving})
+            continue
         out.append(
             {
                 "version": v,
@@ -268,7 +283,10 @@ def models_summary(repo: ModelRepository) -> dict:
                 "serving": v == serving,
             }
         )
-    return {"model": repo.name, "promoted": repo.promoted(), "serving": serving, "versions": out}
+    summary = {"model": repo.name, "promoted": promoted, "serving": serving, "versions": out}
+    if state_error is not None:
+        summary["state_error"] = state_error
+    return summary
 
 
 def cmd_models_list(args) -> int:
@@ -277,21 +295,43 @@ def cmd_models_list(args) -> int:
     return 0
 
 
+def version_number(v: str) -> int:
+    """A version as `models promote` takes it: 3, or v3."""
+    digits = v[1:] if v[:1] in ("v", "V") else v
+    if not digits.isdigit() or int(digits) == 0:
+        raise CliError(f"VERSION: expected a version number such as 3 (or v3), got {v!r}")
+    return int(digits)
+
+
+def check_promotable(config, repo: ModelRepository, version: int) -> None:
+    """Load `version` and run it on the CPU, as a service would before serving it; CliError naming the version,
+    the file and the reason when it cannot serve."""
+    from service.models import VersionRefused, load_version  # torch-free; the service never imports this module's commands
+
+    try:
+        load_version(config, repo, version, device="cpu", threads=1)
+    except VersionRefused as e:
+        raise CliError(f"version {version} cannot serve: {e}") from None
+
+
 def cmd_models_promote(args) -> int:
     config = config_of(args)
     repo = repo_of(args, config)
-    meta = repo.metadata(args.version)
-    if meta.get("config_hash") != config.hash:
-        raise CliError(f"version {args.version} has config hash {meta.get('config_hash')}, the config is {config.hash}: "
-                       "a service with this config would refuse it")
-    st = repo.promote(args.version)
+    version = version_number(args.version)
+    if version not in repo.versions():
+        raise CliError(f"model {repo.name!r} has no version {version} (have: {repo.versions()})")
+    check_promotable(config, repo, version)
+    st = repo.promote(version)
     print(json.dumps({"promoted": st["promoted"]}))
     return 0
 
 
 def cmd_models_rollback(args) -> int:
     config = config_of(args)
-    st = repo_of(args, config).rollback()
+    repo = repo_of(args, config)
+    target = repo.rollback_target()
+    check_promotable(config, repo, target)
+    st = repo.rollback()
     print(json.dumps({"promoted": st["promoted"]}))
     return 0
 

@@ -77,17 +77,25 @@ class ModelRepository:
         return self.dir / str(version)
 
     def metadata(self, version: int) -> dict[str, Any]:
+        """A version's metadata.json; RepositoryError naming the file when it is missing or damaged."""
         p = self.path(version) / "metadata.json"
-        try:
-            return json.loads(p.read_text())
-        except FileNotFoundError:
-            raise RepositoryError(f"model {self.name!r} has no version {version} (have: {self.versions()})") from None
+        if not p.is_file():
+            raise RepositoryError(f"model {self.name!r} has no version {version} (have: {self.versions()})")
+        return read_json_object(p)
 
     def state(self) -> dict[str, Any]:
+        """serving.json (none yet: nothing promoted); RepositoryError naming the file when it is damaged."""
         p = self.dir / "serving.json"
         if not p.is_file():
             return {"promoted": None, "history": []}
-        return json.loads(p.read_text())
+        st = read_json_object(p, "fix or remove it (the newest version then serves)")
+        promoted, history = st.get("promoted"), st.get("history", [])
+        if promoted is not None and not _is_version(promoted):
+            raise RepositoryError(f"{p}: 'promoted' is {promoted!r}, not a version number: fix or remove it")
+        if not isinstance(history, list) or not all(isinstance(h, dict) and _is_version(h.get("version"))
+                                                    for h in history):
+            raise RepositoryError(f"{p}: 'history' is not a list of {{\"version\": N, ...}}: fix or remove it")
+        return st
 
     def promoted(self) -> int | None:
         return self.state().get("promoted")
@@ -99,6 +107,27 @@ class ModelRepository:
             return p
         vs = self.versions()
         return vs[-1] if vs else None
+
+    def fallbacks(self, refused: int | None) -> list[int]:
+        """The versions to serve instead of `refused`, best first: those promoted before it, the latest
+        promotion first, then the others, newest first. With a damaged serving.json: newest first."""
+        try:
+            history = [h["version"] for h in self.state().get("history") or []]
+        except RepositoryError:
+            history = []
+        have = self.versions()
+        order = [v for v in reversed(history) if v in have] + sorted(have, reverse=True)
+        return [v for v in dict.fromkeys(order) if v != refused]
+
+    def rollback_target(self) -> int:
+        """The version `rollback` would promote: the one promoted before the current one."""
+        st = self.state()
+        current = st.get("promoted")
+        previous = [h["version"] for h in st.get("history") or [] if h["version"] != current]
+        previous = [v for v in previous if v in self.versions()]
+        if not previous:
+            raise RepositoryError(f"model {self.name!r}: no earlier promoted version to roll back to")
+        return previous[-1]
 
     # ------------------------------------------------------------ writing
     def publish(self, build: Callable[[Path], dict[str, Any]]) -> int:
@@ -141,35 +170,49 @@ class ModelRepository:
                 pass
 
     def promote(self, version: int) -> dict[str, Any]:
+        """Point serving.json at `version`. Checks only that it exists: loading and running it is the
+        caller's check (service.models.load_version), before it calls this."""
         if version not in self.versions():
             raise RepositoryError(f"model {self.name!r} has no version {version} (have: {self.versions()})")
+        meta = self._promotable(version)  # before anything is written: a damaged one changes nothing
         st = self.state()
         if st.get("promoted") != version:
             st["history"] = (st.get("history") or []) + [{"version": version, "at": now_iso()}]
             st["promoted"] = version
             atomic_write(self.dir / "serving.json", json.dumps(st, indent=2))
-        self.write_triton_config(self.metadata(version))
+        self.write_triton_config(meta)
         return st
 
     def rollback(self) -> dict[str, Any]:
         """Promote the version promoted before the current one."""
+        target = self.rollback_target()
+        meta = self._promotable(target)
         st = self.state()
-        hist = [h["version"] for h in st.get("history") or []]
         current = st.get("promoted")
-        previous = [v for v in hist if v != current and v in self.versions()]
-        if not previous:
-            raise RepositoryError(f"model {self.name!r}: no earlier promoted version to roll back to")
-        target = previous[-1]
         st["history"] = (st.get("history") or []) + [{"version": target, "at": now_iso(), "rollback_from": current}]
         st["promoted"] = target
         atomic_write(self.dir / "serving.json", json.dumps(st, indent=2))
-        self.write_triton_config(self.metadata(target))
+        self.write_triton_config(meta)
         return st
+
+    def _promotable(self, version: int) -> dict[str, Any]:
+        """The metadata of `version`, checked to describe its inputs and outputs for Triton's config."""
+        meta = self.metadata(version)
+        try:
+            triton_config(self.name, meta, [version])
+        except (KeyError, TypeError) as e:
+            raise RepositoryError(f"{self.path(version) / 'metadata.json'}: its inputs or outputs do not describe "
+                                  f"the model's tensors ({type(e).__name__}: {e})") from None
+        return meta
 
     def triton_versions(self) -> list[int]:
         """What Triton should keep loaded: the promoted version and the one promoted before it (a service
-        still on the old one while it swaps, and a rollback, find it loaded). Empty: none promoted yet."""
-        st = self.state()
+        still on the old one while it swaps, and a rollback, find it loaded). Empty: none promoted yet, or
+        serving.json is damaged (Triton then serves the newest, as a worker would)."""
+        try:
+            st = self.state()
+        except RepositoryError:
+            return []
         promoted, have = st.get("promoted"), set(self.versions())
         if promoted is None:
             return []
@@ -178,6 +221,24 @@ class ModelRepository:
 
     def write_triton_config(self, meta: dict[str, Any]) -> None:
         atomic_write(self.dir / "config.pbtxt", triton_config(self.name, meta, self.triton_versions()))
+
+
+def read_json_object(path: Path, fix: str = "") -> dict[str, Any]:
+    """A JSON object from `path`; RepositoryError naming the file and what is wrong with it."""
+    hint = f": {fix}" if fix else ""
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as e:
+        raise RepositoryError(f"{path}: cannot be read: {e.strerror}{hint}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise RepositoryError(f"{path}: not valid JSON: {e}{hint}") from None
+    if not isinstance(data, dict):
+        raise RepositoryError(f"{path}: expected a JSON object, got {type(data).__name__}{hint}")
+    return data
+
+
+def _is_version(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
 def now_iso() -> str:

@@ -159,3 +159,79 @@ def test_promotion_storm_fails_no_request_and_every_response_names_its_version(t
         seen.add(body["model_version"])
     assert seen == {"1", "2"}
     assert server.service.metrics.model_swaps.get() >= swaps // 2
+
+
+def test_a_worker_started_on_a_corrupt_promoted_version_serves_the_last_good_one(trained, models_dir, redis_url, capfd):
+    repo = ModelRepository(models_dir, "ranker")
+    shutil.copytree(models_dir / "ranker" / "2", models_dir / "ranker" / "3")
+    onnx = models_dir / "ranker" / "3" / "model.onnx"
+    onnx.write_bytes(b"\x00not an onnx model" * 64)
+    repo.promote(1)
+    repo.promote(3)  # behind every check's back (the repository alone does not load versions)
+    with live_service(trained["config_path"], models_dir, redis_url) as srv, httpx.Client(base_url=srv.url) as c:
+        r = c.get("/readyz")
+        body = r.json()
+        # the version promoted before 3 serves (1), not the newest loadable one (2)
+        assert r.status_code == 200 and body["ready"] is True and body["model_version"] == "1"
+        fb = body["serving_fallback"]
+        assert fb["promoted"] == 3 and fb["serving"] == 1
+        assert fb["reason"].startswith(f"{onnx}: checksum does not match metadata.json")
+        r = c.post("/v1/rank", json={"candidates": [{"video_id": "v1"}]})
+        assert r.status_code == 200 and r.json()["model_version"] == "1"
+        models = c.get("/v1/models").json()
+        assert models["promoted"] == 3 and models["loaded"]["version"] == 1
+        assert list(models["refused"]) == ["3"] and models["serving_fallback"] == fb
+        assert srv.service.metrics.model_refused.get() == 1
+        time.sleep(0.5)  # several polls: the refusal is not repeated, the fallback keeps serving
+        assert srv.service.metrics.model_refused.get() == 1 and c.get("/readyz").json()["model_version"] == "1"
+
+        repo.promote(2)  # a loadable promotion ends the fallback
+        wait_version(c, 2, timeout=5)
+        body = c.get("/readyz").json()
+        assert body["ready"] is True and body["serving_fallback"] is None
+        assert c.get("/v1/models").json()["serving_fallback"] is None
+    err = capfd.readouterr().err
+    lines = [json.loads(x) for x in err.splitlines() if x.startswith("{") and '"model_refused"' in x]
+    assert [(ln["version"], ln["serving"]) for ln in lines] == [(3, None)] and str(onnx) in lines[0]["reason"]
+
+
+def test_only_when_no_version_can_serve_is_it_503(trained, models_dir, redis_url):
+    for v in (1, 2):
+        (models_dir / "ranker" / str(v) / "model.onnx").write_bytes(b"\x01" * 1000)
+    with live_service(trained["config_path"], models_dir, redis_url) as srv, httpx.Client(base_url=srv.url) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["ready"] is False and r.json()["model_version"] is None
+        assert r.json()["serving_fallback"] is None
+        assert sorted(c.get("/v1/models").json()["refused"]) == ["1", "2"]
+        assert c.post("/v1/rank", json={"candidates": [{"video_id": "v1"}]}).status_code == 503
+        # a good version appears: served at the next poll
+        shutil.copytree(trained["models"] / "ranker" / "2", models_dir / "ranker" / "3")
+        wait_version(c, 3, timeout=5)
+        assert c.get("/readyz").status_code == 200
+
+
+def test_damaged_metadata_or_state_files_are_named_and_never_a_500(server, client, models_dir):
+    meta = models_dir / "ranker" / "1" / "metadata.json"
+    meta.write_text('{"config_hash": "')
+    r = client.get("/v1/models")
+    assert r.status_code == 200, r.text
+    rows = {v["version"]: v for v in r.json()["versions"]}
+    assert rows[1]["error"].startswith(f"{meta}: not valid JSON: ") and rows[2]["serving"] is True
+    r = client.post("/v1/models/1/promote", headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"]["field"] == "version"
+    assert f"version 1 cannot serve: {meta}: not valid JSON" in r.json()["error"]["reason"]
+
+    state = models_dir / "ranker" / "serving.json"
+    state.write_text('{"promoted": ')
+    r = client.get("/v1/models")
+    assert r.status_code == 200, r.text
+    assert r.json()["state_error"].startswith(f"{state}: not valid JSON: ") and r.json()["promoted"] is None
+    time.sleep(0.5)  # polls: the version serving keeps serving, and says why it is not the promoted one
+    body = client.get("/readyz").json()
+    assert body["ready"] is True and body["model_version"] == "2"
+    assert body["serving_fallback"]["promoted"] is None and str(state) in body["serving_fallback"]["reason"]
+    r = client.post("/v1/models/rollback", headers=AUTH)
+    assert r.status_code == 409 and str(state) in r.json()["error"]["reason"]
+    r = client.post("/v1/models/2/promote", headers=AUTH)
+    assert r.status_code == 409 and str(state) in r.json()["error"]["reason"]
+    assert state.read_text() == '{"promoted": '
