@@ -115,3 +115,63 @@ def test_shared_tables():
     no_owner = {**base, "features": [base["features"][0], {**base["features"][1], "table": "nope"}]}
     with pytest.raises(ConfigError, match="'nope' must be a categorical feature with a table of its own"):
         parse_config(no_owner)
+
+
+RANGE_BASE = {
+    "features": [{"name": "u", "source": "user", "kind": "categorical", "buckets": 10}],
+    "tasks": [{"name": "click", "kind": "binary", "group": "engagement"}],
+}
+
+
+def _task(**kw):
+    return {**RANGE_BASE, "tasks": RANGE_BASE["tasks"] + [{"name": "w", "kind": "regression", "group": "engagement", **kw}]}
+
+
+def test_label_ranges_and_their_defaults():
+    shipped = {t.name: t.range for t in load_config().tasks}
+    assert shipped == {"click": (0.0, 1.0), "watch_time": (0.0, 1e7), "dismiss": (0.0, 1.0), "like": (0.0, 1.0),
+                       "rating": (1.0, 5.0)}
+    assert parse_config(_task()).tasks[1].range == (-1e7, 1e7)  # regression without a transform
+    assert parse_config(_task(range=[-2, 3.5])).tasks[1].range == (-2.0, 3.5)
+    assert parse_config(_task(range=[0, 3e38])).tasks[1].range == (0.0, 3e38)  # inside float32
+    binary = {**RANGE_BASE, "tasks": [{**RANGE_BASE["tasks"][0], "range": [0, 1]}]}
+    assert parse_config(binary).tasks[0].range == (0.0, 1.0)
+
+
+def test_label_range_does_not_change_the_hashes():
+    a, b = parse_config(_task()), parse_config(_task(range=[1, 5]))
+    assert a.hash == b.hash and a.checkpoint_hash == b.checkpoint_hash  # it shapes no parameter
+    assert b.tasks[1].range == (1.0, 5.0)
+
+
+@pytest.mark.parametrize("task, needle", [
+    ({"range": 5}, r"tasks\[1\] \(w\)\.range: expected list, got int 5"),
+    ({"range": [1]}, r"tasks\[1\] \(w\)\.range: expected \[lo, hi\], two numbers, got \[1\]"),
+    ({"range": [1, "5"]}, r"tasks\[1\] \(w\)\.range: expected \[lo, hi\], two numbers"),
+    ({"range": [0, True]}, r"tasks\[1\] \(w\)\.range: expected \[lo, hi\], two numbers"),
+    ({"range": [5, 1]}, r"tasks\[1\] \(w\)\.range: lo must be < hi, got \[5, 1\]"),
+    ({"range": [0, 1e39]}, r"tasks\[1\] \(w\)\.range: bounds must be finite numbers within float32"),
+    ({"range": [float("-inf"), 0]}, r"tasks\[1\] \(w\)\.range: bounds must be finite numbers within float32"),
+    ({"range": [-1, 10], "transform": "log1p"}, r"tasks\[1\] \(w\)\.range: transform log1p needs lo > -1, got -1"),
+    ({"range": [1, 5], "default": 0.0}, r"tasks\[1\] \(w\)\.default: must lie in the task's range \[1, 5\], got 0"),
+])
+def test_bad_label_ranges_name_the_key(task, needle):
+    with pytest.raises(ConfigError, match=needle) as e:
+        parse_config(_task(**task), "x.toml")
+    assert str(e.value).startswith("x.toml: ")
+
+
+def test_a_binary_task_has_only_the_range_0_1():
+    binary = {**RANGE_BASE, "tasks": [{**RANGE_BASE["tasks"][0], "range": [0, 2]}]}
+    with pytest.raises(ConfigError, match=r"tasks\[0\] \(click\)\.range: a binary task's labels are 0 or 1: its range "
+                                          r"can only be \[0, 1\], got \[0, 2\]"):
+        parse_config(binary)
+
+
+def test_checkpoint_hash_covers_the_shallow_tower(tmp_path):
+    a = load_config(_with(tmp_path, bias={"dim": 8}))
+    b = load_config(_with(tmp_path, bias={"dim": 16}))
+    assert a.hash == b.hash  # the exported graph is the same: serving may keep its versions
+    assert a.checkpoint_hash != b.checkpoint_hash  # the trainer's parameters are not
+    c = load_config(_with(tmp_path, model={"experts": 5}))
+    assert c.hash != a.hash and c.checkpoint_hash != a.checkpoint_hash

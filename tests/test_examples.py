@@ -3,11 +3,14 @@
 import json
 import subprocess
 import sys
+import tomllib
 
 import numpy as np
 import pytest
 
-from watchnext.examples import DataError, Decoder, ExampleFiles, Position
+from tests.helpers import dumps_toml, small_config_text
+from watchnext.config import load_config
+from watchnext.examples import Chunk, DataError, Decoder, ExampleFiles, Position
 
 BAD = {
     3: ("raw", "{not json"),
@@ -123,8 +126,6 @@ def test_missing_labels_stay_missing(history_file, small_config):
 
 
 def test_cli_stops_with_file_and_line(history_file, tmp_path):
-    from tests.helpers import small_config_text
-
     cfg = tmp_path / "stop.toml"
     cfg.write_text(small_config_text(trainer={"on_bad_line": "stop"}))
     path = make_bad_file(history_file, tmp_path / "bad.jsonl")
@@ -136,3 +137,53 @@ def test_cli_stops_with_file_and_line(history_file, tmp_path):
     assert res.returncode == 2
     assert f"{path}:3: not valid JSON" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+OUT_OF_RANGE = {  # line -> labels: each refused by the task's range (rating [1, 5] in the shipped config)
+    4: ({"click": 1, "rating": 1e20}, "labels.rating: must be in the task's range [1, 5]"),
+    8: ({"click": 1, "watch_time": -0.5}, "labels.watch_time: must be in the task's range [0, 1e+07]"),
+    12: ({"click": 1, "watch_time": 1e39}, "labels.watch_time: must be in the task's range [0, 1e+07]"),
+    16: ({"click": 1, "rating": -100}, "labels.rating: must be in the task's range [1, 5]"),
+    20: ({"like": 0.5}, "labels.like: a binary label must be 0 or 1"),
+}
+AT_BOUNDS = {24: {"click": 1, "rating": 1}, 28: {"click": 1, "rating": 5, "watch_time": 1e7}}
+
+
+def make_range_file(history_file, path, n=40, changes=None):
+    changes = changes or {**{k: v[0] for k, v in OUT_OF_RANGE.items()}, **AT_BOUNDS}
+    out = []
+    for i, line in enumerate(history_file.read_text().splitlines()[:n], start=1):
+        if i in changes:
+            ex = json.loads(line)
+            ex["labels"].update(changes[i])
+            line = json.dumps(ex)
+        out.append(line)
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+def test_labels_outside_their_range_are_bad_lines(history_file, small_config, tmp_path):
+    path = make_range_file(history_file, tmp_path / "range.jsonl")
+    chunks, dec = read_all(path, small_config)
+    assert dec.bad.count == len(OUT_OF_RANGE)
+    for (line, (_, reason)), got in zip(sorted(OUT_OF_RANGE.items()), dec.bad.first, strict=True):
+        assert got == f"{path}:{line}: {reason}"
+    c = Chunk.concat(chunks)
+    assert len(c) == 40 - len(OUT_OF_RANGE) and not set(OUT_OF_RANGE) & set(c.line.tolist())
+    rating, watch = small_config.task_index("rating"), small_config.task_index("watch_time")
+    row24, row28 = int(np.flatnonzero(c.line == 24)[0]), int(np.flatnonzero(c.line == 28)[0])
+    assert c.labels.values[row24, rating] == 1 and c.labels.values[row28, rating] == 5  # the bounds are inside
+    assert c.labels.values[row28, watch] == 1e7 and c.labels.mask[row28, watch] == 1
+    assert np.isfinite(c.labels.values).all()
+
+
+def test_a_range_from_the_config_is_used_by_the_reader(history_file, tmp_path):
+    data = tomllib.loads(small_config_text())
+    next(t for t in data["tasks"] if t["name"] == "watch_time")["range"] = [0, 3600]
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(dumps_toml(data))
+    path = make_range_file(history_file, tmp_path / "r.jsonl", changes={2: {"click": 1, "watch_time": 3601},
+                                                                        3: {"click": 1, "watch_time": 3600}})
+    chunks, dec = read_all(path, load_config(cfg))
+    assert dec.bad.first == [f"{path}:2: labels.watch_time: must be in the task's range [0, 3600]"]
+    assert sum(len(c) for c in chunks) == 39

@@ -41,7 +41,6 @@ from .export import publish
 from .model import RankerTrain
 from .progressive import ProgressiveMetrics
 
-
 FORMAT = 2
 TRAILER = b"\nwatchnext-checkpoint sha256="  # + 64 hex digits of the payload's sha256 + "\n": the file's end
 TRAILER_LEN = len(TRAILER) + 64 + 1

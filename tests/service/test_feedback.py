@@ -85,6 +85,47 @@ def test_bad_feedback_names_the_field(client, body, field):
     assert r.json()["error"]["field"] == field
 
 
+OK = {"request_id": "r", "item_id": "v", "labels": {"click": 1}}
+
+
+@pytest.mark.parametrize("labels, field, reason", [
+    ({"click": 1, "rating": 1e20}, "labels.rating", "must be in the task's range [1, 5], got 1e+20"),
+    ({"click": 1, "rating": -100}, "labels.rating", "must be in the task's range [1, 5], got -100.0"),
+    ({"click": 1, "rating": 5.5}, "labels.rating", "must be in the task's range [1, 5], got 5.5"),
+    ({"watch_time": -0.5}, "labels.watch_time", "must be in the task's range [0, 1e+07], got -0.5"),
+    ({"watch_time": 1e39}, "labels.watch_time", "must be in the task's range [0, 1e+07], got 1e+39"),
+    ({"watch_time": 10**400}, "labels.watch_time", "must be a finite number"),
+    ({"like": 0.5}, "labels.like", "a binary label must be 0 or 1, got 0.5"),
+])
+def test_labels_outside_their_range_are_refused(client, redis_url, labels, field, reason):
+    r = client.post("/v1/feedback", content=json.dumps({**OK, "labels": labels}).encode())
+    assert r.status_code == 422, r.text
+    assert r.json()["error"] == {"field": field, "reason": reason}
+    # in a list, the event is named by its index, and nothing of the list is taken
+    r = client.post("/v1/feedback", content=json.dumps([OK, OK, OK, {**OK, "labels": labels}, OK]).encode())
+    assert r.status_code == 422 and r.json()["error"]["field"] == f"[3].{field}"
+    assert redis.Redis.from_url(redis_url).xlen("watchnext:training") == 0
+
+
+def test_labels_at_the_bounds_of_their_range_are_accepted(client):
+    r = client.post("/v1/feedback", json={**OK, "labels": {"click": 1, "rating": 5, "watch_time": 0}})
+    assert r.status_code == 200, r.text  # accepted, then dropped: no such impression
+    assert r.json()["dropped"][0]["reason"].startswith("no impression with this request_id")
+
+
+@pytest.mark.parametrize("body, field", [
+    (b'{"request_id": "\\ud800", "item_id": "v", "labels": {"click": 1}}', "request_id"),
+    (b'{"request_id": "r", "item_id": "ab\\udfff", "labels": {"click": 1}}', "item_id"),
+    (b'[{"request_id": "r", "item_id": "v", "labels": {}}, {"request_id": "r", "item_id": "\\udc00x", "labels": {}}]',
+     "[1].item_id"),
+])
+def test_a_lone_surrogate_in_an_id_is_refused(client, body, field):
+    r = client.post("/v1/feedback", content=body)
+    assert r.status_code == 422, r.text
+    assert r.json()["error"]["field"] == field
+    assert r.json()["error"]["reason"].startswith("not valid Unicode (a lone surrogate at character")
+
+
 def test_feedback_with_nan_is_refused(client):
     r = client.post("/v1/feedback", content=b'{"request_id": "r", "item_id": "v", "labels": {"watch_time": NaN}}')
     assert r.status_code == 422 and r.json()["error"]["field"] == "labels.watch_time"
