@@ -55,14 +55,19 @@ EXPERIMENT_BODY: dict[str, Any] = {
     "required": ["arms"],
     "properties": {
         "name": {"type": "string", "description": "must equal the URL's name when given"},
-        "salt": {"type": "string", "description": "assignment salt (default: the name)"},
+        "salt": {"type": "string", "minLength": 1, "maxLength": 256,
+                 "description": "assignment salt (default: the name); valid Unicode"},
         "arms": {"type": "array", "minItems": 2, "description": "the control first; shares sum to 1", "items": {
             "type": "object", "required": ["name", "share"], "additionalProperties": False,
-            "properties": {"name": {"type": "string"}, "share": {"type": "number"},
+            "properties": {"name": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"},
+                           "share": {"type": "number", "minimum": 0.0001, "maximum": 1},
                            "version": {"type": ["integer", "null"], "description": "null: the promoted version"},
-                           "weights": {"type": "object", "additionalProperties": {"type": "number"},
-                                       "description": "score weights instead of the config's [score] weights"}}}},
-        "meta": {"type": "object"},
+                           "weights": {"type": "object",
+                                       "additionalProperties": {"type": "number", "minimum": -1e6, "maximum": 1e6},
+                                       "description": "score weights instead of the config's [score] weights; with "
+                                       "combine = multiplicative, also bounded so no head can overflow the score"}}}},
+        "meta": {"type": "object", "description": "free-form (owner, description): valid Unicode, finite numbers, "
+                 "at most 4 levels deep and 4096 bytes as JSON"},
     },
 }
 
@@ -139,16 +144,24 @@ class Service:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes."""
+    """The request body, refused with 413 as soon as it passes `limit` bytes, and with 408 when it has not all
+    arrived within the `body_timeout_s` setting (a stalled upload then lets go of what it had sent)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge("body", f"larger than the limit of {limit} bytes ({declared} bytes)")
+    timeout = request.app.state.service.settings.body_timeout_s
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge("body", f"larger than the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge("body", f"larger than the limit of {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        chunks.clear()
+        raise ServiceError("body", f"not received within {timeout:g} s ({size} bytes arrived); "
+                                   "send the whole body at once", status=408) from None
     return b"".join(chunks)
 
 
@@ -303,17 +316,19 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         except REDIS_ERRORS:
             raise Unavailable("service", "Redis is unreachable; retry later") from None
 
-    @app.put("/v1/experiments/{name}", responses=errors(400, 401, 409, 413, 422, 503),
+    @app.put("/v1/experiments/{name}", responses=errors(400, 401, 408, 409, 413, 422, 503),
              openapi_extra=json_body(EXPERIMENT_BODY),
              summary="Create or update an A/B experiment (admin): every arm's version is loaded before it goes live")
     async def put_experiment(name: ExperimentName, request: Request) -> dict[str, Any]:
         svc.require_admin(request)
         exps = experiments_of(svc)
         raw = await read_body(request, config.service.max_body_bytes)
+        from watchnext.experiments import ExperimentError, parse_json
+
         try:
-            body = json.loads(raw)
-        except ValueError as e:
-            raise BadRequest("body", f"not valid JSON: {e}", status=400) from None
+            body = parse_json(raw)  # a 100k-deep body is refused here, not with a RecursionError
+        except ExperimentError as e:
+            raise BadRequest("body", e.reason, status=400) from None
         return await in_redis(exps.put, name, body, deps.repo.versions())
 
     @app.get("/v1/experiments", summary="Every experiment, live and stopped")
@@ -330,8 +345,9 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         svc.require_admin(request)
         return await in_redis(experiments_of(svc).delete, name)
 
-    @app.get("/v1/experiments/{name}/report", response_model=None, responses=errors(404, 422, 503),
-             summary="Per-arm metrics with user-level intervals, differences from the control, SRM check")
+    @app.get("/v1/experiments/{name}/report", response_model=None, responses=errors(404, 409, 422, 429, 503),
+             summary="Per-arm metrics with user-level intervals, differences from the control, SRM check "
+             "(include_open=true reads every open impression: one such report at a time per process, else 429)")
     async def experiment_report(name: ExperimentName, confidence: float = 0.95, format: str = "json",
                                 points: int = 0, include_open: bool = False) -> Response:
         from watchnext.abreport import render_table
@@ -356,7 +372,18 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
             rep["status"], rep["stopped_at"] = stored["status"], stored.get("stopped_at")
             return rep
 
-        rep = await in_redis(build)
+        if not include_open:
+            rep = await in_redis(build)
+        else:  # costs ~1 s per 30k open impressions: one at a time per process (checked and set on the event loop)
+            if getattr(app.state, "open_report_busy", False):
+                raise ServiceError("include_open", "another report with include_open=true is being built by this "
+                                   "process (one at a time: each reads every open impression); retry shortly, or "
+                                   "ask without include_open", status=429)
+            app.state.open_report_busy = True
+            try:
+                rep = await in_redis(build)
+            finally:
+                app.state.open_report_busy = False
         if format == "table":
             return Response(render_table(rep) + "\n", media_type="text/plain; charset=utf-8")
         return json_response(rep)

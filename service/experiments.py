@@ -6,9 +6,17 @@ Redis holds the state, so every service process sharing the Redis serves the
 same split, and a restarted process finds it again::
 
     wn:exp:live          string  the live experiment's definition (Experiment JSON); absent: none live
-    wn:exp:def:<name>    string  {"experiment": definition, "status": "live" | "stopped", "stopped_at": ts}
-    wn:exp:ev:<name>     list    the experiment's closed impressions, JSON lines (one element per closed batch):
-                                 {"ts", "user_id", "arm", "model_version", "labels"} — what the report reads
+    wn:exp:defs          hash    name -> {"experiment": definition, "status": "live" | "stopped", "stopped_at": ts}
+    wn:exp:ev:b2:<hash>  list    the experiment's closed impressions, JSON lines (one element per closed batch):
+                                 {"ts", "user_id", "arm", "model_version", "labels"} — what the report reads;
+                                 <hash> is `events_key`'s BLAKE2b of the name, so no client string becomes a key
+
+Earlier versions kept each definition under wn:exp:def:<name> (moved into the
+hash when a process starts) and events under wn:exp:ev:<name> (still read, and
+cleared with the new key). Whatever is read back is validated again: an entry
+that fails (written by an older version, or by hand) is skipped and logged —
+a live one is refused, the list leaves it out, GET answers 409 — and never
+turns into a 500 for every request.
 
 Each process polls `wn:exp:live` every `[service] model_poll_s`. A new
 definition is applied only after every arm's version is loaded and warmed
@@ -18,9 +26,11 @@ the experiment (and models) they took, and stopping never fails a request.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -33,7 +43,7 @@ import pyarrow.json as pj
 from watchnext.abreport import LABELS, events_from_table
 from watchnext.abstats import CONFIDENCE, report, timeseries
 from watchnext.config import Config
-from watchnext.experiments import Arm, Experiment, ExperimentError
+from watchnext.experiments import Arm, Experiment, ExperimentError, parse_json
 from watchnext.scoring import weight_vector
 
 from .errors import BadRequest, Conflict, NotFound
@@ -44,29 +54,46 @@ from .observability import log
 logger = logging.getLogger("watchnext.service.experiments")
 
 LIVE = "wn:exp:live"
-DEF = "wn:exp:def:"
+DEFS = "wn:exp:defs"
 EV = "wn:exp:ev:"
+LEGACY_DEF = "wn:exp:def:"  # + name: one string per definition (earlier versions)
 
-# KEYS: live, definition, events. ARGV: name, live JSON, definition JSON.
-# Returns the name of another live experiment (refused) or 'ok'.
-_PUT_LUA = """
-local live = redis.call('GET', KEYS[1])
-if live then
-  local cur = cjson.decode(live)['name']
-  if cur ~= ARGV[1] then return cur end
-else
-  redis.call('DEL', KEYS[3])
+
+def events_key(name: str) -> str:
+    """The list of experiment `name`'s closed impressions (the name is hashed: no client string becomes a key)."""
+    return EV + "b2:" + hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
+
+
+def _legacy_events_key(name: str) -> str:
+    return EV + name  # earlier versions (and ImpressionLog.close_due until it writes events_key)
+
+
+# The live experiment's name, or nil when none is live or its definition cannot be read (a PUT replaces it).
+_LIVE_NAME_LUA = """
+local function live_name()
+  local live = redis.call('GET', KEYS[1])
+  if not live then return nil end
+  local ok, def = pcall(cjson.decode, live)
+  if ok and type(def) == 'table' and type(def['name']) == 'string' then return def['name'] end
+  return nil
 end
+"""
+
+# KEYS: live, definitions, events, legacy events. ARGV: name, live JSON, definition JSON.
+# Returns the name of another live experiment (refused) or 'ok'.
+_PUT_LUA = _LIVE_NAME_LUA + """
+local cur = live_name()
+if cur and cur ~= ARGV[1] then return cur end
+if not cur then redis.call('DEL', KEYS[3], KEYS[4]) end
 redis.call('SET', KEYS[1], ARGV[2])
-redis.call('SET', KEYS[2], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 return 'ok'
 """
 
-# KEYS: live, definition. ARGV: name, definition JSON. Stops NAME if it is the live one.
-_STOP_LUA = """
-local live = redis.call('GET', KEYS[1])
-if live and cjson.decode(live)['name'] == ARGV[1] then redis.call('DEL', KEYS[1]) end
-redis.call('SET', KEYS[2], ARGV[2])
+# KEYS: live, definitions. ARGV: name, definition JSON ('': remove it). Stops NAME if it is the live one.
+_STOP_LUA = _LIVE_NAME_LUA + """
+if live_name() == ARGV[1] then redis.call('DEL', KEYS[1]) end
+if ARGV[2] == '' then redis.call('HDEL', KEYS[2], ARGV[1]) else redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
 return 'ok'
 """
 
@@ -92,6 +119,23 @@ def view(stored: dict[str, Any]) -> dict[str, Any]:
     return {**stored["experiment"], "status": stored["status"], "stopped_at": stored.get("stopped_at")}
 
 
+def read_stored(name: str, raw: bytes) -> dict[str, Any]:
+    """A stored definition, validated as a PUT body is; raises ExperimentError naming what is wrong."""
+    data = parse_json(raw)
+    if not isinstance(data, dict) or not {"experiment", "status"} <= set(data):
+        raise ExperimentError("<stored>", "expected {experiment, status, stopped_at}")
+    exp = Experiment.from_dict(data["experiment"])
+    if exp.name != name:
+        raise ExperimentError("name", f"the definition stored as {name!r} is named {exp.name!r}")
+    status, stopped_at = data["status"], data.get("stopped_at")
+    if status not in ("live", "stopped"):
+        raise ExperimentError("status", f"expected live or stopped, got {status!r}")
+    if stopped_at is not None and (isinstance(stopped_at, bool) or not isinstance(stopped_at, (int, float))
+                                   or not math.isfinite(stopped_at)):
+        raise ExperimentError("stopped_at", f"expected Unix seconds, got {stopped_at!r}")
+    return {"experiment": exp.to_dict(), "status": status, "stopped_at": stopped_at}
+
+
 class Experiments:
     """The experiments API's state in Redis and the live experiment of this process."""
 
@@ -105,6 +149,7 @@ class Experiments:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._refused: bytes | None = None
+        self._unreadable: dict[str, bytes] = {}  # name -> the stored entry last logged as unreadable
 
     # ------------------------------------------------------------ applying
     def load_arms(self, exp: Experiment) -> dict[int, LoadedModel]:
@@ -171,6 +216,7 @@ class Experiments:
                     log(logger, logging.ERROR, "experiment_poll_failed", error=repr(e))
 
         try:
+            self.migrate()
             self.refresh()
         except REDIS_ERRORS as e:
             log(logger, logging.WARNING, "experiment_poll_failed", error=str(e)[:200])
@@ -183,12 +229,34 @@ class Experiments:
             self._thread.join(10)
         self.client.close()
 
+    def migrate(self) -> None:
+        """Move definitions of earlier versions (wn:exp:def:<name>) into the hash; one already there wins."""
+        for key in self.client.scan_iter(match=LEGACY_DEF + "*", count=1000):
+            raw = self.client.get(key)
+            if raw is not None:
+                self.client.hsetnx(DEFS, key[len(LEGACY_DEF):], raw)
+            self.client.delete(key)
+
     # ------------------------------------------------------------ the API
+    def _read(self, name: str, raw: bytes) -> dict[str, Any] | None:
+        """`read_stored`, or None (logged once per entry) when the entry cannot be used."""
+        try:
+            return read_stored(name, raw)
+        except ExperimentError as e:
+            if self._unreadable.get(name) != raw:
+                log(logger, logging.ERROR, "experiment_unreadable", experiment=name, reason=str(e)[:300])
+                self._unreadable[name] = raw
+            return None
+
     def stored(self, name: str) -> dict[str, Any]:
-        raw = self.client.get(DEF + name)
+        raw = self.client.hget(DEFS, name)
         if raw is None:
             raise NotFound("name", f"no experiment {name!r}")
-        return json.loads(raw)
+        got = self._read(name, raw)
+        if got is None:
+            raise Conflict("name", f"the stored definition of {name!r} cannot be read (see the log); "
+                                   "PUT it again or DELETE it")
+        return got
 
     def put(self, name: str, body: Any, versions: list[int]) -> dict[str, Any]:
         """Validate, load every arm's version, store, and go live here (other processes follow within a poll)."""
@@ -198,8 +266,11 @@ class Experiments:
         except ExperimentError as e:
             raise BadRequest(e.field or "body", e.reason) from None
         live = self.client.get(LIVE)
-        if live is not None:
-            cur = Experiment.from_json(live)
+        try:
+            cur = None if live is None else Experiment.from_json(live)
+        except ExperimentError:  # unreadable: refused by every process, so nothing is live; this PUT replaces it
+            cur = None
+        if cur is not None:
             if cur.name != name:
                 raise Conflict("name", f"experiment {cur.name!r} is live; stop it first (one experiment at a time)")
             if exp.created_at is None:  # an update of the live experiment keeps its start
@@ -212,29 +283,41 @@ class Experiments:
             raise Conflict(e.field, e.reason) from None
         raw = exp.to_json().encode()
         stored = {"experiment": exp.to_dict(), "status": "live", "stopped_at": None}
-        other = self._put(keys=[LIVE, DEF + name, EV + name], args=[name, raw, json.dumps(stored)])
+        other = self._put(keys=[LIVE, DEFS, events_key(name), _legacy_events_key(name)],
+                          args=[name, raw, json.dumps(stored)])
         if other != b"ok":
             raise Conflict("name", f"experiment {other.decode()!r} is live; stop it first (one experiment at a time)")
         self.apply(raw, models)
         return view(stored)
 
     def delete(self, name: str) -> dict[str, Any]:
-        stored = self.stored(name)
-        if stored["status"] == "live":
+        """Stop `name` (its definition and events are kept); an entry that cannot be read is removed."""
+        raw = self.client.hget(DEFS, name)
+        if raw is None:
+            raise NotFound("name", f"no experiment {name!r}")
+        stored = self._read(name, raw)
+        if stored is not None and stored["status"] == "live":
             stored = {**stored, "status": "stopped", "stopped_at": time.time()}
-        self._stop_script(keys=[LIVE, DEF + name], args=[name, json.dumps(stored)])
+        self._stop_script(keys=[LIVE, DEFS], args=[name, json.dumps(stored) if stored is not None else ""])
         if self.live is not None and self.live.exp.name == name:
             self.apply(None)
+        if stored is None:
+            return {"name": name, "status": "removed", "stopped_at": time.time()}
         return view(stored)
 
     def list(self) -> list[dict[str, Any]]:
-        keys = sorted(self.client.scan_iter(match=DEF + "*", count=1000))
-        raws = self.client.mget(keys) if keys else []
-        return [view(json.loads(r)) for r in raws if r is not None]
+        """Every readable experiment, by name."""
+        entries = sorted(self.client.hgetall(DEFS).items())
+        read = [self._read(name.decode(errors="replace"), raw) for name, raw in entries]
+        return [view(s) for s in read if s is not None]
 
     def events(self, name: str) -> bytes:
-        """The experiment's closed impressions as JSON lines."""
-        return b"\n".join(self.client.lrange(EV + name, 0, -1))
+        """The experiment's closed impressions as JSON lines (under either key scheme)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.lrange(_legacy_events_key(name), 0, -1)
+        pipe.lrange(events_key(name), 0, -1)
+        legacy, current = pipe.execute()
+        return b"\n".join(legacy + current)
 
 
 # ---------------------------------------------------------------- the report

@@ -20,6 +20,8 @@ parameter, so tests never touch `os.environ`)::
                             triton sends the model call to a Triton Inference Server serving the same
                             model repository (needs `pip install 'watchnext[triton]'`)
     WATCHNEXT_TRITON_URL    host:port of Triton's HTTP endpoint, e.g. localhost:8000 (required with triton)
+    WATCHNEXT_BODY_TIMEOUT_S  seconds a request body may take to arrive whole (default 10); a slower one is
+                            answered 408 and what it had sent is let go
 
 With the triton backend, WATCHNEXT_DEVICE and WATCHNEXT_THREADS do not apply
 (Triton's config decides); encoding, scoring and the impression log stay in the
@@ -71,6 +73,8 @@ class Settings:
     close_interval_s: float = 0.0
     # after a failed Redis call, online features are skipped for this long (then tried again)
     feature_backoff_s: float = 1.0
+    # a request body must arrive whole within this, else 408 (a stalled upload pins no memory)
+    body_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         def bad(name: str, reason: str) -> None:
@@ -90,7 +94,7 @@ class Settings:
             bad("rank_workers", f"must be >= 0, got {self.rank_workers}")
         if self.admin_token is not None and len(self.admin_token) < MIN_TOKEN_CHARS:
             bad("admin_token (WATCHNEXT_ADMIN_TOKEN)", f"must be at least {MIN_TOKEN_CHARS} characters")
-        for name in ("flush_interval_s", "feature_backoff_s"):
+        for name in ("flush_interval_s", "feature_backoff_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 bad(name, f"must be > 0, got {getattr(self, name)}")
         if self.close_interval_s < 0:
@@ -127,6 +131,7 @@ class Settings:
             ("workers", "WATCHNEXT_WORKERS", int),
             ("backend", "WATCHNEXT_BACKEND", str),
             ("triton_url", "WATCHNEXT_TRITON_URL", str),
+            ("body_timeout_s", "WATCHNEXT_BODY_TIMEOUT_S", float),
         ):
             if env.get(key):
                 try:

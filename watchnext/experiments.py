@@ -16,6 +16,12 @@ on the low bits of the state, so the buckets of two salts would be correlated.
 The MurmurHash3 finaliser (fmix64) mixes every bit into every other, which makes
 experiments with different salts independent (tested with a chi-square test).
 
+A definition is checked whole before anything stores or serves it: names match
+in full, every string is valid Unicode (a lone surrogate cannot be hashed or
+written as UTF-8), weights are finite and bounded (`MAX_WEIGHT`; with the
+multiplicative score, also such that no head in its range overflows the
+score), and `meta` is small (`META_MAX_BYTES`, `META_MAX_DEPTH`).
+
     >>> exp = Experiment.from_dict({"name": "sat", "arms": [
     ...     {"name": "control", "share": 0.5},
     ...     {"name": "satisfaction", "share": 0.5, "weights": {"like": 4.0}}]})
@@ -43,7 +49,16 @@ if TYPE_CHECKING:
 
 BUCKETS = 10_000  # share resolution 0.01 %
 SHARE_TOLERANCE = 1e-6  # shares must sum to 1 within this
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+NAME_PATTERN = r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}"  # experiment and arm names, matched in full
+_NAME = re.compile(NAME_PATTERN)
+MAX_SALT_CHARS = 256
+# |weight| bound: with heads inside float32 (|y| < 3.4e38), a linear score stays below T * 3.4e44, far inside float64
+MAX_WEIGHT = 1e6
+META_MAX_BYTES = 4096  # `meta` as compact UTF-8 JSON
+META_MAX_DEPTH = 4  # objects and lists inside `meta`, counting meta itself
+_META_MAX_INT = 2**53  # integers beyond lose precision as doubles (JavaScript, Redis's cjson)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_LOG_FLOAT64_MAX = math.log(float(np.finfo(np.float64).max))
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -194,11 +209,7 @@ class Experiment:
 
     @classmethod
     def from_json(cls, text: str | bytes, config: Config | None = None) -> Experiment:
-        try:
-            data = json.loads(text)
-        except ValueError as e:
-            raise ExperimentError("<body>", f"not valid JSON: {e}") from None
-        return cls.from_dict(data, config)
+        return cls.from_dict(parse_json(text), config)
 
     @classmethod
     def from_dict(cls, data: Any, config: Config | None = None, name: str | None = None) -> Experiment:
@@ -218,15 +229,15 @@ class Experiment:
             raise ExperimentError("name", f"{body_name!r} does not match the experiment in the URL, {name!r}")
         exp_name = _name("name", body_name)
         salt = data.get("salt", exp_name)
-        if not isinstance(salt, str) or not salt or len(salt) > 256:
-            raise ExperimentError("salt", f"expected a non-empty string of at most 256 characters, got {salt!r}")
+        if not isinstance(salt, str) or not salt or len(salt) > MAX_SALT_CHARS:
+            raise ExperimentError("salt", f"expected a non-empty string of at most {MAX_SALT_CHARS} characters, "
+                                          f"got {_shown(salt)}")
+        _unicode("salt", salt)
         created = data.get("created_at")
         if created is not None and (isinstance(created, bool) or not isinstance(created, (int, float))
                                     or not math.isfinite(created)):
             raise ExperimentError("created_at", f"expected Unix seconds, got {created!r}")
-        meta = data.get("meta") or {}
-        if not isinstance(meta, Mapping):
-            raise ExperimentError("meta", f"expected an object, got {type(meta).__name__}")
+        meta = _meta(data.get("meta") or {})
         raw_arms = data.get("arms")
         if not isinstance(raw_arms, list) or len(raw_arms) < 2:
             raise ExperimentError("arms", "expected a list of at least two arms (the first is the control)")
@@ -239,13 +250,70 @@ class Experiment:
         total = sum(a.share for a in arms)
         if abs(total - 1.0) > SHARE_TOLERANCE:
             raise ExperimentError("arms", f"shares must sum to 1, got {total:.6g}")
-        return cls(exp_name, arms, salt, None if created is None else float(created), dict(meta))
+        return cls(exp_name, arms, salt, None if created is None else float(created), meta)
+
+
+def parse_json(text: str | bytes) -> Any:
+    """json.loads whose every failure is an ExperimentError: not JSON, not UTF-8, or nested past Python's
+    recursion limit (json.loads raises RecursionError there)."""
+    try:
+        return json.loads(text)
+    except ValueError as e:  # UnicodeDecodeError too
+        raise ExperimentError("<body>", f"not valid JSON: {e}") from None
+    except RecursionError:
+        raise ExperimentError("<body>", "not valid JSON: nested too deeply") from None
+
+
+def _unicode(where: str, v: str, what: str = "") -> None:
+    """Refuse a string that is not valid Unicode (a lone surrogate: JSON lets "\\ud800" through)."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ExperimentError(where, f"{what}not valid Unicode: {v[e.start:e.end]!r} at character {e.start} "
+                                     "(a \\ud800-\\udfff escape must be half of a surrogate pair)") from None
+
+
+def _meta(meta: Any) -> dict[str, Any]:
+    """Free-form, but storable and servable: valid Unicode, finite numbers, small and shallow."""
+    if not isinstance(meta, Mapping):
+        raise ExperimentError("meta", f"expected an object, got {type(meta).__name__}")
+
+    def check(where: str, v: Any, depth: int) -> None:
+        if isinstance(v, (Mapping, list)):
+            if depth > META_MAX_DEPTH:
+                raise ExperimentError(where, f"nested too deeply (meta holds at most {META_MAX_DEPTH} levels)")
+            items = v.items() if isinstance(v, Mapping) else enumerate(v)
+            for k, x in items:
+                if isinstance(k, str):
+                    _unicode(where, k, f"key {k!r}: ")
+                check(f"{where}.{k}" if isinstance(k, str) else f"{where}[{k}]", x, depth + 1)
+        elif isinstance(v, str):
+            _unicode(where, v)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ExperimentError(where, f"expected a finite number, got {v!r}")
+        elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > _META_MAX_INT:
+            raise ExperimentError(where, f"integers are limited to +-2**53, got {v}")
+        elif v is not None and not isinstance(v, (bool, int, float)):
+            raise ExperimentError(where, f"expected JSON values, got {type(v).__name__}")
+
+    check("meta", meta, 1)
+    size = len(json.dumps(meta, ensure_ascii=False, separators=(",", ":")).encode())
+    if size > META_MAX_BYTES:
+        raise ExperimentError("meta", f"at most {META_MAX_BYTES} bytes as JSON, got {size}")
+    return dict(meta)
 
 
 def _name(where: str, v: Any) -> str:
-    if not isinstance(v, str) or not _NAME.match(v):
-        raise ExperimentError(where, f"use 1-64 letters, digits, '_', '-' or '.', starting with a letter, digit or '_'; got {v!r}")
+    if not isinstance(v, str) or not _NAME.fullmatch(v):
+        raise ExperimentError(where, f"use 1-64 letters, digits, '_', '-' or '.', starting with a letter, digit or '_'; "
+                                     f"got {_shown(v)}")
     return v
+
+
+def _shown(v: Any, limit: int = 80) -> str:
+    """repr(v), cut short: an error message never echoes a whole body."""
+    r = repr(v)
+    return r if len(r) <= limit else r[:limit] + f"... ({len(r)} characters)"
 
 
 def _arm(i: int, raw: Any, config: Config | None) -> Arm:
@@ -273,19 +341,41 @@ def _arm(i: int, raw: Any, config: Config | None) -> Arm:
 
 
 def _weights(where: str, weights: Mapping[str, Any], config: Config | None) -> dict[str, float]:
-    if config is not None:
-        from .config import ConfigError, parse_weights
-
-        try:
-            return parse_weights(weights, config, where)
-        except ConfigError as e:
-            # parse_weights names the config file first; here the field is the request's
-            msg = str(e).removeprefix(f"{config.path}: ")
-            key, _, reason = msg.partition(": ")
-            raise ExperimentError(key, reason) from None
+    """Finite, |w| <= MAX_WEIGHT; with `config`, keys are its tasks and the score combination cannot overflow."""
     out = {}
     for k, v in weights.items():
+        if not isinstance(k, str) or not k or len(k) > 64 or not all(c.isalnum() or c == "_" for c in k):
+            raise ExperimentError(f"{where}.{k}", "a task name is 1-64 letters, digits and '_'")
+        _unicode(f"{where}.{k}", k)
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
             raise ExperimentError(f"{where}.{k}", f"expected a finite number, got {v!r}")
-        out[str(k)] = float(v)
+        if abs(v) > MAX_WEIGHT:
+            raise ExperimentError(f"{where}.{k}", f"must lie within +-{MAX_WEIGHT:g}, got {v!r}")
+        out[k] = float(v)
+    if config is None:
+        return out
+    from .config import ConfigError, parse_weights
+
+    try:
+        out = parse_weights(out, config, where)
+    except ConfigError as e:
+        # parse_weights names the config file first; here the field is the request's
+        msg = str(e).removeprefix(f"{config.path}: ")
+        key, _, reason = msg.partition(": ")
+        raise ExperimentError(key, reason) from None
+    if config.score.combine == "multiplicative":
+        _product_bound(where, out, config)
     return out
+
+
+def _product_bound(where: str, weights: Mapping[str, float], config: Config) -> None:
+    """The multiplicative score is exp(sum_t w_t log max(y_t, FLOOR)): refuse weights for which some heads in
+    their range (binary [0, 1], regression up to float32's max) make that exponent overflow float64."""
+    from .scoring import FLOOR
+
+    kind = {t.name: t.kind for t in config.tasks}
+    worst = sum(max(w * math.log(FLOOR), w * math.log(1.0 if kind[k] == "binary" else _FLOAT32_MAX))
+                for k, w in weights.items())
+    if worst > _LOG_FLOAT64_MAX:
+        raise ExperimentError(where, f"with [score] combine = multiplicative these weights can overflow the score: "
+                                     f"heads in their range reach exp({worst:.4g}), past float64's exp({_LOG_FLOAT64_MAX:.4g})")
