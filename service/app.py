@@ -411,8 +411,8 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
             "degraded": redis_ok is False,
             "impression_backlog": svc.log.backlog() if svc.log is not None else 0,
         }
-        # serving another version than the promoted one, which was refused: {"promoted", "serving", "reason"}
-        body["serving_fallback"] = svc.models.fallback
+        if svc.models.fallback is not None:  # serving another version than the promoted one, which was refused
+            body["serving_fallback"] = svc.models.fallback  # {"promoted", "serving", "reason"}
         if triton is not None:
             body["triton_url"], body["backend_error"] = triton.url, problem
         return json_response(body, 200 if ready else 503)
