@@ -306,7 +306,8 @@ def version_number(v: str) -> int:
 def check_promotable(config, repo: ModelRepository, version: int) -> None:
     """Load `version` and run it on the CPU, as a service would before serving it; CliError naming the version,
     the file and the reason when it cannot serve."""
-    from service.models import VersionRefused, load_version  # torch-free; the service never imports this module's commands
+    # torch-free (ONNX Runtime); the service imports only models_summary from this module
+    from service.models import VersionRefused, load_version
 
     try:
         load_version(config, repo, version, device="cpu", threads=1)
