@@ -1,10 +1,13 @@
 """The streaming trainer over files: learning, exact resumption after kill -9, Parquet, incremental runs."""
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+import tomllib
 
 import numpy as np
 import pyarrow.json as pj
@@ -12,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import small_config_text, write_small_history
+from tests.helpers import dumps_toml, small_config_text, write_small_history
 from training.export import state_digest
-from training.trainer import train_files
+from training.trainer import CheckpointError, Trainer, read_checkpoint, train_files
 from watchnext.config import load_config
 from watchnext.encoding import example_schema
 from watchnext.repository import ModelRepository
@@ -26,7 +29,7 @@ def train_cmd(data, cfg, tmp, *extra):
 
 
 def load_ckpt(path):
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    blob = read_checkpoint(path)
     return blob["state"], state_digest(blob["model"])
 
 
@@ -158,7 +161,147 @@ def test_trains_on_the_gpu(history_file, small_config, tmp_path):
     res = train_files(small_config, [history_file], tmp_path / "ck.pt", ModelRepository(tmp_path / "m", "ranker"),
                       fresh=True, device=torch.device("cuda"))
     assert res.examples == 6000 and res.version == 1
-    blob = torch.load(tmp_path / "ck.pt", map_location="cpu", weights_only=False)
-    assert blob["state"]["examples"] == 6000
+    assert read_checkpoint(tmp_path / "ck.pt")["state"]["examples"] == 6000
     meta = ModelRepository(tmp_path / "m", "ranker").metadata(1)
     assert meta["trainer"]["device"].startswith("cuda")
+
+
+# ---------------------------------------------------------------- labels, non-finite batches, checkpoints
+
+
+def _write_lines(history_file, path, changes):
+    """history_file with `changes` ({line: labels}) merged into those lines' labels."""
+    out = []
+    for i, line in enumerate(history_file.read_text().splitlines(), start=1):
+        if i in changes:
+            ex = json.loads(line)
+            ex["labels"].update(changes[i])
+            line = json.dumps(ex)
+        out.append(line)
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
+def _all_finite(trainer: Trainer) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in trainer.net.state_dict().values() if t.is_floating_point())
+
+
+def test_labels_out_of_range_are_skipped_and_the_rest_trained(history_file, small_config, tmp_path):
+    # before ranges, five ratings of 1e20 made every weight NaN and the export was refused
+    changes = {10 + 7 * k: {"click": 1, "rating": 1e20} for k in range(5)}
+    changes |= {100: {"click": 1, "watch_time": -0.5}, 200: {"click": 1, "watch_time": 1e39}, 300: {"click": 1, "rating": -100}}
+    path = _write_lines(history_file, tmp_path / "h.jsonl", changes)
+    repo = ModelRepository(tmp_path / "models", small_config.model.name)
+    res = train_files(small_config, [path], tmp_path / "ck.pt", repo, fresh=True)
+    assert res.examples == 6000 - 8 and res.bad_lines == 8 and res.skipped_batches == 0
+    assert res.bad_samples[0] == f"{path}:10: labels.rating: must be in the task's range [1, 5]"
+    assert res.bad_samples[5] == f"{path}:100: labels.watch_time: must be in the task's range [0, 1e+07]"
+    assert res.version == 1 and _all_finite(Trainer.load(tmp_path / "ck.pt", small_config))
+
+
+def test_a_batch_with_a_non_finite_loss_is_skipped_and_counted(history_file, tmp_path):
+    # a range as wide as float32 lets 3e38 in: squared in the loss it is inf, so that batch must not train
+    data = tomllib.loads(small_config_text())
+    next(t for t in data["tasks"] if t["name"] == "rating")["range"] = [0, 3e38]
+    cfg = tmp_path / "wide.toml"
+    cfg.write_text(dumps_toml(data))
+    config = load_config(cfg)
+    bs = config.trainer.batch_size
+    path = _write_lines(history_file, tmp_path / "h.jsonl", {bs + k: {"click": 1, "rating": 3e38} for k in (1, 2, 3)})
+    repo = ModelRepository(tmp_path / "models", config.model.name)
+    res = train_files(config, [path], tmp_path / "ck.pt", repo, fresh=True)
+    assert res.bad_lines == 0 and res.skipped_batches == 1  # the second batch: lines bs+1 .. 2*bs
+    assert res.examples == 6000 - bs and res.trained_now == 6000 - bs
+    assert res.report["skipped_batches"] == 1
+    t = Trainer.load(tmp_path / "ck.pt", config)
+    assert _all_finite(t) and t.state.skipped_batches == 1 and t.state.skipped_examples == bs
+    assert res.version == 1  # the export was not refused
+    # the same run without that batch has the same running statistics: the skipped batch's were put back
+    skip = tmp_path / "s.jsonl"
+    lines = history_file.read_text().splitlines()
+    skip.write_text("\n".join(lines[:bs] + lines[2 * bs:]) + "\n")
+    ref = train_files(config, [skip], tmp_path / "ref.pt", None, fresh=True)
+    assert ref.examples == res.examples
+    norms = [k for k in t.net.state_dict() if "_norm." in k]
+    assert len(norms) == 6  # mean, var, count of the inputs' and of the targets' statistics
+    mine, theirs = t.net.state_dict(), Trainer.load(tmp_path / "ref.pt", config).net.state_dict()
+    for k in norms:
+        assert torch.equal(mine[k], theirs[k]), k
+
+
+def test_a_model_with_nan_is_never_saved_nor_exported(small_config, tmp_path):
+    t = Trainer(small_config)
+    t.save(tmp_path / "ok.pt")
+    with torch.no_grad():
+        next(t.net.ranker.parameters())[0].fill_(float("nan"))
+    name = next(n for n, _ in t.net.named_parameters())
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path / 'ok.pt'))}: writing the checkpoint: refused: the model holds "
+                                              rf"NaN/Inf in {re.escape(name)}$"):
+        t.save(tmp_path / "ok.pt")
+    assert _all_finite(Trainer.load(tmp_path / "ok.pt", small_config))  # the last good checkpoint is kept
+    repo = ModelRepository(tmp_path / "models", small_config.model.name)
+    with pytest.raises(CheckpointError, match="exporting a version: refused: the model holds NaN/Inf"):
+        t.export(repo)
+    assert repo.versions() == []
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory, history_file):
+    d = tmp_path_factory.mktemp("ck")
+    cfg = d / "c.toml"
+    cfg.write_text(small_config_text())
+    train_files(load_config(cfg), [history_file], d / "ck.pt", None, fresh=True, max_examples=512)
+    return cfg, (d / "ck.pt").read_bytes()
+
+
+def _cli_train(args, capsys):
+    from watchnext.cli import main
+
+    code = main(["train", *map(str, args)])
+    return code, capsys.readouterr().err
+
+
+def _flip(data: bytes) -> bytes:
+    rng = np.random.default_rng(0)
+    b = bytearray(data)
+    for i in rng.choice(len(data) - 200, 64, replace=False):  # inside the payload
+        b[i] ^= 0xFF
+    return bytes(b)
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda b: b"", "the checkpoint is empty"),
+    (lambda b: b[: len(b) // 2], "not a whole watchnext checkpoint (no checksum at its end"),
+    (lambda b: np.random.default_rng(1).bytes(len(b)), "not a whole watchnext checkpoint (no checksum at its end"),
+    (lambda b: b[: b.rindex(b"\nwatchnext-checkpoint")], "not a whole watchnext checkpoint"),  # an older version's
+    (_flip, "the checkpoint is damaged (its sha256 does not match its content)"),
+], ids=["empty", "truncated", "garbage", "no-checksum", "64-bytes-flipped"])
+def test_a_damaged_checkpoint_is_refused_in_one_line(good_checkpoint, history_file, tmp_path, capsys, damage, needle):
+    cfg, data = good_checkpoint
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(damage(data))
+    models = ["--models", tmp_path / "models", "--no-export"]
+    code, err = _cli_train(["--data", history_file, "--config", cfg, "--checkpoint", ck, *models], capsys)
+    assert code == 2
+    assert err.startswith(f"watchnext: error: {ck}: {needle}")  # the file named first, then why
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.rstrip().endswith("delete it or train with --fresh to start a new model")
+    # --fresh starts over, and writes a good checkpoint in its place
+    code, _ = _cli_train(["--data", history_file, "--config", cfg, "--checkpoint", ck, *models, "--fresh",
+                          "--max-examples", "256"], capsys)
+    assert code == 0 and read_checkpoint(ck)["state"]["examples"] == 256
+
+
+def test_resuming_under_another_bias_table_is_refused_in_one_line(good_checkpoint, history_file, tmp_path):
+    cfg, data = good_checkpoint
+    ck = tmp_path / "ck.pt"
+    ck.write_bytes(data)
+    other = tmp_path / "other.toml"
+    other.write_text(small_config_text(bias={"dim": 16}))
+    assert load_config(other).hash == load_config(cfg).hash  # the served model is the same; the trainer's is not
+    res = subprocess.run(train_cmd(history_file, other, tmp_path, "--no-export"), capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2
+    assert res.stderr == (f"watchnext: error: {ck}: checkpoint was trained under another model shape (bias.dim 8 -> 16); "
+                          "delete it or train with --fresh to start a new model, or point --checkpoint elsewhere\n")
+    assert ck.read_bytes() == data  # left as it was
