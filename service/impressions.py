@@ -1,33 +1,50 @@
 """Impressions, feedback and the attribution window: how served results become training examples.
 
-Redis layout (all keys expire on their own as a safety net)::
+Redis layout. No client string is ever part of a key: an impression is named by a token the server derives
+from digests of the request_id and of the user's id (`token`), so the same request_id sent for two users is two
+impressions, and no request_id can name another key. Every key expires on its own as a safety net.
 
-    wn:imp:<request_id>       hash   "_": the shared sections, ts, arm, model version (JSON)
-                                     "_due": when the attribution window closes (Unix seconds)
-                                     "i:<item id>": {"candidate": features as served, "position": slot}
-    wn:imp:due                zset   request_id scored by its window's close
-    wn:fb:<request_id>        list   feedback events in arrival order (JSON)
-    wn:imp:done:<request_id>  string set for a day once the window closed (feedback then: "expired")
+    wn:imp:{R}:U       hash   "_": the shared sections, ts, arm, model version (JSON)
+                              "_due": when the attribution window closes (Unix seconds)
+                              "i:<item id>": {"candidate": features as served, "position": slot}
+    wn:imp:{R}         set    the U of every user served under request_id digest R (feedback names R only)
+    wn:fb:{R}:U        list   feedback events in arrival order (JSON)
+    wn:done:{R}:U      string set for a day once the window closed (feedback then: "expired")
+    wn:imp:due         zset   tokens "R:U" scored by their window's close
+    wn:imp:closing     zset   tokens a closer has taken, scored by when its lease ends
+    wn:imp:owner       hash   token -> the closer holding it
 
-The response never waits for Redis: impressions go to an in-memory buffer
-that a thread writes in pipelined batches every `flush_interval_s` (kept and
-retried while Redis is down, bounded by `impression_buffer`; the oldest are
-dropped and counted beyond it). Feedback is checked and appended atomically
-(a Lua script), so feedback racing the window's close is either joined or
-reported expired, never lost silently. When a window closes, each served item
-becomes one labelled example (CONTRACT §2) on the training stream
-(`XADD <[stream] key> MAXLEN ~ <maxlen> * example <json>`), with the task
-defaults for labels that got no feedback (click -> 0; tasks without a default,
-the satisfaction labels, stay missing).
+(R and U are 20 hex digits of BLAKE2b; `{R}` keeps one request's keys in one Redis Cluster slot.)
+
+The response never waits for Redis: impressions go to an in-memory buffer that a thread writes in pipelined
+batches every `flush_interval_s`. The buffer is bounded in bytes (`[service] impression_buffer_mb` per worker
+process); while Redis is down it keeps the newest and sheds the oldest, counted in
+`watchnext_impressions_dropped_total{reason="buffer_full"}`. An impression that cannot be stored (it fails to
+serialise) is dropped alone and counted as `reason="invalid"`; the rest of its batch is written.
+
+Feedback is checked and appended atomically (a Lua script), so feedback racing the window's close is either
+joined or reported expired, never lost silently. Feedback names a request_id and an item: it joins the one
+impression of that request_id that served the item (two users served the same item under one request_id:
+"ambiguous", dropped and counted, never credited to the wrong user).
+
+Closing is crash-safe. A closer takes due tokens under a lease (moving them from `due` to `closing`), builds
+their examples, and writes them in one Lua script per group of impressions: the examples go to the training
+stream (`XADD <[stream] key> MAXLEN ~ <maxlen>`) and the impressions are deleted in the same atomic step, and
+only while the lease is still its own. A closer killed at any point leaves its tokens in `closing`; when the
+lease ends, the next closer takes them again. So every impression's examples reach the stream exactly once.
+Labels that got no feedback take the task defaults (click -> 0; tasks without a default stay missing).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import threading
 import time
+import uuid
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -42,42 +59,155 @@ from .observability import Metrics, log
 
 logger = logging.getLogger("watchnext.service.impressions")
 
-IMP = "wn:imp:"
 DUE = "wn:imp:due"
-FB = "wn:fb:"
-DONE = "wn:imp:done:"
+CLOSING = "wn:imp:closing"
+OWNER = "wn:imp:owner"
 EXP_EVENTS = "wn:exp:ev:"  # per experiment: its closed impressions as JSON lines (see service/experiments.py)
 DONE_TTL_S = 86_400
-CLOSE_BATCH = 500
+CLOSE_BATCH = 200  # tokens taken per lease
+COMMIT_BYTES = 4 << 20  # examples per atomic write (whole impressions; one larger impression goes alone)
+FLUSH_BYTES = 4 << 20  # impressions per pipelined write
 CLOSE_MARGIN_S = 0.25
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
-# KEYS: impression, feedback list, tombstone. ARGV: item field, event, now, ttl
+
+def digest(text: str) -> str:
+    """20 hex digits naming a client string inside a key (the string itself never is one)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+
+
+def token(request_id: str, user_id: str) -> str:
+    """The server's name of one user's impression under one request_id: "R:U"."""
+    return f"{digest(request_id)}:{digest(user_id)}"
+
+
+def imp_key(tok: str) -> str:
+    r, u = tok.split(":")
+    return f"wn:imp:{{{r}}}:{u}"
+
+
+def users_key(r: str) -> str:
+    return f"wn:imp:{{{r}}}"
+
+
+def fb_key(tok: str) -> str:
+    r, u = tok.split(":")
+    return f"wn:fb:{{{r}}}:{u}"
+
+
+def done_key(tok: str) -> str:
+    r, u = tok.split(":")
+    return f"wn:done:{{{r}}}:{u}"
+
+
+# KEYS: the request's user set. ARGV: R, item field, event, now, ttl.
+# Joins the one open impression of this request_id that served the item.
 _FEEDBACK_LUA = """
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  if redis.call('EXISTS', KEYS[3]) == 1 then return 'expired' end
-  return 'unknown'
+local users = redis.call('SMEMBERS', KEYS[1])
+if #users == 0 then return 'unknown' end
+local hit, hits, expired, open = nil, 0, false, false
+for _, u in ipairs(users) do
+  local imp = 'wn:imp:{' .. ARGV[1] .. '}:' .. u
+  if redis.call('EXISTS', imp) == 1 then
+    open = true
+    local due = redis.call('HGET', imp, '_due')
+    if due and tonumber(due) <= tonumber(ARGV[4]) then
+      expired = true
+    elseif redis.call('HEXISTS', imp, ARGV[2]) == 1 then
+      hits = hits + 1
+      hit = u
+    end
+  elseif redis.call('EXISTS', 'wn:done:{' .. ARGV[1] .. '}:' .. u) == 1 then
+    expired = true
+  end
 end
-local due = redis.call('HGET', KEYS[1], '_due')
-if due and tonumber(due) <= tonumber(ARGV[3]) then return 'expired' end
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 'unknown_item' end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-redis.call('EXPIRE', KEYS[2], ARGV[4])
-return 'ok'
+if hits > 1 then return 'ambiguous' end
+if hits == 1 then
+  local fb = 'wn:fb:{' .. ARGV[1] .. '}:' .. hit
+  redis.call('RPUSH', fb, ARGV[3])
+  redis.call('EXPIRE', fb, ARGV[5])
+  return 'ok'
+end
+if expired then return 'expired' end
+if open then return 'unknown_item' end
+return 'unknown'
 """
 
-# KEYS: due zset. ARGV: now, limit. Pops the due request ids atomically (one closer per id).
-_POP_DUE_LUA = """
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
-if #ids > 0 then redis.call('ZREM', KEYS[1], unpack(ids)) end
+# KEYS: due, closing, owner. ARGV: now, limit, lease end, closer id.
+# Takes tokens whose lease ended (a closer died holding them), then due ones, under a new lease.
+_CLAIM_LUA = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[2]))
+local room = tonumber(ARGV[2]) - #ids
+if room > 0 then
+  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, room)
+  if #due > 0 then
+    redis.call('ZREM', KEYS[1], unpack(due))
+    for _, t in ipairs(due) do ids[#ids + 1] = t end
+  end
+end
+for _, t in ipairs(ids) do
+  redis.call('ZADD', KEYS[2], ARGV[3], t)
+  redis.call('HSET', KEYS[3], t, ARGV[4])
+end
 return ids
+"""
+
+# KEYS: stream, closing, owner. ARGV: closer id, maxlen, done ttl, n tokens, then per token (token, impression
+# key, feedback key, tombstone key, user-set key), n examples, examples..., then (events key, events) pairs.
+# Everything or nothing, and only while every token is still this closer's.
+_COMMIT_LUA = """
+local n = tonumber(ARGV[4])
+for i = 0, n - 1 do
+  if redis.call('HGET', KEYS[3], ARGV[5 + i * 5]) ~= ARGV[1] then return -1 end
+end
+local at = 5 + n * 5
+local m = tonumber(ARGV[at])
+for i = 1, m do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'example', ARGV[at + i])
+end
+at = at + m + 1
+while at < #ARGV do
+  redis.call('RPUSH', ARGV[at], ARGV[at + 1])
+  at = at + 2
+end
+for i = 0, n - 1 do
+  local b = 5 + i * 5
+  redis.call('DEL', ARGV[b + 1], ARGV[b + 2])
+  redis.call('SET', ARGV[b + 3], '1', 'EX', ARGV[3])
+  redis.call('EXPIRE', ARGV[b + 4], ARGV[3])
+  redis.call('ZREM', KEYS[2], ARGV[b])
+  redis.call('HDEL', KEYS[3], ARGV[b])
+end
+return m
 """
 
 REASONS = {
     "unknown": "no impression with this request_id (never served, or served by another deployment)",
     "expired": "the attribution window of this impression has closed",
     "unknown_item": "item_id was not among the items served for this request_id",
+    "ambiguous": "this request_id served this item to more than one user; give each request its own request_id",
 }
+
+
+@dataclass
+class _Record:
+    """One impression ready for Redis: its token and hash fields, serialised (exact size known)."""
+
+    rid: str
+    tok: str
+    due: float
+    mapping: dict[str, bytes]
+    nbytes: int
+
+
+def approx_bytes(imp: dict[str, Any]) -> int:
+    """What a queued impression holds, before it is serialised (arrays' own sizes; a rough figure for dicts)."""
+    n = 1024
+    for k in ("user", "query", "context"):
+        v = imp.get(k)
+        n += getattr(v, "nbytes", None) or 96 * len(v or ())
+    items = imp["items"]
+    return n + (getattr(items, "nbytes", None) or 2048 * len(items))
 
 
 def redis_client(url: str, timeout_s: float = 2.0) -> redis.Redis:
@@ -89,23 +219,29 @@ class ImpressionLog:
     """Buffers impressions, writes them in batches, joins feedback and closes attribution windows."""
 
     def __init__(self, config: Config, url: str, metrics: Metrics, flush_interval_s: float = 0.05,
-                 max_buffer: int = 100_000, close_interval_s: float = 0.0):
+                 max_bytes: int = 64 << 20, close_interval_s: float = 0.0, lease_s: float = 30.0):
         self.config, self.metrics = config, metrics
         self.client = redis_client(url)
         self.window = config.service.attribution_window_s
         self.ttl = int(self.window * 2 + 3600)
-        self.flush_interval_s, self.max_buffer = flush_interval_s, max_buffer
+        self.flush_interval_s, self.max_bytes = flush_interval_s, max_bytes
         # how long an unknown request_id is waited for: a replica's flush interval, its write, and a margin
         self.unknown_grace_s = 3 * flush_interval_s + 0.1
         self.close_interval_s = close_interval_s or min(1.0, max(0.05, self.window / 4))
-        self.buf: deque[dict] = deque()
+        self.lease_s = lease_s
+        self.closer_id = uuid.uuid4().hex
+        # queued impressions (dicts, as the ranker made them) or _Records (serialised by a failed flush)
+        self.buf: deque[tuple[str, int, Any]] = deque()  # (request_id, bytes, impression or _Record)
+        self.buf_bytes = 0
+        self.inflight = 0  # entries taken by a flush that has not finished
         self.pending: dict[str, int] = {}  # request_id -> impressions of it still in the buffer
         self._buf_lock = threading.Lock()
         self._flush_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._feedback = self.client.register_script(_FEEDBACK_LUA)
-        self._pop_due = self.client.register_script(_POP_DUE_LUA)
+        self._claim = self.client.register_script(_CLAIM_LUA)
+        self._commit = self.client.register_script(_COMMIT_LUA)
         self.defaults = {t.name: t.default for t in config.tasks}
         self.tasks = {t.name: t for t in config.tasks}
         self.user_key = key_feature(config, "user")
@@ -113,15 +249,33 @@ class ImpressionLog:
     # ------------------------------------------------------------ impressions
     def add(self, impression: dict[str, Any]) -> None:
         """Queue one response's impression; never blocks on Redis."""
+        rid = impression["request_id"]
+        self._push([(rid, approx_bytes(impression), impression)], front=False)
+
+    def _push(self, entries: list[tuple[str, int, Any]], front: bool) -> None:
+        """Queue entries (at the front: a batch that could not be written); then shed the oldest past the bound."""
         with self._buf_lock:
-            self.buf.append(impression)
-            rid = impression["request_id"]
-            self.pending[rid] = self.pending.get(rid, 0) + 1
-            while len(self.buf) > self.max_buffer:
-                old = self.buf.popleft()
-                self._unpend(old["request_id"])
-                self.metrics.impressions_dropped.inc()
-            self.metrics.log_backlog.set(len(self.buf))
+            if front:
+                self.buf.extendleft(reversed(entries))
+            else:
+                self.buf.extend(entries)
+            for rid, n, _ in entries:
+                self.buf_bytes += n
+                if not front:
+                    self.pending[rid] = self.pending.get(rid, 0) + 1
+            shed = 0
+            while self.buf_bytes > self.max_bytes and len(self.buf) > 1:
+                old_rid, n, _ = self.buf.popleft()
+                self.buf_bytes -= n
+                self._unpend(old_rid)
+                shed += 1
+            if shed:
+                self.metrics.impressions_dropped.inc(shed, "buffer_full")
+            self._gauges()
+
+    def _gauges(self) -> None:
+        self.metrics.log_backlog.set(self.backlog())
+        self.metrics.log_backlog_bytes.set(self.buf_bytes)
 
     def _unpend(self, rid: str) -> None:
         n = self.pending.get(rid, 0) - 1
@@ -130,55 +284,91 @@ class ImpressionLog:
         else:
             self.pending.pop(rid, None)
 
-    def flush(self) -> int:
-        """Write everything buffered; on a Redis error the batch goes back to the buffer. Returns the count written."""
-        with self._flush_lock:
-            with self._buf_lock:
-                batch = list(self.buf)
-                self.buf.clear()
-            if not batch:
-                return 0
-            try:
-                pipe = self.client.pipeline(transaction=False)
-                for imp in batch:
-                    self._write(pipe, imp)
-                pipe.execute()
-            except REDIS_ERRORS as e:
-                with self._buf_lock:
-                    self.buf.extendleft(reversed(batch))
-                    while len(self.buf) > self.max_buffer:
-                        self._unpend(self.buf.popleft()["request_id"])
-                        self.metrics.impressions_dropped.inc()
-                    self.metrics.log_backlog.set(len(self.buf))
-                self.metrics.redis_up.set(0)
-                raise ConnectionError(str(e)) from None
-            with self._buf_lock:
-                for imp in batch:
-                    self._unpend(imp["request_id"])
-                self.metrics.log_backlog.set(len(self.buf))
-            self.metrics.impressions_logged.inc(len(batch))
-            self.metrics.redis_up.set(1)
-            return len(batch)
+    def _take(self) -> list[tuple[str, int, Any]]:
+        """The oldest buffered entries, up to FLUSH_BYTES (at least one)."""
+        with self._buf_lock:
+            out, size = [], 0
+            while self.buf and (not out or size + self.buf[0][1] <= FLUSH_BYTES):
+                e = self.buf.popleft()
+                size += e[1]
+                out.append(e)
+            self.buf_bytes -= size
+            self.inflight = len(out)
+            return out
 
-    def _write(self, pipe, imp: dict[str, Any]) -> None:
+    def flush(self) -> int:
+        """Write everything buffered, in pipelined chunks; on a Redis error the chunk goes back to the front of the
+        buffer (serialised, so a retry costs no work and its size is exact). Returns the count written."""
+        written = 0
+        with self._flush_lock:
+            while True:
+                entries = self._take()
+                if not entries:
+                    return written
+                records = self._records(entries)
+                try:
+                    pipe = self.client.pipeline(transaction=False)
+                    for rec in records:
+                        self._write(pipe, rec)
+                    pipe.execute()
+                except REDIS_ERRORS as e:
+                    self.inflight = 0
+                    self._push([(r.rid, r.nbytes, r) for r in records], front=True)
+                    self.metrics.redis_up.set(0)
+                    raise ConnectionError(str(e)) from None
+                with self._buf_lock:
+                    for rec in records:
+                        self._unpend(rec.rid)
+                    self.inflight = 0
+                    self._gauges()
+                self.metrics.impressions_logged.inc(len(records))
+                self.metrics.redis_up.set(1)
+                written += len(records)
+
+    def _records(self, entries: list[tuple[str, int, Any]]) -> list[_Record]:
+        """Serialise queued impressions; one that cannot be is dropped alone and counted."""
+        out = []
+        for rid, _, obj in entries:
+            if isinstance(obj, _Record):
+                out.append(obj)
+                continue
+            try:
+                out.append(self._record(obj))
+            except Exception as e:  # a value orjson refuses, a section that cannot be resolved: this one only
+                with self._buf_lock:
+                    self._unpend(rid)
+                self.metrics.impressions_dropped.inc(1, "invalid")
+                log(logger, logging.ERROR, "impression_invalid", request_id=rid[:64], error=repr(e)[:300])
+        return out
+
+    def _record(self, imp: dict[str, Any]) -> _Record:
         rid = imp["request_id"]
-        key = IMP + rid
         due = imp["ts"] + self.window
         shared = {k: imp.get(k) for k in ("ts", "request_id", "user", "query", "context", "experiment", "arm",
                                           "model_version")}
         for k in ("user", "query", "context"):  # sections the store filled are merged here, off the request's path
             if hasattr(shared[k], "resolve"):
                 shared[k] = shared[k].resolve()
+        user = (shared["user"] or {}).get(self.user_key)
+        tok = token(rid, "" if user is None else str(user))
         # orjson: this runs for every response, beside the rank threads
-        mapping = {"_": orjson.dumps(shared), "_due": repr(due)}
+        mapping = {"_": orjson.dumps(shared), "_due": repr(due).encode()}
         for item_id, cand, pos in imp["items"]:
             mapping[f"i:{item_id}"] = orjson.dumps({"candidate": cand, "position": pos})
-        pipe.hset(key, mapping=mapping)
+        size = 256 + sum(len(k) + len(v) + 64 for k, v in mapping.items())
+        return _Record(rid, tok, due, mapping, size)
+
+    def _write(self, pipe, rec: _Record) -> None:
+        key, users = imp_key(rec.tok), users_key(rec.tok.split(":")[0])
+        pipe.hset(key, mapping=rec.mapping)
         pipe.expire(key, self.ttl)
-        pipe.zadd(DUE, {rid: due})
+        pipe.sadd(users, rec.tok.split(":")[1])
+        pipe.expire(users, self.ttl)
+        pipe.zadd(DUE, {rec.tok: rec.due})
 
     def backlog(self) -> int:
-        return len(self.buf)
+        """Impressions not yet written: buffered, or in a write not yet finished."""
+        return len(self.buf) + self.inflight
 
     # ------------------------------------------------------------ feedback
     def record_feedback(self, events: list[dict[str, Any]]) -> list[str]:
@@ -202,10 +392,9 @@ class ImpressionLog:
         try:
             pipe = self.client.pipeline(transaction=False)
             for e in events:
-                rid = e["request_id"]
+                r = digest(e["request_id"])
                 payload = orjson.dumps({"item_id": e["item_id"], "labels": e["labels"], "ts": now})
-                self._feedback(keys=[IMP + rid, FB + rid, DONE + rid], args=[f"i:{e['item_id']}", payload, now, self.ttl],
-                               client=pipe)
+                self._feedback(keys=[users_key(r)], args=[r, f"i:{e['item_id']}", payload, now, self.ttl], client=pipe)
             res = pipe.execute()
         except REDIS_ERRORS as e:
             self.metrics.redis_up.set(0)
@@ -219,54 +408,91 @@ class ImpressionLog:
         now = (time.time() - CLOSE_MARGIN_S) if now is None else now
         sent = 0
         while True:
-            ids = [i.decode() for i in self._pop_due(keys=[DUE], args=[now, CLOSE_BATCH])]
-            if not ids:
+            toks = [t.decode() for t in self._claim(keys=[DUE, CLOSING, OWNER],
+                                                     args=[now, CLOSE_BATCH, time.time() + self.lease_s,
+                                                           self.closer_id])]
+            if not toks:
                 return sent
-            examples = self._examples_for(ids)
-            examples.sort(key=lambda e: (e["ts"], e["request_id"], e.get("position") or 0))
-            st = self.config.stream
-            pipe = self.client.pipeline(transaction=False)
-            for ex in examples:
-                pipe.xadd(st.key, {"example": json.dumps(ex, separators=(",", ":"))}, maxlen=st.maxlen, approximate=True)
-            for name, lines in self.experiment_events(examples).items():
-                pipe.rpush(EXP_EVENTS + name, b"\n".join(lines))
-            for rid in ids:
-                pipe.delete(IMP + rid, FB + rid)
-                pipe.set(DONE + rid, b"1", ex=DONE_TTL_S)
-            pipe.execute()
-            self.metrics.examples.inc(len(examples))
-            sent += len(examples)
-            if len(ids) < CLOSE_BATCH:
+            for group, examples in self._groups(toks):
+                sent += self._send(group, examples)
+            if len(toks) < CLOSE_BATCH:
                 return sent
 
-    def _examples_for(self, ids: list[str]) -> list[dict]:
-        """The labelled examples of impressions `ids`: their records and feedback, in one round trip."""
+    def _groups(self, toks: list[str]):
+        """(tokens, their examples as JSON) in groups of whole impressions of about COMMIT_BYTES, in time order."""
         pipe = self.client.pipeline(transaction=False)
-        for rid in ids:
-            pipe.hgetall(IMP + rid)
-            pipe.lrange(FB + rid, 0, -1)
+        for t in toks:
+            pipe.hgetall(imp_key(t))
+            pipe.lrange(fb_key(t), 0, -1)
         res = pipe.execute()
-        examples: list[dict] = []
-        for i in range(len(ids)):
-            examples += self.examples_of(res[2 * i], res[2 * i + 1])
-        return examples
+        per: list[tuple[tuple, str, list[dict]]] = []
+        for i, t in enumerate(toks):
+            try:
+                exs = self.examples_of(res[2 * i], res[2 * i + 1])
+            except Exception as e:  # a damaged record: its impression is closed without examples, and counted
+                self.metrics.examples_refused.inc()
+                log(logger, logging.ERROR, "impression_unreadable", token=t, error=repr(e)[:300])
+                exs = []
+            exs.sort(key=lambda e: e.get("position") or 0)
+            first = (exs[0]["ts"], exs[0]["request_id"]) if exs else (0.0, "")
+            per.append((first, t, exs))
+        per.sort(key=lambda p: p[0])
+        group: list[str] = []
+        lines: list[dict] = []
+        size = 0
+        for _, t, exs in per:
+            blobs = [json.dumps(e, separators=(",", ":")) for e in exs]
+            n = sum(len(b) for b in blobs)
+            if group and size + n > COMMIT_BYTES:
+                yield group, lines
+                group, lines, size = [], [], 0
+            group.append(t)
+            lines += list(zip(blobs, exs))
+            size += n
+        if group:
+            yield group, lines
+
+    def _send(self, toks: list[str], lines: list[tuple[str, dict]]) -> int:
+        """One atomic write: the examples to the stream, the impressions closed. 0 when the lease was lost."""
+        st = self.config.stream
+        args: list[Any] = [self.closer_id, st.maxlen, DONE_TTL_S, len(toks)]
+        for t in toks:
+            args += [t, imp_key(t), fb_key(t), done_key(t), users_key(t.split(":")[0])]
+        args.append(len(lines))
+        args += [b for b, _ in lines]
+        for name, evs in self.experiment_events([e for _, e in lines]).items():
+            args += [EXP_EVENTS + name, b"\n".join(evs)]
+        n = int(self._commit(keys=[st.key, CLOSING, OWNER], args=args))
+        if n < 0:  # another closer took these over (our lease ran out): it writes them
+            log(logger, logging.WARNING, "close_lease_lost", impressions=len(toks))
+            return 0
+        self.metrics.examples.inc(n)
+        return n
 
     def open_events(self, name: str) -> bytes:
         """Experiment `name`'s impressions whose window is still open, with the feedback so far (labels without
         feedback take the task defaults), as the report's JSON lines. Read after the closed ones: an impression
         closing in between is missed, never counted twice."""
-        ids = [i.decode() for i in self.client.zrange(DUE, 0, -1)]
+        toks = [t.decode() for t in self.client.zrange(DUE, 0, -1)]
         lines: list[bytes] = []
-        for at in range(0, len(ids), CLOSE_BATCH):
-            chunk = ids[at:at + CLOSE_BATCH]
+        for at in range(0, len(toks), CLOSE_BATCH):
+            chunk = toks[at:at + CLOSE_BATCH]
             pipe = self.client.pipeline(transaction=False)
-            for rid in chunk:
-                pipe.hget(IMP + rid, "_")
+            for t in chunk:
+                pipe.hget(imp_key(t), "_")
             shared = pipe.execute()
-            mine = [rid for rid, sh in zip(chunk, shared) if sh is not None and json.loads(sh).get("experiment") == name]
+            mine = [t for t, sh in zip(chunk, shared) if sh is not None and json.loads(sh).get("experiment") == name]
             if not mine:
                 continue
-            lines += self.experiment_events(self._examples_for(mine)).get(name, [])
+            pipe = self.client.pipeline(transaction=False)
+            for t in mine:
+                pipe.hgetall(imp_key(t))
+                pipe.lrange(fb_key(t), 0, -1)
+            res = pipe.execute()
+            examples: list[dict] = []
+            for i in range(len(mine)):
+                examples += self.examples_of(res[2 * i], res[2 * i + 1])
+            lines += self.experiment_events(examples).get(name, [])
         return b"\n".join(lines)
 
     def experiment_events(self, examples: list[dict[str, Any]]) -> dict[str, list[bytes]]:
@@ -320,7 +546,7 @@ class ImpressionLog:
                 except ConnectionError as e:
                     if delay == self.flush_interval_s:  # one line per outage
                         log(logger, logging.WARNING, "impression_log_unavailable", error=str(e)[:200],
-                            buffered=len(self.buf))
+                            buffered=len(self.buf), buffered_bytes=self.buf_bytes)
                     delay = min(1.0, delay * 2)
                 except Exception as e:
                     log(logger, logging.ERROR, "impression_flush_failed", error=repr(e))

@@ -133,8 +133,16 @@ class Metrics:
                                         "in the config (ignored; candidates' unknown keys are ignored uncounted).")
         self.nonfinite = Counter("watchnext_nonfinite_outputs_total", "Candidates dropped because the model's output was not finite.")
         self.impressions_logged = Counter("watchnext_impressions_logged_total", "Impressions written to Redis.")
-        self.impressions_dropped = Counter("watchnext_impressions_dropped_total", "Impressions dropped (buffer full).")
+        self.impressions_dropped = Counter("watchnext_impressions_dropped_total",
+                                           "Impressions not logged, by reason: buffer_full (the byte bound was reached "
+                                           "while Redis was away; the oldest are shed) or invalid (could not be stored).",
+                                           ("reason",))
         self.log_backlog = Gauge("watchnext_impression_backlog", "Impressions buffered, not yet written to Redis.")
+        self.log_backlog_bytes = Gauge("watchnext_impression_backlog_bytes",
+                                       "Bytes the impression buffer holds (bounded by [service] impression_buffer_mb).")
+        self.examples_refused = Counter("watchnext_examples_refused_total",
+                                        "Closed impressions whose examples could not be built (each counted, the "
+                                        "rest of its batch still sent).")
         self.feedback = Counter("watchnext_feedback_total", "Feedback events by outcome.", ("result",))
         self.examples = Counter("watchnext_examples_emitted_total", "Labelled examples sent to the training stream.")
         self.redis_up = Gauge("watchnext_redis_up", "1 when the last Redis call succeeded (in every worker process).",

@@ -283,6 +283,13 @@ class ServedItems:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def nbytes(self) -> int:
+        """About what this holds until it is written (the impression buffer's bound counts it)."""
+        n = 128 * len(self.ids) + sum(len(i) for i in self.ids)
+        n += self.raw.nbytes if self.raw is not None else 0
+        return n + (self.sent.nbytes if self.sent is not None else 0)
+
 
 class _Merged:
     """A shared section as served: its store entry with the request's values over it, worked out when the
@@ -293,6 +300,10 @@ class _Merged:
 
     def resolve(self) -> dict[str, Any]:
         return {**_entry(self.raw), **self.sent}
+
+    @property
+    def nbytes(self) -> int:
+        return 256 + len(self.raw) + 96 * len(self.sent)
 
 
 def _entry(raw: bytes) -> dict[str, Any]:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import redis
 
+from service.impressions import token
 from service.inference import CUDA, InferenceSession, cuda_driver_present
 from service.observability import Metrics, SharedMetrics
 from service.settings import Settings, SettingsError
@@ -185,7 +186,8 @@ def test_graceful_shutdown_flushes_the_impression_buffer(trained, models_dir, re
                 assert c.post("/v1/rank", json=req).status_code == 200
         assert srv.service.log.backlog() == 5
     r = redis.Redis.from_url(redis_url)
-    assert sorted(x.decode() for x in r.zrange("wn:imp:due", 0, -1)) == sorted(q["request_id"] for q in reqs)
+    want = sorted(token(q["request_id"], str(q["user"]["user_id"])) for q in reqs)
+    assert sorted(x.decode() for x in r.zrange("wn:imp:due", 0, -1)) == want
     r.close()
 
 

@@ -1,0 +1,222 @@
+"""From served impressions to training examples: nothing lost, nothing trusted (real Redis, real uvicorn)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import redis
+
+from service.impressions import ImpressionLog
+from service.observability import Metrics
+from tests.helpers import stream_examples, wait_for
+from tests.service.fixtures import live_service
+from tests.service.traffic import rank_requests
+from watchnext.config import load_config
+from watchnext.redis_embed import free_port, start_embedded
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _keys(url: str) -> list[str]:
+    r = redis.Redis.from_url(url)
+    try:
+        return sorted(k.decode() for k in r.scan_iter(count=1000))
+    finally:
+        r.close()
+
+
+def _drained(url: str) -> bool:
+    r = redis.Redis.from_url(url)
+    try:
+        return r.zcard("wn:imp:due") + r.zcard("wn:imp:closing") == 0
+    finally:
+        r.close()
+
+
+def test_client_request_ids_never_become_redis_keys(trained, server, client, redis_url):
+    """Finding 1: `"request_id": "due"` overwrote the index of open impressions; ids like `done:X` aliased keys."""
+    reqs = rank_requests(trained["history"], 6, top_k=2)
+    hostile = ["due", "wn:imp:due", "done:r0", "{x}", "r0:u", "watchnext:training"]
+    for req, rid in zip(reqs, hostile):
+        req["request_id"] = rid
+    served = {}
+    for req in reqs:
+        r = client.post("/v1/rank", json=req)
+        assert r.status_code == 200, r.text
+        served[req["request_id"]] = [it["id"] for it in r.json()["items"]]
+    fb = [{"request_id": rid, "item_id": items[0], "labels": {"click": 1}} for rid, items in served.items()]
+    out = client.post("/v1/feedback", json=fb)
+    assert out.status_code == 200 and out.json() == {"accepted": 6, "dropped": []}
+    keys = [k for k in _keys(redis_url) if k != "watchnext:training"]  # the stream: the config's key
+    h = "[0-9a-f]{20}"
+    layout = re.compile(rf"wn:(imp:(due|closing|owner)|imp:{{{h}}}(:{h})?|fb:{{{h}}}:{h}|done:{{{h}}}:{h}|f:.+|exp:.+)")
+    assert keys and all(layout.fullmatch(k) for k in keys), keys  # every key the server's, in one namespace
+    assert redis.Redis.from_url(redis_url).type("wn:imp:due") == b"zset"
+    assert wait_for(lambda: _drained(redis_url) and len(stream_examples(redis_url)) >= 12, 15)
+    examples = stream_examples(redis_url)
+    assert len(examples) == 12  # 6 impressions x top 2, each once
+    clicked = {(e["request_id"], e["candidate"]["video_id"]) for e in examples if e["labels"]["click"] == 1.0}
+    assert clicked == {(rid, items[0]) for rid, items in served.items()}
+
+
+def test_one_request_id_for_two_users_is_two_impressions(trained, server, client, redis_url):
+    """Finding 1: the same request_id for two users merged their impressions (one user's click trained as another's)."""
+    a, b = rank_requests(trained["history"], 2, top_k=3)
+    b["request_id"] = a["request_id"]
+    assert a["user"]["user_id"] != b["user"]["user_id"]
+    ids_a = {c["video_id"] for c in a["candidates"]}
+    b["candidates"] = [c for c in b["candidates"] if c["video_id"] not in ids_a]
+    shared = dict(a["candidates"][0])
+    got_a = [it["id"] for it in client.post("/v1/rank", json=a).json()["items"]]
+    got_b = [it["id"] for it in client.post("/v1/rank", json=b).json()["items"]]
+    assert not set(got_a) & set(got_b)
+    rid = a["request_id"]
+    out = client.post("/v1/feedback", json=[{"request_id": rid, "item_id": got_b[0], "labels": {"click": 1}}]).json()
+    assert out["accepted"] == 1
+    # the same item served to both users under one request_id: refused as ambiguous, never credited to one of them
+    c = dict(b, candidates=[shared], top_k=1)
+    c["user"] = dict(b["user"], user_id=str(b["user"]["user_id"]) + "-other")
+    client.post("/v1/rank", json=dict(a, candidates=[shared], top_k=1, user=dict(a["user"])))
+    client.post("/v1/rank", json=c)
+    out = client.post("/v1/feedback", json={"request_id": rid, "item_id": shared["video_id"], "labels": {"click": 1}})
+    assert out.json()["dropped"][0]["reason"].startswith("this request_id served this item to more than one user")
+    assert wait_for(lambda: _drained(redis_url) and len(stream_examples(redis_url)) >= 7, 15)
+    examples = stream_examples(redis_url)
+    by = {(e["user"]["user_id"], e["candidate"]["video_id"]): e["labels"]["click"] for e in examples}
+    assert by[(b["user"]["user_id"], got_b[0])] == 1.0
+    assert all(v == 0.0 for (u, v_id), v in by.items() if (u, v_id) != (b["user"]["user_id"], got_b[0]))
+    assert server.service.metrics.feedback.get("ambiguous") == 1
+
+
+def _impressions(config, n: int, items: int, ts: float) -> list[dict]:
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(n):
+        out.append({
+            "ts": ts, "request_id": f"r{i}", "user": {"user_id": f"u{rng.integers(50)}"},
+            "query": {"query_video_id": "q"}, "context": {"device": "mobile"},
+            "experiment": None, "arm": "control", "model_version": "1",
+            "items": [(f"v{i}-{j}", {"video_id": f"v{i}-{j}", "video_age_days": float(j)}, j) for j in range(items)],
+        })
+    return out
+
+
+def test_an_impression_that_cannot_be_stored_is_dropped_alone(trained, redis_url):
+    """Finding 2: one impression orjson refused made the whole flush fail, and the batch was lost uncounted."""
+    config = load_config(trained["config_path"])
+    m = Metrics()
+    log = ImpressionLog(config, redis_url, m)
+    imps = _impressions(config, 20, 2, time.time())
+    imps[7]["items"][1][1]["video_id"] = "bad\ud800"  # a lone surrogate: not storable as UTF-8 JSON
+    for imp in imps:
+        log.add(imp)
+    assert log.flush() == 19
+    assert (m.impressions_logged.get(), m.impressions_dropped.get("invalid"), log.backlog()) == (19, 1, 0)
+    r = redis.Redis.from_url(redis_url)
+    assert r.zcard("wn:imp:due") == 19
+    log.client.close()
+
+
+def test_rank_with_a_lone_surrogate_is_refused_and_the_next_flush_is_whole(trained, server, client, redis_url):
+    """Finding 2 through the API: 4xx naming the field, and the impressions around it all reach Redis."""
+    reqs = rank_requests(trained["history"], 4, top_k=2)
+    bad = json.dumps(dict(reqs[0], request_id="x")).replace('"x"', '"\\ud800"')
+    r = client.post("/v1/rank", content=bad, headers={"content-type": "application/json"})
+    assert 400 <= r.status_code < 500 and "surrogate" in r.json()["error"]["reason"]
+    bad = json.dumps(reqs[1]).replace('"video_id": "', '"video_id": "\\udfff', 1)
+    r = client.post("/v1/rank", content=bad, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["reason"]
+    for req in reqs[2:]:
+        assert client.post("/v1/rank", json=req).status_code == 200
+    m = server.service.metrics
+    assert wait_for(lambda: m.impressions_logged.get() == 2, 5)
+    assert m.impressions_dropped.values == {}
+
+
+def test_buffer_is_bounded_in_bytes_while_redis_is_away(trained, models_dir, tmp_path):
+    """Finding 5: bounded by count only, the buffer held 2.3 GB per worker; now a byte bound, shed oldest, counted."""
+    port = free_port()
+    rs = start_embedded(tmp_path / "r1", port=port, appendonly=False)
+    bound_mb = 0.25
+    reqs = rank_requests(trained["history"], 200, top_k=10)
+    try:
+        with live_service(trained["config_path"], models_dir, rs.url, impression_buffer_mb=bound_mb) as srv:
+            log, m = srv.service.log, srv.service.metrics
+            rs.stop()
+            peak = 0
+            with httpx.Client(base_url=srv.url, timeout=30) as c:
+                for req in reqs:
+                    assert c.post("/v1/rank", json=req).status_code == 200
+                    peak = max(peak, log.buf_bytes)
+            assert 0 < peak <= bound_mb * (1 << 20)
+            shed = m.impressions_dropped.get("buffer_full")
+            assert shed > 0 and log.backlog() + shed == len(reqs)
+            rs = start_embedded(tmp_path / "r2", port=port, appendonly=False)
+            assert wait_for(lambda: log.backlog() == 0, 10)
+            assert m.impressions_logged.get() + shed == len(reqs)  # every impression written or counted as shed
+            assert redis.Redis.from_url(rs.url).zcard("wn:imp:due") + len(stream_examples(rs.url)) // 10 > 0
+    finally:
+        rs.stop()
+
+
+CLOSER = """
+import sys, time
+sys.path.insert(0, {root!r})
+import service.impressions as imp
+from service.impressions import ImpressionLog
+from service.observability import Metrics
+from watchnext.config import load_config
+imp.CLOSE_BATCH, imp.COMMIT_BYTES = 7, 3000  # many small atomic writes: kills land between them
+log = ImpressionLog(load_config({config!r}), {url!r}, Metrics(), lease_s=0.4)
+send = log._send
+log._send = lambda *a: (time.sleep(0.005), send(*a))[1]  # slow enough that the kills land mid-work
+print("ready", flush=True)
+while True:
+    log.close_due(now=time.time() + 10)
+    time.sleep(0.01)
+"""
+
+
+def test_closer_killed_at_random_points_loses_and_duplicates_nothing(trained, redis_url):
+    """Finding 6: the closer removed ids from the due index before writing; kill -9 between lost them."""
+    config = load_config(trained["config_path"])
+    log = ImpressionLog(config, redis_url, Metrics())
+    imps = _impressions(config, 300, 3, time.time())
+    for imp in imps:
+        log.add(imp)
+    assert log.flush() == 300
+    log.client.close()
+    r = redis.Redis.from_url(redis_url)
+    code = CLOSER.format(root=ROOT, config=str(trained["config_path"]), url=redis_url)
+    rng = np.random.default_rng(11)
+    kills = mid = 0  # mid: kills that left the work half done
+    while r.zcard("wn:imp:due") + r.zcard("wn:imp:closing") > 0:
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        assert p.stdout.readline().strip() == "ready"
+        time.sleep(float(rng.uniform(0.0, 0.15)))
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        p.stdout.close()
+        kills += 1
+        mid += 0 < r.xlen("watchnext:training") and r.zcard("wn:imp:due") + r.zcard("wn:imp:closing") > 0
+        if kills > 8:  # then let one run to the end, leases of the killed ones included
+            p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            p.stdout.readline()
+            assert wait_for(lambda: r.zcard("wn:imp:due") + r.zcard("wn:imp:closing") == 0, 30)
+            p.kill()
+            p.wait()
+            p.stdout.close()
+    assert kills > 8 and mid >= 3, (kills, mid)
+    examples = stream_examples(redis_url)
+    pairs = [(e["request_id"], e["candidate"]["video_id"]) for e in examples]
+    assert len(pairs) == 900 and len(set(pairs)) == 900  # every impression's examples once
+    assert r.hlen("wn:imp:owner") == 0
+    r.close()
