@@ -67,7 +67,7 @@ def feedback_event_schema(config: Config) -> dict[str, Any]:
         if t.kind == "binary":
             labels[t.name] = {"anyOf": [{"enum": [0, 1]}, {"type": "boolean"}, {"type": "null"}]}
         else:
-            labels[t.name] = {"type": ["number", "null"], **({"exclusiveMinimum": -1} if t.transform == "log1p" else {})}
+            labels[t.name] = {"type": ["number", "null"], "minimum": t.range[0], "maximum": t.range[1]}
     return {
         "type": "object",
         "required": ["request_id", "item_id", "labels"],

@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 
 from watchnext.cli import CliError
+from watchnext.repository import RepositoryError
 
 from .settings import Settings, build_deps
 
@@ -111,7 +112,7 @@ def run_stack(args, settings: Settings) -> int:
         config_args = ["--models", settings.models_dir] + (["--config", settings.config_path] if settings.config_path else [])
         history = DATA / "bootstrap.jsonl"
         ckpt = args.checkpoint or str(Path("checkpoints") / f"{deps.config.model.name}.pt")
-        usable = [v for v in deps.repo.versions() if deps.repo.metadata(v).get("config_hash") == deps.config.hash]
+        usable = [v for v in deps.repo.versions() if _config_hash(deps.repo, v) == deps.config.hash]
         if not usable:  # empty, or every version was trained under another config
             if deps.repo.versions():
                 say(f"no version in {deps.repo.dir} was trained under this config (hash {deps.config.hash})")
@@ -213,3 +214,11 @@ def run_demo(url: str, token: str, config, seconds: float, env: dict, chart: Pat
     except (httpx.HTTPError, subprocess.CalledProcessError, OSError) as e:
         say(f"demo: failed ({e}); the service keeps serving")
         return False
+
+
+def _config_hash(repo, version: int) -> str | None:
+    """The config hash a version was trained under; None when its metadata cannot be read (it is not used)."""
+    try:
+        return repo.metadata(version).get("config_hash")
+    except RepositoryError:
+        return None

@@ -174,6 +174,7 @@ def cmd_train(args) -> int:
         "examples_per_s": round(res.trained_now / max(res.seconds, 1e-9), 1),
         "bad_lines": res.bad_lines,
         "bad_line_samples": res.bad_samples,
+        "skipped_batches": res.skipped_batches,
         "version": res.version,
         "checkpoint": str(ckpt),
         "metrics": res.report,
