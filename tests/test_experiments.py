@@ -11,7 +11,19 @@ import numpy as np
 import pytest
 
 from watchnext.abstats import chi2_sf
-from watchnext.experiments import BUCKETS, Experiment, ExperimentError, assign, bucket_of, buckets
+from tests.helpers import small_config_text
+from watchnext.config import load_config
+from watchnext.experiments import (
+    BUCKETS,
+    MAX_WEIGHT,
+    Experiment,
+    ExperimentError,
+    assign,
+    bucket_of,
+    buckets,
+    parse_json,
+)
+from watchnext.scoring import combine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -127,12 +139,85 @@ def test_json_round_trip_and_defaults():
     ({"salt": ""}, "salt"),
     ({"created_at": "yesterday"}, "created_at"),
     ({"owner": "me"}, "owner"),
+    # names in full: re.match with `$` took a trailing newline
+    ({"name": "sat\n"}, "name"),
+    ({"arms": [{"name": "a\n", "share": 0.5}, {"name": "b", "share": 0.5}]}, "arms[0].name"),
+    # valid Unicode: a lone surrogate can be neither hashed nor written as UTF-8
+    ({"salt": "s\ud800"}, "salt"),
+    ({"meta": {"note": "\udc00"}}, "meta.note"),
+    ({"meta": {"tags": ["ok", "\ud83d"]}}, "meta.tags[1]"),
+    ({"meta": {"\ud800": "key"}}, "meta"),
+    ({"arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "weights": {"\ud800": 1.0}}]},
+     "arms[1].weights.\ud800"),
+    # weights finite and bounded; meta small, shallow and finite
+    ({"arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "weights": {"like": 1e308}}]},
+     "arms[1].weights.like"),
+    ({"arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "weights": {"like": -1.000001e6}}]},
+     "arms[1].weights.like"),
+    ({"meta": {"x": float("inf")}}, "meta.x"),
+    ({"meta": {"x": 2**53 + 1}}, "meta.x"),
+    ({"meta": {"a": [[[{}]]]}}, "meta.a[0][0][0]"),
+    ({"meta": {"note": "x" * 4100}}, "meta"),
+    ({"meta": []}, "meta"),
 ])
 def test_validation_names_the_field(change, field):
     with pytest.raises(ExperimentError) as e:
         Experiment.from_dict({**TWO_ARMS, **change})
     assert e.value.field == field, str(e.value)
     assert str(e.value).startswith(f"{field}: ")
+
+
+def test_bounds_are_inclusive_and_what_passes_round_trips():
+    ok = Experiment.from_dict({**TWO_ARMS, "meta": {"note": "\u00e9" * 100, "a": [[{"b": 1}]], "n": 2**53},
+                               "arms": [{"name": "a", "share": 0.5},
+                                        {"name": "b", "share": 0.5, "weights": {"like": MAX_WEIGHT, "click": -MAX_WEIGHT}}]})
+    assert Experiment.from_json(ok.to_json()) == ok
+    with pytest.raises(ExperimentError) as e:
+        parse_json(b"[" * 100_000 + b"]" * 100_000)
+    assert (e.value.field, e.value.reason) == ("<body>", "not valid JSON: nested too deeply")
+    with pytest.raises(ExperimentError, match="<body>: not valid JSON"):
+        parse_json(b'{"salt": "\xff"}')  # not UTF-8
+
+
+def test_bounded_weights_keep_linear_scores_finite():
+    """|w| <= MAX_WEIGHT on every task, heads anywhere in float32: the linear score stays finite (float64)."""
+    f32 = float(np.finfo(np.float32).max)
+    heads = np.array([[f32] * 5, [-f32] * 5, [f32, -f32, f32, -f32, f32]], np.float32)
+    for w in (np.full(5, MAX_WEIGHT), np.full(5, -MAX_WEIGHT), np.array([1, -1, 1, -1, 1]) * MAX_WEIGHT):
+        s = combine(heads, w)
+        assert np.isfinite(s).all() and np.abs(s).max() == pytest.approx(5 * MAX_WEIGHT * f32)
+
+
+def test_multiplicative_weights_cannot_overflow_the_score(tmp_path):
+    """prod y**w: a binary head lies in [FLOOR, 1], a regression head up to float32's max; weights for which
+    some heads make the score overflow are refused, and the bound is tight (just inside: finite; outside: inf)."""
+    p = tmp_path / "mult.toml"
+    p.write_text(small_config_text(score={"combine": "multiplicative", "weights": {"click": 1.0}}))
+    config = load_config(p)
+    names = [t.name for t in config.tasks]
+    f32 = float(np.finfo(np.float32).max)
+
+    def arm(weights):
+        return {**TWO_ARMS, "arms": [{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "weights": weights}]}
+
+    # watch_time (regression) up to f32: w * log(f32) = w * 88.72 must stay under log(float64 max) = 709.78
+    # like (binary) at the floor 1e-6: -w * 13.82 likewise
+    for weights, worst in [({"watch_time": 7.99}, [f32 if n == "watch_time" else 1.0 for n in names]),
+                           ({"like": -51.0}, [0.0 if n == "like" else 1.0 for n in names])]:
+        exp = Experiment.from_dict(arm(weights), config)
+        w = np.array([exp.arms[1].weights.get(n, 0.0) for n in names])
+        assert np.isfinite(combine(np.array([worst], np.float32), w, "multiplicative")).all()
+        over = {k: v * 1.02 for k, v in weights.items()}
+        with pytest.raises(ExperimentError) as e:
+            Experiment.from_dict(arm(over), config)
+        assert e.value.field == "arms[1].weights" and "can overflow the score" in e.value.reason
+        w_over = np.array([over.get(n, 0.0) for n in names])
+        with np.errstate(over="ignore"):
+            assert np.isinf(combine(np.array([worst], np.float32), w_over, "multiplicative")).all()
+    # the linear combination has no such bound (MAX_WEIGHT keeps it finite)
+    (tmp_path / "lin.toml").write_text(small_config_text())
+    assert Experiment.from_dict(arm({"watch_time": 100.0}), load_config(tmp_path / "lin.toml")).arms[1].weights == {
+        "watch_time": 100.0}
 
 
 def test_weights_checked_against_the_config_tasks(small_config):

@@ -237,7 +237,7 @@ class Experiment:
         if created is not None and (isinstance(created, bool) or not isinstance(created, (int, float))
                                     or not math.isfinite(created)):
             raise ExperimentError("created_at", f"expected Unix seconds, got {created!r}")
-        meta = _meta(data.get("meta") or {})
+        meta = _meta({} if data.get("meta") is None else data["meta"])
         raw_arms = data.get("arms")
         if not isinstance(raw_arms, list) or len(raw_arms) < 2:
             raise ExperimentError("arms", "expected a list of at least two arms (the first is the control)")

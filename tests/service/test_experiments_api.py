@@ -141,6 +141,106 @@ def test_validation_errors_name_the_field(client):
     assert r.status_code == 422 and r.json()["error"]["field"] == "confidence"
 
 
+def put_raw(c: httpx.Client, name: str, body) -> httpx.Response:
+    """PUT with json.dumps's escapes (httpx would refuse to encode a lone surrogate as UTF-8)."""
+    return c.put(f"/v1/experiments/{name}", content=body if isinstance(body, bytes) else json.dumps(body),
+                 headers={**AUTH, "Content-Type": "application/json"})
+
+
+def assert_ranks_with_users(c: httpx.Client, experiment: str | None = None) -> None:
+    for u in ("u1", "u2", "u3", "u4"):
+        assert rank(c, u)["experiment"] == experiment
+
+
+def test_bodies_that_cannot_be_served_are_refused_and_nothing_is_stored(client, redis_url):
+    import redis
+
+    two = [{"name": "control", "share": 0.5}, {"name": "b", "share": 0.5}]
+    for body, status, field in [
+        ({"salt": "s\ud800", "arms": two}, 422, "salt"),
+        ({"meta": {"note": "\udfff!"}, "arms": two}, 422, "meta.note"),
+        ({"meta": {"owner": {"team": ["x", "\ud800"]}}, "arms": two}, 422, "meta.owner.team[1]"),
+        ({"meta": {"\ud800": 1}, "arms": two}, 422, "meta"),
+        ({"meta": {"a": {"b": {"c": {"d": {}}}}}, "arms": two}, 422, "meta.a.b.c.d"),  # 5 levels
+        ({"meta": {"note": "x" * 5000}, "arms": two}, 422, "meta"),
+        ({"arms": [two[0], {**two[1], "weights": {"like": 1e308}}]}, 422, "arms[1].weights.like"),
+        ({"arms": [two[0], {**two[1], "weights": {"click": -2e6}}]}, 422, "arms[1].weights.click"),
+        ({"arms": [{"name": "a\n", "share": 0.5}, two[1]]}, 422, "arms[0].name"),
+        ({"name": "e1\n", "arms": two}, 422, "name"),
+        (b"[" * 100_000 + b"]" * 100_000, 400, "body"),
+        (b'{"meta": ' + b'{"a":' * 100_000 + b"1" + b"}" * 100_001, 400, "body"),
+    ]:
+        r = put_raw(client, "e1", body)
+        assert r.status_code == status, (str(body)[:80], r.text[:300])
+        assert r.json()["error"]["field"] == field, (str(body)[:80], r.json())
+    r = client.put("/v1/experiments/e1%0A", json={"arms": two}, headers=AUTH)  # the URL's name in full too
+    assert r.status_code == 422 and r.json()["error"]["field"] == "name", r.text
+    # nothing was stored, nothing went live, and everyone is still served
+    assert client.get("/v1/experiments/e1").status_code == 404
+    assert client.get("/v1/experiments").json() == {"experiments": []}
+    assert_ranks_with_users(client)
+    r = redis.Redis.from_url(redis_url)
+    assert r.get("wn:exp:live") is None and r.hlen("wn:exp:defs") == 0
+    # the largest weights and meta that pass are served with finite scores
+    big = {"meta": {"note": "n\u00e9" * 1000, "a": {"b": {"c": [1, 2.5, None, True]}}},
+           "arms": [two[0], {**two[1], "weights": {"click": 1e6, "like": -1e6}}]}
+    r = put_raw(client, "e1", big)
+    assert r.status_code == 200, r.text
+    assert client.get("/v1/experiments/e1").json()["meta"] == json.loads(json.dumps(big["meta"]))
+    users = [f"u{i}" for i in range(40)]
+    got = [rank(client, u) for u in users]
+    assert {g["arm"] for g in got} == {"control", "b"}
+    assert all(len(g["items"]) == len(CANDS) and all(np.isfinite(i["score"]) for i in g["items"]) for g in got)
+
+
+def test_unreadable_stored_definitions_never_fail_a_request(trained, models_dir, redis_url, capfd):
+    """Entries an older version (or a hand) wrote that no longer validate are skipped and logged: ranks,
+    the list and the report keep answering, and the entry can be replaced or deleted."""
+    import redis
+
+    r = redis.Redis.from_url(redis_url)
+    old = {"name": "old", "salt": "\ud800", "created_at": 1.0, "meta": {},
+           "arms": [{"name": "control", "share": 0.5, "version": None, "weights": None},
+                    {"name": "b", "share": 0.5, "version": None, "weights": None}]}
+    r.set("wn:exp:live", json.dumps(old))  # as the version before this one stored it: live, with a lone surrogate
+    r.set("wn:exp:def:old", json.dumps({"experiment": old, "status": "live", "stopped_at": None}))
+    r.set("wn:exp:def:junk", b"\xff{ not json")
+    good = {**old, "name": "fine", "salt": "fine"}
+    r.set("wn:exp:def:fine", json.dumps({"experiment": good, "status": "stopped", "stopped_at": 2.0}))
+    with live_service(trained["config_path"], models_dir, redis_url) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert_ranks_with_users(c)  # the live definition was refused: nobody is in an experiment
+        listed = c.get("/v1/experiments")
+        assert listed.status_code == 200, listed.text
+        assert [(e["name"], e["status"]) for e in listed.json()["experiments"]] == [("fine", "stopped")]
+        for name in ("old", "junk"):
+            got = c.get(f"/v1/experiments/{name}")
+            assert got.status_code == 409 and got.json()["error"]["field"] == "name", got.text
+            assert c.get(f"/v1/experiments/{name}/report").status_code == 409
+        assert c.get("/v1/experiments/fine/report").status_code == 200
+        # garbage written while it runs: into the hash, and over the live key
+        r.hset("wn:exp:defs", "bad", json.dumps({"experiment": {**good, "name": "bad", "arms": [
+            {"name": "a", "share": 0.5}, {"name": "b", "share": 0.5, "weights": {"click": 1e308}}]},
+            "status": "stopped"}))
+        r.set("wn:exp:live", b"{")
+        time.sleep(0.5)  # model_poll_s = 0.2
+        assert_ranks_with_users(c)
+        assert [e["name"] for e in c.get("/v1/experiments").json()["experiments"]] == ["fine"]
+        # an unreadable entry is deleted whole; a PUT replaces the unreadable live one
+        d = c.delete("/v1/experiments/old", headers=AUTH)
+        assert d.status_code == 200 and d.json()["status"] == "removed", d.text
+        assert c.get("/v1/experiments/old").status_code == 404
+        assert put_raw(c, "new", SPLIT).status_code == 200
+        assert {rank(c, f"u{i}")["experiment"] for i in range(10)} == {"new"}
+        assert r.hlen("wn:exp:defs") == 4 and r.keys("wn:exp:def:*") == []
+    # the log names each unreadable entry once, however often it was read
+    logged = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    unreadable = sorted(e["experiment"] for e in logged if e.get("event") == "experiment_unreadable")
+    assert unreadable == ["bad", "junk", "old"], logged
+    refused = [e for e in logged if e.get("event") == "experiment_refused"]
+    assert len(refused) == 2 and "salt: not valid Unicode" in refused[0]["reason"], refused
+
+
 def test_report_gives_per_arm_metrics_from_impressions_and_feedback(client, redis_url):
     exp_body = {"arms": [{"name": "control", "share": 0.5}, {"name": "treat", "share": 0.5, "version": 1}]}
     assert client.put("/v1/experiments/rep", json=exp_body, headers=AUTH).status_code == 200
@@ -189,6 +289,29 @@ def test_report_gives_per_arm_metrics_from_impressions_and_feedback(client, redi
     assert len(ex) == want
     assert {(e["experiment"], e["arm"], e["model_version"]) for e in ex} == {("rep", "control", "2"),
                                                                            ("rep", "treat", "1")}
+
+
+def test_open_reports_are_built_one_at_a_time(server, client, redis_url):
+    """include_open=true reads every open impression (about 1 s per 30k): a second one while the first is
+    being built answers 429 naming include_open; closed-only reports are not held back."""
+    import redis
+
+    assert client.put("/v1/experiments/rep", json=SPLIT, headers=AUTH).status_code == 200
+    r = redis.Redis.from_url(redis_url)
+    first: list[httpx.Response] = []
+    r.execute_command("CLIENT", "PAUSE", "1500")  # Redis answers nobody for 1.5 s: the first report waits on it
+    t = threading.Thread(target=lambda: first.append(client.get("/v1/experiments/rep/report",
+                                                                params={"include_open": "true"})))
+    t.start()
+    wait_for(lambda: getattr(server.app.state, "open_report_busy", False), timeout=5)
+    with httpx.Client(base_url=server.url, timeout=10) as other:
+        busy = other.get("/v1/experiments/rep/report", params={"include_open": "true"})
+        assert busy.status_code == 429 and busy.json()["error"]["field"] == "include_open", busy.text
+        t.join(10)
+        assert first[0].status_code == 200 and first[0].json()["include_open"] is True, first[0].text
+        again = other.get("/v1/experiments/rep/report", params={"include_open": "true"})
+        assert again.status_code == 200, again.text
+        assert other.get("/v1/experiments/rep/report").status_code == 200
 
 
 def test_cli_creates_shows_reports_and_stops(server, capsys):
