@@ -264,7 +264,7 @@ class Experiments:
             exp = Experiment.from_dict(body, self.config, name=name)
             exp.check_versions(versions)
         except ExperimentError as e:
-            raise BadRequest(e.field or "body", e.reason) from None
+            raise BadRequest("body" if e.field in ("", "<body>") else e.field, e.reason) from None
         live = self.client.get(LIVE)
         try:
             cur = None if live is None else Experiment.from_json(live)
