@@ -79,7 +79,9 @@ def main() -> int:
     cfg.write_text(re.sub(r"(?m)^attribution_window_s = .*$", f"attribution_window_s = {WINDOW_S}", text))
     config = load_config(cfg)
     world = World(WorldSpec(), seed=5)
-    bodies = [json.dumps(dict(r, top_k=TOP_K)).encode() for r in make_requests(world, args.candidates, 64, seed=9)]
+    # each send gets its own request_id (the same request_id and user twice is one impression)
+    bodies = [json.dumps({k: v for k, v in r.items() if k != "request_id"} | {"top_k": TOP_K}).encode()
+              for r in make_requests(world, args.candidates, 64, seed=9)]
 
     port = free_port()
     rs = start_embedded(work / "redis", port=port, appendonly=True)
@@ -98,7 +100,8 @@ def main() -> int:
             i = k
             while not stop.is_set():
                 try:
-                    r = c.post("/v1/rank", content=bodies[i % len(bodies)], headers={"content-type": "application/json"})
+                    body = b'{"request_id":"o-%d-%d",' % (k, i) + bodies[i % len(bodies)][1:]
+                    r = c.post("/v1/rank", content=body, headers={"content-type": "application/json"})
                     if r.status_code == 200:
                         answered[k] += 1
                     else:

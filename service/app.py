@@ -87,7 +87,7 @@ class Service:
                                     int(svc_cfg.feature_cache_mb * (1 << 20)))
         self.log = (
             ImpressionLog(deps.config, deps.redis_url, self.metrics, settings.flush_interval_s,
-                          settings.impression_buffer, settings.close_interval_s)
+                          int(settings.impression_buffer_mb * (1 << 20)), settings.close_interval_s)
             if deps.redis_url else None
         )
         self.ranker = Ranker(deps.config, self.store, self.metrics)

@@ -26,7 +26,6 @@ the experiment (and models) they took, and stopping never fails a request.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -48,24 +47,18 @@ from watchnext.scoring import weight_vector
 
 from .errors import BadRequest, Conflict, NotFound
 from .impressions import REDIS_ERRORS, redis_client
+from .keys import EXP_DEFS, EXP_EVENTS, EXP_LIVE, events_key
 from .models import LoadedModel, ModelManager, VersionRefused
 from .observability import log
 
 logger = logging.getLogger("watchnext.service.experiments")
 
-LIVE = "wn:exp:live"
-DEFS = "wn:exp:defs"
-EV = "wn:exp:ev:"
+LIVE, DEFS, EV = EXP_LIVE, EXP_DEFS, EXP_EVENTS
 LEGACY_DEF = "wn:exp:def:"  # + name: one string per definition (earlier versions)
 
 
-def events_key(name: str) -> str:
-    """The list of experiment `name`'s closed impressions (the name is hashed: no client string becomes a key)."""
-    return EV + "b2:" + hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
-
-
 def _legacy_events_key(name: str) -> str:
-    return EV + name  # earlier versions (and ImpressionLog.close_due until it writes events_key)
+    return EV + name  # earlier versions
 
 
 # The live experiment's name, or nil when none is live or its definition cannot be read (a PUT replaces it).

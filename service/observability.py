@@ -139,7 +139,7 @@ class Metrics:
                                            ("reason",))
         self.log_backlog = Gauge("watchnext_impression_backlog", "Impressions buffered, not yet written to Redis.")
         self.log_backlog_bytes = Gauge("watchnext_impression_backlog_bytes",
-                                       "Bytes the impression buffer holds (bounded by [service] impression_buffer_mb).")
+                                       "Bytes the impression buffer holds (bounded by the impression_buffer_mb setting).")
         self.examples_refused = Counter("watchnext_examples_refused_total",
                                         "Closed impressions whose examples could not be built (each counted, the "
                                         "rest of its batch still sent).")

@@ -66,9 +66,10 @@ class Settings:
     # who runs the model: ONNX Runtime in this process, or a Triton Inference Server at triton_url (host:port)
     backend: str = "onnxruntime"
     triton_url: str | None = None
-    # how often buffered impressions are written to Redis, and the buffer's bound
+    # how often buffered impressions are written to Redis, and the buffer's bound in MB per worker process (while
+    # Redis is away the newest are kept; the oldest are shed and counted)
     flush_interval_s: float = 0.05
-    impression_buffer: int = 100_000
+    impression_buffer_mb: float = 64.0
     # how often closed attribution windows are turned into training examples (0: from the window)
     close_interval_s: float = 0.0
     # after a failed Redis call, online features are skipped for this long (then tried again)
@@ -99,8 +100,8 @@ class Settings:
                 bad(name, f"must be > 0, got {getattr(self, name)}")
         if self.close_interval_s < 0:
             bad("close_interval_s", f"must be >= 0, got {self.close_interval_s}")
-        if self.impression_buffer < 1:
-            bad("impression_buffer", f"must be >= 1, got {self.impression_buffer}")
+        if not 0 < self.impression_buffer_mb < 1 << 20:
+            bad("impression_buffer_mb (WATCHNEXT_IMPRESSION_BUFFER_MB)", f"must be > 0 MB, got {self.impression_buffer_mb}")
         if self.backend not in BACKENDS:
             bad("backend (WATCHNEXT_BACKEND, --backend)", f"expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "triton":
@@ -132,6 +133,7 @@ class Settings:
             ("backend", "WATCHNEXT_BACKEND", str),
             ("triton_url", "WATCHNEXT_TRITON_URL", str),
             ("body_timeout_s", "WATCHNEXT_BODY_TIMEOUT_S", float),
+            ("impression_buffer_mb", "WATCHNEXT_IMPRESSION_BUFFER_MB", float),
         ):
             if env.get(key):
                 try:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.impressions import token
+from service.keys import token
 from service.inference import CUDA, InferenceSession, cuda_driver_present
 from service.observability import Metrics, SharedMetrics
 from service.settings import Settings, SettingsError

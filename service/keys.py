@@ -1,0 +1,70 @@
+"""Every Redis key the service writes, in one namespace (`wn:`) that no client string can reach.
+
+Client strings (request ids, user ids, experiment names) appear only as BLAKE2b digests inside key names, or as
+fields of hashes; never as key names of their own. The training stream's key is the config's `[stream] key`
+(default `watchnext:training`); the online features' keys (`wn:f:...`) are listed in `watchnext/entities.py`.
+
+Impressions (service/impressions.py). R: 20 hex digits of the request_id's digest; U: of the user's id.
+
+    wn:imp:{R}:U       hash   "_": shared sections, ts, arm, model version (JSON); "_due": the window's close;
+                              "i:<item id>": {"candidate": features as served, "position": slot}
+    wn:imp:{R}         set    the U of every user served under this request_id
+    wn:fb:{R}:U        list   feedback events in arrival order (JSON)
+    wn:done:{R}:U      string set for a day once the window closed
+    wn:imp:due         zset   tokens "R:U" scored by their window's close
+    wn:imp:closing     zset   tokens a closer has taken, scored by when its lease ends
+    wn:imp:owner       hash   token -> the closer holding it
+
+(`{R}` keeps one request's keys in one Redis Cluster slot.)
+
+Experiments (service/experiments.py).
+
+    wn:exp:live        string the live experiment's definition (JSON); absent: none live
+    wn:exp:defs        hash   name -> {"experiment": definition, "status", "stopped_at"}
+    wn:exp:ev:b2:<h>   list   the experiment's closed impressions as JSON lines; h: 32 hex digits of the name's digest
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+DUE = "wn:imp:due"
+CLOSING = "wn:imp:closing"
+OWNER = "wn:imp:owner"
+EXP_LIVE = "wn:exp:live"
+EXP_DEFS = "wn:exp:defs"
+EXP_EVENTS = "wn:exp:ev:"
+
+
+def digest(text: str) -> str:
+    """20 hex digits naming a client string inside a key (the string itself never is one)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+
+
+def token(request_id: str, user_id: str) -> str:
+    """The server's name of one user's impression under one request_id: "R:U"."""
+    return f"{digest(request_id)}:{digest(user_id)}"
+
+
+def imp_key(tok: str) -> str:
+    r, u = tok.split(":")
+    return f"wn:imp:{{{r}}}:{u}"
+
+
+def users_key(r: str) -> str:
+    return f"wn:imp:{{{r}}}"
+
+
+def fb_key(tok: str) -> str:
+    r, u = tok.split(":")
+    return f"wn:fb:{{{r}}}:{u}"
+
+
+def done_key(tok: str) -> str:
+    r, u = tok.split(":")
+    return f"wn:done:{{{r}}}:{u}"
+
+
+def events_key(name: str) -> str:
+    """The list of experiment `name`'s closed impressions."""
+    return EXP_EVENTS + "b2:" + hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
