@@ -191,7 +191,10 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> Response:
         svc.metrics.requests.inc(1, request.url.path if exc.status != 404 else "other", str(exc.status))
-        return json_response(exc.body(), exc.status)
+        resp = json_response(exc.body(), exc.status)
+        if exc.status == 408:  # a stalled upload: close now rather than after the keep-alive timeout
+            resp.headers["connection"] = "close"
+        return resp
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -206,7 +209,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
 
     # ------------------------------------------------------------ rank
     @app.post("/v1/rank", response_model=None, openapi_extra=rank_body(config),
-              responses={200: {"model": RankResponse}, **errors(400, 413, 422, 503)},
+              responses={200: {"model": RankResponse}, **errors(400, 408, 413, 422, 503)},
               summary="Rank candidates for one request; the best first")
     async def rank(request: Request) -> Response:
         clock = Stopwatch()
@@ -239,7 +242,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
 
     # ------------------------------------------------------------ feedback
     @app.post("/v1/feedback", response_model=None, openapi_extra=json_body(feedback_request_schema(config, MAX_EVENTS)),
-              responses={200: {"model": FeedbackResponse}, **errors(400, 413, 422, 503)},
+              responses={200: {"model": FeedbackResponse}, **errors(400, 408, 413, 422, 503)},
               summary="Record what the user did with served items (one event or a list)")
     async def feedback(request: Request) -> Response:
         body = await read_body(request, config.service.max_body_bytes)

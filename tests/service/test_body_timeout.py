@@ -57,7 +57,10 @@ def test_a_stalled_upload_is_answered_408_within_the_bound_and_others_are_served
         assert served >= 5
         for s in stalled:
             got, first = answer(s, 5 * TIMEOUT_S)
+            s.settimeout(1.0)
+            closed = s.recv(1) == b""  # the connection is closed with the answer, not after a keep-alive timeout
             s.close()
+            assert closed
             head, _, body = got.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 408 "), got[:300]
             assert TIMEOUT_S * 0.9 < first - t0 < TIMEOUT_S + 1.0, first - t0
