@@ -27,6 +27,8 @@ TRANSFORMS = ("none", "log1p")
 ARCHS = ("mmoe", "shared_bottom")
 COMBINES = ("linear", "multiplicative")
 BAD_LINE_POLICIES = ("skip", "stop")
+IPW_MODES = ("none", "estimated")
+MAX_EXPLORE_SHARE = 0.5  # of requests shown in the randomised order
 POSITION = "position"  # the bias feature read from the example's top level
 FLOAT32_MAX = 3.4028234663852886e38  # labels are trained as float32: a range must lie inside it
 REGRESSION_LIMIT = 1e7  # default bound of a regression label (seconds, counts, scores...)
@@ -66,6 +68,9 @@ class Task:
     # the values a label may take, inclusive; a value outside is refused (API 422,
     # a bad line for the trainer). Not part of any hash: it shapes no parameter.
     range: tuple[float, float] = (0.0, 1.0)
+    # whether the shallow tower's logit is added to this task's logit in training
+    # (binary tasks only; default: binary tasks without `given`)
+    bias: bool = False
 
 
 def default_range(kind: str, transform: str) -> tuple[float, float]:
@@ -78,10 +83,27 @@ def default_range(kind: str, transform: str) -> tuple[float, float]:
 @dataclass(frozen=True)
 class Bias:
     features: tuple[str, ...] = ()
-    dropout: float = 0.1
+    dropout: float = 0.1  # share of training examples whose position input is hidden
     max_position: int = 32  # positions past this share one row
     dim: int = 8
     hidden: int = 16
+    mode: str = "tower"  # tower: position feeds the shallow tower; feature: the main model (missing at serving)
+    cross: tuple[str, ...] = ()  # bias features that get one joint embedding, e.g. (position, device)
+    observation_dropout: float = 0.0  # share of training examples whose whole bias logit is dropped
+    gradient_reversal: float = 0.0  # strength of the reversed adversary gradient into the tower; 0: no adversary
+
+    @property
+    def tower_features(self) -> tuple[str, ...]:
+        """The shallow tower's inputs: all features, less position in mode `feature`."""
+        return tuple(n for n in self.features if not (self.mode == "feature" and n == POSITION))
+
+    def shape_dict(self) -> dict[str, Any]:
+        """The keys that shape parameters (the dropouts and the reversal's strength do not)."""
+        d = asdict(self)
+        for k in ("dropout", "observation_dropout", "gradient_reversal"):
+            d.pop(k)
+        d["adversary"] = self.gradient_reversal > 0
+        return d
 
 
 @dataclass(frozen=True)
@@ -118,6 +140,11 @@ class Trainer:
     on_bad_line: str = "skip"  # skip (count, report line numbers) | stop
     seed: int = 0
     threads: int = 0  # 0: the CPUs this process may use (cgroup/affinity aware)
+    # inverse-propensity weighting of the click-like tasks (binary, no `given`) by 1 / p(position), p estimated
+    # from the explored examples seen so far (training/propensity.py): none | estimated
+    ipw: str = "none"
+    ipw_clip: float = 10.0  # largest weight 1 / p
+    ipw_min_count: int = 200  # explored impressions a (rank, position) cell needs before its ratio is used
 
 
 @dataclass(frozen=True)
@@ -137,6 +164,7 @@ class Service:
     feature_timeout_ms: float = 20.0
     feature_cache_mb: float = 256.0  # each service process's cache of encoded store entries
     model_poll_s: float = 2.0
+    explore_share: float = 0.0  # requests (by a hash of request_id) shown in RandPair order (watchnext/explore.py)
 
 
 @dataclass(frozen=True)
@@ -419,7 +447,12 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         on_bad_line=tr.get("on_bad_line", str, "skip", BAD_LINE_POLICIES),
         seed=tr.get("seed", int, 0),
         threads=tr.positive("threads", 0, int, zero_ok=True),
+        ipw=tr.get("ipw", str, "none", IPW_MODES),
+        ipw_clip=tr.positive("ipw_clip", 10.0, float),
+        ipw_min_count=tr.positive("ipw_min_count", 200),
     )
+    if trainer.ipw_clip < 1.0:
+        tr.fail(f"must be >= 1 (weights are 1 / p with p <= 1), got {trainer.ipw_clip:g}", "ipw_clip")
     tr.done()
 
     st = _Section(path, "stream", top.get("stream", dict, {}))
@@ -440,7 +473,10 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         feature_timeout_ms=sv.positive("feature_timeout_ms", 20.0, float),
         feature_cache_mb=sv.positive("feature_cache_mb", 256.0, float),
         model_poll_s=sv.positive("model_poll_s", 2.0, float),
+        explore_share=sv.get("explore_share", float, 0.0),
     )
+    if not 0.0 <= service.explore_share <= MAX_EXPLORE_SHARE:
+        sv.fail(f"must be in [0, {MAX_EXPLORE_SHARE}], got {service.explore_share:g}", "explore_share")
     sv.done()
     top.done()
     return Config(features, tasks, item_id, bias, model, score, trainer, stream, service, path)
