@@ -26,6 +26,8 @@ TASK_GROUPS = ("engagement", "satisfaction")
 TRANSFORMS = ("none", "log1p")
 ARCHS = ("mmoe", "shared_bottom")
 COMBINES = ("linear", "multiplicative")
+BIAS_MODES = ("tower", "feature")
+MAX_CROSS_ROWS = 1_000_000  # a [bias] cross table's rows (the product of its features' rows)
 BAD_LINE_POLICIES = ("skip", "stop")
 IPW_MODES = ("none", "estimated")
 MAX_EXPLORE_SHARE = 0.5  # of requests shown in the randomised order
@@ -202,13 +204,14 @@ class Config:
         return {
             "item_id": self.item_id,
             "features": [asdict(f) for f in self.features],
-            "tasks": [{k: v for k, v in asdict(t).items() if k != "range"} for t in self.tasks],
+            "tasks": [{k: v for k, v in asdict(t).items() if k not in ("range", "bias")} for t in self.tasks],
             "model": asdict(self.model),
         }
 
     def checkpoint_dict(self) -> dict[str, Any]:
         """Everything that shapes the trained parameters: the exported model and the shallow tower."""
-        return {**self.model_dict(), "bias": asdict(self.bias)}
+        tasks = [{k: v for k, v in asdict(t).items() if k != "range"} for t in self.tasks]  # with each task's bias flag
+        return {**self.model_dict(), "tasks": tasks, "bias": self.bias.shape_dict()}
 
     @property
     def hash(self) -> str:
@@ -221,7 +224,8 @@ class Config:
 
     @property
     def checkpoint_hash(self) -> str:
-        """Identifies the parameters' shapes (`hash` plus `[bias]`): a checkpoint saved under another is refused."""
+        """Identifies the parameters' shapes (`hash` plus `[bias]` and the tasks' `bias` flags): a checkpoint
+        saved under another is refused. The dropouts and the reversal's strength are left out: they shape nothing."""
         return _hash(self.checkpoint_dict())
 
     def to_dict(self) -> dict[str, Any]:
@@ -342,8 +346,11 @@ def _parse_task(path: str, i: int, raw: Any) -> Task:
     lo, hi = _parse_range(s, kind, transform)
     if default is not None and not lo <= default <= hi:
         s.fail(f"must lie in the task's range [{lo:g}, {hi:g}], got {default:g}", "default")
+    bias = s.get("bias", bool, kind == "binary" and given is None)
+    if bias and kind != "binary":
+        s.fail("only a binary task takes the shallow tower's logit", "bias")
     s.done()
-    return Task(name, kind, group, loss_weight, transform, given, default, (lo, hi))
+    return Task(name, kind, group, loss_weight, transform, given, default, (lo, hi), bias)
 
 
 def _parse_range(s: _Section, kind: str, transform: str) -> tuple[float, float]:
@@ -400,13 +407,20 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
     for name in bias_features:
         if name != POSITION and (name not in by_name or by_name[name].kind != "categorical"):
             b.fail(f"{name!r} must be 'position' or a categorical feature", "features")
+    if len(set(bias_features)) != len(bias_features):
+        b.fail(f"names a feature twice: {bias_features!r}", "features")
     bias = Bias(
         features=tuple(bias_features),
         dropout=b.fraction("dropout", 0.1),
         max_position=b.positive("max_position", 32),
         dim=b.positive("dim", 8),
         hidden=b.positive("hidden", 16),
+        mode=b.get("mode", str, "tower", BIAS_MODES),
+        cross=tuple(b.get("cross", list, [])),
+        observation_dropout=b.fraction("observation_dropout", 0.0),
+        gradient_reversal=b.positive("gradient_reversal", 0.0, float, zero_ok=True),
     )
+    _check_bias(b, bias, by_name)
     b.done()
 
     m = _Section(path, "model", top.get("model", dict, {}))
@@ -480,6 +494,30 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
     sv.done()
     top.done()
     return Config(features, tasks, item_id, bias, model, score, trainer, stream, service, path)
+
+
+def _check_bias(b: _Section, bias: Bias, by_name: dict[str, Feature]) -> None:
+    """What each `[bias]` key needs of the others (the keys are named on error)."""
+    if bias.mode == "feature" and POSITION not in bias.features:
+        b.fail("mode 'feature' feeds the position to the model: add 'position' to bias.features", "mode")
+    tower = bias.tower_features
+    for key in ("observation_dropout", "gradient_reversal"):
+        if getattr(bias, key) > 0 and not tower:
+            b.fail(f"acts on the shallow tower, which has no input (bias.features {list(bias.features)!r}, "
+                   f"mode {bias.mode!r})", key)
+    if not bias.cross:
+        return
+    if not all(isinstance(n, str) for n in bias.cross):
+        b.fail(f"expected a list of feature names, got {list(bias.cross)!r}", "cross")
+    if len(bias.cross) < 2 or len(set(bias.cross)) != len(bias.cross):
+        b.fail(f"needs two or more different features, got {list(bias.cross)!r}", "cross")
+    for n in bias.cross:
+        if n not in tower:
+            b.fail(f"{n!r} is not an input of the shallow tower ({list(tower)!r})", "cross")
+    rows = math.prod(bias.max_position + 2 if n == POSITION else by_name[n].buckets + 1 for n in bias.cross)
+    if rows > MAX_CROSS_ROWS:
+        b.fail(f"the joint table would have {rows:,} rows (more than {MAX_CROSS_ROWS:,}): cross fewer or "
+               "smaller features", "cross")
 
 
 def _parse_weights(path: str, where: str, weights: dict, tasks: tuple[Task, ...]) -> dict[str, float]:
