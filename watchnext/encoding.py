@@ -116,6 +116,10 @@ def example_schema(config: Config) -> pa.Schema:
             *[(s, section_type(config, s)) for s in SECTIONS],
             ("position", pa.int64()),
             ("labels", pa.struct([(t.name, pa.float64()) for t in config.tasks])),
+            # randomised logging (watchnext/explore.py): the probability of being shown at `position`, and the
+            # rank the item had before the swaps; both absent on requests that were not explored
+            ("propensity", pa.float64()),
+            ("explore", pa.struct([("rank", pa.int64())])),
         ]
     )
 

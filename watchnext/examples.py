@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from .config import Config
@@ -91,8 +92,11 @@ class Chunk:
     end_line: np.ndarray  # (n,) int64
     file_index: np.ndarray  # (n,) int64
     group: np.ndarray  # (n,) uint64 hash of request_id: which rows were ranked together
+    propensity: np.ndarray  # (n,) float64 probability of being shown at `position`; 1.0 where absent
+    explore_rank: np.ndarray  # (n,) int64 rank before the exploration's swaps; -1: not explored
 
-    _ROW_FIELDS = ("position", "ts", "line", "end_offset", "end_line", "file_index", "group")
+    _ROW_FIELDS = ("position", "ts", "line", "end_offset", "end_line", "file_index", "group", "propensity",
+                   "explore_rank")
 
     def __len__(self) -> int:
         return len(self.ts)
@@ -201,6 +205,7 @@ class Decoder:
         position = pos_col.fill_null(-1).to_numpy().astype(np.int64) if n else np.zeros(0, np.int64)
         problems.add(position < -1, "position: must be >= 0")
         position[position < 0] = -1
+        propensity, explore_rank = _exploration(table, n, problems)
         # time order, among rows that are otherwise fine
         if self.check_order:
             bad = problems.bad
@@ -224,12 +229,37 @@ class Decoder:
             lines.astype(np.int64) + 1,
             np.full(n, file_index, dtype=np.int64),
             fnv1a_strings(table.column("request_id").combine_chunks()) if n else np.zeros(0, np.uint64),
+            propensity,
+            explore_rank,
         )
         return chunk if not bad.any() else chunk.take(good)
 
 
 def _column(table: pa.Table, name: str):
     return table.column(name) if name in table.column_names else None
+
+
+def _exploration(table: pa.Table, n: int, problems: Problems) -> tuple[np.ndarray, np.ndarray]:
+    """(propensity (n,) float64, 1.0 where absent; explore rank (n,) int64, -1 where absent), checked:
+    a propensity must be finite and in (0, 1], a rank >= 0."""
+    col = _column(table, "propensity")
+    if col is None or not n:
+        propensity = np.ones(n)
+    else:
+        propensity = col.fill_null(1.0).to_numpy().astype(np.float64)
+        with np.errstate(invalid="ignore"):
+            problems.add(~np.isfinite(propensity), "propensity: must be a finite number")
+            problems.add(np.isfinite(propensity) & ~((propensity > 0) & (propensity <= 1)),
+                         "propensity: must be in (0, 1] (the probability of being shown at this position)")
+    col = _column(table, "explore")
+    if col is None or not n or col.null_count == n:
+        return propensity, np.full(n, -1, np.int64)
+    rank = pc.struct_field(col, "rank").fill_null(-1).to_numpy().astype(np.int64)
+    has = np.asarray(col.is_valid()) & np.asarray(pc.struct_field(col, "rank").is_valid())
+    problems.add(np.asarray(col.is_valid()) & ~has, "explore.rank: is required when explore is given")
+    problems.add(has & (rank < 0), "explore.rank: must be >= 0")
+    rank[~has | (rank < 0)] = -1
+    return propensity, rank
 
 
 # ---------------------------------------------------------------- slow path
@@ -254,11 +284,29 @@ def clean_example(obj: Any, config: Config) -> dict:
     if pos is not None and (isinstance(pos, bool) or not isinstance(pos, int)):
         raise ValueError(f"position: expected an integer, got {pos!r}")
     out["position"] = pos
+    prop = obj.get("propensity")
+    if prop is not None:
+        prop = _number(prop, "propensity")
+    out["propensity"] = prop
+    out["explore"] = _explore(obj.get("explore"))
     labels = obj.get("labels")
     if labels is not None and not isinstance(labels, dict):
         raise ValueError(f"labels: expected an object, got {type(labels).__name__}")
     out["labels"] = {t.name: _number((labels or {}).get(t.name), f"labels.{t.name}", allow_bool=True) for t in config.tasks}
     return out
+
+
+def _explore(v: Any) -> dict | None:
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise ValueError(f"explore: expected an object, got {type(v).__name__}")
+    r = v.get("rank")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int)):
+        raise ValueError(f"explore.rank: expected an integer, got {r!r}")
+    if r is not None and not 0 <= r < 2**63:
+        raise ValueError(f"explore.rank: must be >= 0, got {r}")
+    return {"rank": r}
 
 
 def clean_section(sec: dict, config: Config, source: str) -> dict:
