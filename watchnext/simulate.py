@@ -4,14 +4,26 @@ Users and videos have latent tastes and topics; the probability of each outcome
 is known exactly, so a model's AUC can be compared with the best achievable AUC
 on the same examples. Built in so that the model has something real to learn:
 
-* position bias: lower slots are clicked less, whatever the video;
+* position bias: a click needs the slot to be examined, with a known
+  probability that falls with the position and depends on the device
+  (`World.exam`), and the user to be attracted by the video
+  (`truth.click_nopos`): P(click) = exam(position, device) * P(attracted), a
+  multiplicative examination model, so weighting clicks by 1/exam is unbiased;
+* a logging policy of known strength: each slate is ordered by a noisy
+  relevance, `policy_strength` * relevance + Gumbel noise (0: uniformly random
+  order), so position is confounded with relevance as in logged data;
+  `unbiased_history` shows the same kind of slates in uniformly random order,
+  and `explore_share` of requests are logged with adjacent pairs swapped at
+  random (`watchnext.explore`), with the propensity of each shown slot;
 * engagement and satisfaction disagree: "clickbait" raises clicks and lowers
   likes, watch time and survey ratings;
 * drift: tastes move over the simulated period and new videos are published.
 
 Every example line carries `truth` (true probabilities of the binary outcomes
-given the features and position, and `*_nopos` without position bias); the
-trainer ignores unknown top-level keys.
+given the features and position, `click_nopos` = the attraction probability,
+the click probability had the slot surely been examined, and `exam` = the
+examination probability of the slot shown); the trainer ignores unknown
+top-level keys. See docs/position-bias.md.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ import numpy as np
 DEVICES = np.array(["mobile", "desktop", "tv"])
 DEVICE_P = np.array([0.6, 0.3, 0.1])
 DEVICE_CLICK = np.array([0.0, 0.2, -0.3])
+DEVICE_EXAM = np.array([1.0, 0.6, 1.4])  # examination falls with position more slowly on desktop, faster on tv
 SLATE = 10
 POOL = 60  # candidates drawn per request before the "production" ranking picks a slate
 DAY = 86_400.0
@@ -66,14 +79,34 @@ class WorldSpec:
     days: float = 14.0
     drift: float = 0.6  # how far tastes move over the period, in taste units
     new_video_share: float = 0.3  # share of videos published during the period
+    # examination: exam(position, device) = (1 / (1 + position)) ** (position_bias * exam_device[device]),
+    # devices in DEVICES order; 0 = every slot examined
     position_bias: float = 0.6
+    exam_device: tuple[float, ...] = tuple(DEVICE_EXAM.tolist())
     satisfaction_corr: float = 0.3  # how alike what users click and what satisfies them are
+    # the logging policy: candidates ranked by policy_strength * relevance + Gumbel(1) noise, the best
+    # SLATE shown in that order; 1 is the historical policy, 0 a uniformly random slate in random order
+    policy_strength: float = 1.0
+    explore_share: float = 0.0  # share of requests whose slate is logged with adjacent pairs swapped at random
+
+    def check(self) -> None:
+        """Raise ValueError naming the field when a knob is out of range."""
+        for name in ("position_bias", "policy_strength"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}: must be a finite number >= 0, got {v}")
+        if not 0.0 <= self.explore_share <= 1.0:
+            raise ValueError(f"explore_share: must be in [0, 1], got {self.explore_share}")
+        if len(self.exam_device) != len(DEVICES) or not all(math.isfinite(e) and e >= 0 for e in self.exam_device):
+            raise ValueError(f"exam_device: expected {len(DEVICES)} finite numbers >= 0 ({', '.join(DEVICES)}), "
+                             f"got {self.exam_device!r}")
 
 
 class World:
     """The ground truth: who likes what, and how slots and devices bend it."""
 
     def __init__(self, spec: WorldSpec = WorldSpec(), seed: int = 0):
+        spec.check()
         self.spec, s = spec, spec
         rng = np.random.default_rng(seed)
         self.rng = np.random.default_rng(seed + 1)  # for requests and outcomes
@@ -123,24 +156,39 @@ class World:
         frac = (ts - self.spec.start_ts) / (self.spec.days * DAY)
         return self.taste0[users] + self.spec.drift * frac[:, None] * self.taste_dir[users]
 
+    def exam(self, positions: np.ndarray, devices: np.ndarray) -> np.ndarray:
+        """P(the slot is examined) = (1 / (1 + position)) ** (position_bias * exam_device[device]).
+
+        positions < 0 means "unknown slot": examined for sure (1.0).
+        """
+        pos = np.asarray(positions)
+        eta = self.spec.position_bias * np.asarray(self.spec.exam_device, np.float64)[np.asarray(devices)]
+        return np.where(pos >= 0, np.exp(-eta * np.log1p(np.maximum(pos, 0))), 1.0)
+
+    def relevance(self, queries: np.ndarray, videos: np.ndarray) -> np.ndarray:
+        """What the logging policy ranks by (before its noise): topic match with the query, and popularity."""
+        return np.einsum("...k,...k->...", self.topic[queries], self.topic[videos]) + 0.3 * self.popularity[videos]
+
     def probabilities(self, users, videos, ts, positions, devices) -> dict[str, np.ndarray]:
         """True outcome probabilities for impressions (arrays of equal length).
 
-        positions < 0 means "unknown slot": no position bias applies.
+        click = exam * click_nopos: the slot is examined (`exam`) and the user, not
+        dismissing, is attracted (`click_nopos`), independently. positions < 0 means
+        "unknown slot": examined for sure.
         """
         aff = np.einsum("nk,nk->n", self.taste(users, ts), self.topic[videos])
         sat = np.einsum("nk,nk->n", self.sat_taste[users], self.topic[videos])  # what satisfies them
         cb, q = self.clickbait[videos], self.quality[videos]
-        pos_eff = np.where(positions >= 0, -self.spec.position_bias * np.log1p(np.maximum(positions, 0)), 0.0)
+        exam = self.exam(positions, devices)
         base = -1.8 + 1.8 * aff + 2.2 * cb + 0.3 * self.popularity[videos] + DEVICE_CLICK[devices]
         p_dismiss = sigmoid(-2.6 - 1.2 * aff - 0.5 * self.popularity[videos] + 1.5 * (cb > 0.6))
-        p_click_given = sigmoid(base + pos_eff)
-        p_click_nopos = (1 - p_dismiss) * sigmoid(base)
+        p_click_nopos = (1 - p_dismiss) * sigmoid(base)  # attraction
         p_like = sigmoid(-1.0 + 1.5 * sat + 1.0 * q - 2.5 * cb)
         watch_frac = sigmoid(0.3 + 0.5 * aff + 0.5 * sat + 0.6 * q - 1.5 * cb)
         return {
-            "click": (1 - p_dismiss) * p_click_given,
+            "click": exam * p_click_nopos,
             "click_nopos": p_click_nopos,
+            "exam": exam,
             "dismiss": p_dismiss,
             "like": p_like,  # given a click
             "watch_frac": watch_frac,
@@ -152,6 +200,8 @@ class World:
         p = self.probabilities(users, videos, ts, positions, devices)
         r, n = self.rng, len(users)
         dismiss = r.random(n) < p["dismiss"]
+        # one draw for "examined and attracted": u < exam * P(attracted | not dismissed), the product of
+        # independent events (exam does not depend on the video, attraction not on the slot)
         click = ~dismiss & (r.random(n) < p["click"] / np.maximum(1 - p["dismiss"], 1e-9))
         like = click & (r.random(n) < p["like"])
         frac = np.clip(p["watch_frac"] + r.normal(0, WATCH_NOISE, n), *WATCH_SHARE)
@@ -186,8 +236,8 @@ class World:
     def requests(self, ts: np.ndarray) -> dict[str, np.ndarray]:
         """One request per timestamp: who asks, from which video, which slate is shown.
 
-        The slate is a noisy "production" ranking, so slot and relevance are correlated
-        as they are in logged data.
+        The slate is a noisy "production" ranking (`WorldSpec.policy_strength`), so slot and
+        relevance are correlated as they are in logged data.
         """
         users = self.rng.choice(self.spec.users, size=len(ts), p=self.activity)
         return self.requests_for(users, ts)
@@ -200,8 +250,8 @@ class World:
         query = self.recent[users, r.integers(0, 3, n)]
         cand = r.integers(0, s.videos, size=(n, POOL))
         live = self.published[cand] <= ts[:, None]
-        rel = np.einsum("nk,npk->np", self.topic[query], self.topic[cand]) + 0.3 * self.popularity[cand]
-        g = np.where(live, rel + r.gumbel(size=rel.shape), -np.inf)
+        rel = self.relevance(query[:, None], cand)
+        g = np.where(live, s.policy_strength * rel + r.gumbel(size=rel.shape), -np.inf)
         g = np.where(cand == query[:, None], -np.inf, g)
         # the pool is drawn with replacement: a video drawn twice is offered once (a slate names each item once)
         by_id = np.argsort(cand, axis=1, kind="stable")
@@ -251,11 +301,18 @@ class World:
         }
 
 
-def history(world: World, n_examples: int, seed: int = 0) -> Iterator[dict]:
-    """Time-ordered examples: SLATE impressions per request, labels sampled from the truth."""
+def history(world: World, n_examples: int, seed: int = 0, unbiased: bool = False) -> Iterator[dict]:
+    """Time-ordered examples: SLATE impressions per request, labels sampled from the truth.
+
+    Slates are shown in the logging policy's order, except `spec.explore_share` of requests
+    (adjacent pairs swapped at random, `watchnext.explore`; their lines carry `propensity`, the
+    probability of the slot shown, and `explore.rank`, the policy's position) or, with `unbiased`,
+    every request (the slate in uniformly random order; see `unbiased_history`).
+    """
     s = world.spec
     n_req = -(-n_examples // SLATE)
     rng = np.random.default_rng(seed + 7)
+    order_rng = np.random.default_rng([seed, 11])  # the shown order; apart from `rng`, so timestamps stay put
     span = s.days * DAY
     all_ts = np.sort(rng.uniform(s.start_ts, s.start_ts + span, n_req))
     made = 0
@@ -263,8 +320,9 @@ def history(world: World, n_examples: int, seed: int = 0) -> Iterator[dict]:
         ts = all_ts[lo : lo + 2000]
         req = world.requests(ts)
         n = len(ts)
+        rank, slate, prop, explored = shown_order(req["slate"], order_rng, 0.0 if unbiased else s.explore_share, unbiased)
         users = np.repeat(req["user"], SLATE)
-        vids = req["slate"].reshape(-1)
+        vids = slate.reshape(-1)
         tsx = np.repeat(ts, SLATE)
         pos = np.tile(np.arange(SLATE), n)
         dev = np.repeat(req["device"], SLATE)
@@ -284,7 +342,7 @@ def history(world: World, n_examples: int, seed: int = 0) -> Iterator[dict]:
                 if made >= n_examples:
                     return
                 made += 1
-                yield {
+                line = {
                     **shared,
                     "candidate": cands[k],
                     "position": j,
@@ -292,12 +350,50 @@ def history(world: World, n_examples: int, seed: int = 0) -> Iterator[dict]:
                     "truth": {
                         "click": round(float(p["click"][k]), 5),
                         "click_nopos": round(float(p["click_nopos"][k]), 5),
+                        "exam": round(float(p["exam"][k]), 5),
                         "dismiss": round(float(p["dismiss"][k]), 5),
                         "like": round(float(p["like"][k]), 5),
                     },
                 }
+                if explored[i]:
+                    line["propensity"] = float(prop[i, j])
+                    line["explore"] = {"rank": int(rank[i, j])}
+                yield line
         clicked = labels["click"] > 0
         world.watched(users[clicked], vids[clicked])
+
+
+def unbiased_history(world: World, n_examples: int, seed: int = 0) -> Iterator[dict]:
+    """`history` with every slate shown in uniformly random order: the same kind of requests and slates
+    (chosen by the logging policy), positions independent of the videos. Labels are sampled as usual,
+    with the examination of the random slot; `truth.click_nopos` is the attraction to judge a model by."""
+    return history(world, n_examples, seed, unbiased=True)
+
+
+def shown_order(slate: np.ndarray, rng: np.random.Generator, explore_share: float, shuffle: bool = False
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """How each request's slate (n, k), in the policy's order, is shown.
+
+    Returns (rank, shown, propensity, explored): rank (n, k) the policy's position of the video
+    in each shown slot, shown (n, k) the videos in shown order, propensity (n, k) the probability
+    of each video being in the slot it is shown in, explored (n,) bool. `shuffle` shows every
+    slate in uniformly random order (propensity 1/k); otherwise a share `explore_share` of
+    requests, drawn at random, have adjacent pairs swapped (`watchnext.explore.explore_orders`).
+    """
+    n, k = slate.shape
+    if shuffle:
+        rank = rng.permuted(np.tile(np.arange(k), (n, 1)), axis=1)
+        return rank, np.take_along_axis(slate, rank, axis=1), np.full((n, k), 1.0 / k), np.zeros(n, bool)
+    rank = np.tile(np.arange(k), (n, 1))
+    prop = np.ones((n, k))
+    explored = rng.random(n) < explore_share if explore_share > 0 else np.zeros(n, bool)
+    m = int(explored.sum())
+    if m:
+        from .explore import explore_orders
+
+        order, p = explore_orders(-rank[:m].astype(np.float64), rng, rng.integers(0, 2, m))
+        rank[explored], prop[explored] = order, p
+    return rank, np.take_along_axis(slate, rank, axis=1), prop, explored
 
 
 def _label(x: float) -> float | None:
@@ -305,11 +401,12 @@ def _label(x: float) -> float | None:
 
 
 def write_history(out: IO[str], n_examples: int, seed: int = 0, spec: WorldSpec | None = None,
-                  progress=None) -> int:
+                  progress=None, unbiased: bool = False) -> int:
+    """Write `history` (or, with `unbiased`, `unbiased_history`) of a new World(spec, seed) as JSON lines."""
     world = World(spec or WorldSpec(), seed)
     n = 0
     dumps = json.JSONEncoder(separators=(",", ":")).encode
-    for ex in history(world, n_examples, seed):
+    for ex in history(world, n_examples, seed, unbiased=unbiased):
         out.write(dumps(ex))
         out.write("\n")
         n += 1
