@@ -347,14 +347,25 @@ def _simulate(sub) -> None:
     h = ssub.add_parser(
         "history",
         help="write time-ordered labelled examples from the synthetic world",
-        description="Write N examples (JSON lines) from a world with latent tastes, position bias, clickbait "
-        "(clicked but not liked) and drift. Each line also carries `truth`: the world's probabilities.",
+        description="Write N examples (JSON lines) from a world with latent tastes, position bias (a known "
+        "examination probability by slot and device), clickbait (clicked but not liked) and drift. Slates are "
+        "ordered by a noisy logging policy, so slot and relevance are confounded. Each line also carries `truth`: "
+        "the world's probabilities (click_nopos: attraction; exam: examination of the slot shown).",
+        epilog="See docs/position-bias.md.",
     )
     h.add_argument("--out", required=True, metavar="FILE")
     h.add_argument("--examples", type=int, default=100_000, metavar="N")
     h.add_argument("--seed", type=int, default=0)
     h.add_argument("--users", type=int, help="number of users in the world")
     h.add_argument("--videos", type=int, help="number of videos in the world")
+    h.add_argument("--policy-strength", type=float, default=1.0, metavar="S",
+                   help="how strongly the logging policy orders slates by relevance (against Gumbel noise of scale "
+                   "1): 0 = uniformly random slates, 1 = the default policy, larger = more confounded")
+    h.add_argument("--explore-share", type=float, default=0.0, metavar="F",
+                   help="share of requests logged with adjacent pairs swapped at random (lines carry propensity "
+                   "and explore.rank), for estimating propensities; default 0")
+    h.add_argument("--unbiased", action="store_true",
+                   help="show every slate in uniformly random order: an unbiased test set")
     h.set_defaults(func=cmd_simulate_history)
     t = ssub.add_parser(
         "traffic",
@@ -385,11 +396,22 @@ def _simulate(sub) -> None:
 
 
 def cmd_simulate_history(args) -> int:
+    import math
+
     from .simulate import WorldSpec, write_history
 
     if args.examples <= 0:
         raise CliError(f"--examples: must be > 0, got {args.examples}")
-    spec = WorldSpec()
+    for flag, v in (("--users", args.users), ("--videos", args.videos)):
+        if v is not None and v <= 0:
+            raise CliError(f"{flag}: must be > 0, got {v}")
+    if not (math.isfinite(args.policy_strength) and args.policy_strength >= 0):
+        raise CliError(f"--policy-strength: must be a finite number >= 0, got {args.policy_strength}")
+    if not 0.0 <= args.explore_share <= 1.0:
+        raise CliError(f"--explore-share: must be in [0, 1], got {args.explore_share}")
+    if args.unbiased and args.explore_share > 0:
+        raise CliError("--explore-share: cannot be used with --unbiased (every slate is already in random order)")
+    spec = WorldSpec(policy_strength=args.policy_strength, explore_share=args.explore_share)
     if args.users:
         spec.users = args.users
     if args.videos:
@@ -399,11 +421,13 @@ def cmd_simulate_history(args) -> int:
     bar = progress_bar(args.examples, "simulate history", unit="ex")
     tmp = out.with_name(out.name + ".partial")
     with open(tmp, "w") as fh:
-        n = write_history(fh, args.examples, args.seed, spec, progress=bar.update if bar else None)
+        n = write_history(fh, args.examples, args.seed, spec, progress=bar.update if bar else None,
+                          unbiased=args.unbiased)
     os.replace(tmp, out)
     if bar:
         bar.close()
-    print(json.dumps({"out": str(out), "examples": n, "seed": args.seed}))
+    print(json.dumps({"out": str(out), "examples": n, "seed": args.seed, "policy_strength": args.policy_strength,
+                      "explore_share": args.explore_share, "unbiased": args.unbiased}))
     return 0
 
 
