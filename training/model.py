@@ -9,6 +9,8 @@ Shapes: B batch, T tasks, E experts, D shared input width, H expert output.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -76,8 +78,10 @@ class ExpertBank(nn.Module):
             self.biases.append(nn.Parameter(torch.zeros(experts, 1, b)))
         self.out_dim = layers[-1]
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = F.relu(self.first(x))  # (B, E*H0)
+    def forward(self, x: Tensor, offset: Tensor | None = None) -> Tensor:
+        """offset (B, E*H0), optional: added before the first ReLU (an input that is not in x)."""
+        h = self.first(x)  # (B, E*H0)
+        h = F.relu(h if offset is None else h + offset)
         h = h.view(-1, self.experts, self.width).transpose(0, 1)  # (E, B, H0)
         for w, b in zip(self.weights, self.biases):
             h = F.relu(torch.matmul(h, w) + b)  # (E, B, Hi)
@@ -207,14 +211,23 @@ class Ranker(nn.Module):
             parts.append(dots[:, :, self.pair_index].reshape(B, -1))  # (B, H * F(F-1)/2)
         return torch.cat(parts, dim=1)
 
-    def raw(self, inputs: dict[str, Tensor], train_gates: bool = False) -> tuple[Tensor, Tensor]:
-        """Raw outputs (B, T) (logits; standardised regression targets) and gates (B, T, E)."""
+    def raw(
+        self, inputs: dict[str, Tensor], train_gates: bool = False, side: tuple[Tensor, Tensor | None] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Raw outputs (B, T) (logits; standardised regression targets) and gates (B, T, E).
+
+        `side`: (expert offset, gate offset) of a training-only input (`PositionFeature`); the
+        exported graph has none.
+        """
         x = self.shared_input(inputs)  # (B, D)
-        experts = self.experts(x)  # (E, B, H)
+        experts = self.experts(x, None if side is None else side[0])  # (E, B, H)
         B = x.shape[0]
         T = len(self.task_names)
         if self.gates is not None:
-            gates = torch.softmax(self.gates(x).view(B, T, self.n_experts), dim=-1)  # (B, T, E)
+            g = self.gates(x)
+            if side is not None and side[1] is not None:
+                g = g + side[1]
+            gates = torch.softmax(g.view(B, T, self.n_experts), dim=-1)  # (B, T, E)
             if train_gates and self.expert_dropout > 0:
                 gates = _drop_experts(gates, self.expert_dropout)
             mixed = torch.bmm(gates, experts.transpose(0, 1))  # (B, T, H)
@@ -245,53 +258,140 @@ def _drop_experts(gates: Tensor, p: float) -> Tensor:
     return g / g.sum(-1, keepdim=True).clamp_min(EPS)
 
 
-class ShallowTower(nn.Module):
-    """Bias features (position, device, ...) -> one logit per binary task, added in training.
+class _ReverseGrad(torch.autograd.Function):
+    """Identity forward; the gradient times -scale backward (Ganin & Lempitsky, ICML 2015)."""
 
-    forward: positions (B,) int64 (-1 unknown), bias ids {name: (B,)} -> (B, T_binary)
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return -ctx.scale * grad, None
+
+
+def reverse_grad(x: Tensor, scale: float) -> Tensor:
+    return _ReverseGrad.apply(x, scale)
+
+
+class ShallowTower(nn.Module):
+    """Bias features (position, device, ...) -> one logit per task with `bias = true`, added in training.
+
+    Each feature has its own embedding; `[bias] cross` adds one joint embedding of
+    the named features (a row per combination, e.g. (slot 3, tv)), as Zhao et al.
+    cross position with device. The MLP over the concatenated embeddings can learn
+    such an interaction too, but only as far as its `hidden` ReLUs allow; the joint
+    row states it exactly, at (max_position + 2) * (device buckets + 1) rows.
+
+    forward: position rows (B,) (`RankerTrain.position_rows`), bias ids {name: (B,)}
+             -> logits (B, T_bias), hidden state (B, hidden)
     """
 
     def __init__(self, config: Config):
         super().__init__()
         b = config.bias
         self.max_position = b.max_position
-        self.features = [n for n in b.features if n != POSITION]
-        self.use_position = POSITION in b.features
-        tables = {n: nn.Embedding(config.feature(n).buckets + 1, b.dim, sparse=True) for n in self.features}
+        self.features = [n for n in b.tower_features if n != POSITION]
+        self.use_position = POSITION in b.tower_features
+        rows = {n: config.feature(n).buckets + 1 for n in self.features}
         if self.use_position:
-            tables[POSITION] = nn.Embedding(b.max_position + 2, b.dim, sparse=True)
-        self.tables = nn.ModuleDict(tables)
-        n_in = b.dim * len(tables)
-        n_bin = len(config.binary_tasks)
-        self.mlp = nn.Sequential(nn.Linear(max(n_in, 1), b.hidden), nn.ReLU(), nn.Linear(b.hidden, n_bin))
+            rows[POSITION] = b.max_position + 2
+        self.tables = nn.ModuleDict({n: nn.Embedding(k, b.dim, sparse=True) for n, k in rows.items()})
+        self.cross = list(b.cross)
+        self.cross_strides = [math.prod(rows[m] for m in self.cross[i + 1 :]) for i in range(len(self.cross))]
+        self.cross_table = nn.Embedding(math.prod(rows[n] for n in self.cross), b.dim, sparse=True) if self.cross else None
+        n_in = b.dim * (len(self.tables) + (1 if self.cross else 0))
+        n_out = sum(t.bias for t in config.tasks)
+        self.mlp = nn.Sequential(nn.Linear(max(n_in, 1), b.hidden), nn.ReLU(), nn.Linear(b.hidden, n_out))
         nn.init.zeros_(self.mlp[2].weight)  # starts neutral
         nn.init.zeros_(self.mlp[2].bias)
 
-    def position_rows(self, position: Tensor) -> Tensor:
-        return torch.where(position < 0, torch.zeros_like(position), position.clamp(max=self.max_position) + 1)
-
-    def forward(self, position_rows: Tensor, inputs: dict[str, Tensor]) -> Tensor:
-        parts = [self.tables[n](inputs[n]) for n in self.features]
+    def forward(self, position_rows: Tensor, inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        ids = {n: inputs[n] for n in self.features}
+        if self.use_position:
+            ids[POSITION] = position_rows
+        parts = [self.tables[n](ids[n]) for n in self.features]
         if self.use_position:
             parts.append(self.tables[POSITION](position_rows))
+        if self.cross_table is not None:
+            joint = sum(ids[n] * stride for n, stride in zip(self.cross, self.cross_strides))
+            parts.append(self.cross_table(joint))
         if not parts:
-            return torch.zeros(position_rows.shape[0], self.mlp[2].out_features, device=position_rows.device)
-        return self.mlp(torch.cat(parts, dim=1))
+            x = torch.zeros(position_rows.shape[0], 1, device=position_rows.device)
+        else:
+            x = torch.cat(parts, dim=1)
+        hidden = self.mlp[1](self.mlp[0](x))  # (B, hidden)
+        return self.mlp[2](hidden), hidden
+
+
+class PositionFeature(nn.Module):
+    """`[bias] mode = "feature"`: the position as a plain input of the model, missing at serving.
+
+    An embedding of the slot enters the experts' first layer and the gates as an
+    additive term, which is what concatenating it to the shared input would do
+    (both are linear there). Row 0 ("unknown slot") is zero and fixed, so the
+    exported `Ranker`, which has no position input, is exactly this model with the
+    position missing; `[bias] dropout` hides it in that share of training examples
+    so the model learns the missing case.
+
+    forward: position rows (B,) -> (expert offset (B, E*H0), gate offset (B, T*E) or None)
+    """
+
+    def __init__(self, config: Config, ranker: Ranker):
+        super().__init__()
+        b = config.bias
+        self.table = nn.Embedding(b.max_position + 2, b.dim, padding_idx=0, sparse=True)
+        nn.init.normal_(self.table.weight, std=EMBEDDING_INIT_STD)
+        with torch.no_grad():
+            self.table.weight[0].zero_()
+        self.to_experts = nn.Linear(b.dim, ranker.experts.first.out_features, bias=False)
+        self.to_gates = nn.Linear(b.dim, ranker.gates.out_features, bias=False) if ranker.gates is not None else None
+
+    def forward(self, position_rows: Tensor) -> tuple[Tensor, Tensor | None]:
+        e = self.table(position_rows)  # (B, dim); zero for row 0
+        return self.to_experts(e), (self.to_gates(e) if self.to_gates is not None else None)
 
 
 class RankerTrain(nn.Module):
-    """Ranker + shallow tower + masked multitask loss. Only `ranker` is exported."""
+    """Ranker + shallow tower + masked multitask loss. Only `ranker` is exported.
+
+    The shallow tower's logit is added to the logits of the tasks with `bias = true`
+    (binary tasks without `given` by default). Against a logging policy that placed
+    the relevant items high, so that the tower could absorb relevance (Zhang et al.,
+    KDD 2023, "Towards Disentangling Relevance and Bias in Unbiased Learning to Rank"):
+
+    * observation dropout (`[bias] observation_dropout` = p): in training, the
+      tower's whole logit (its output, not only its position input) is dropped
+      for a share p of the examples, which the relevance model must then explain
+      alone. The kept logits are not rescaled: the logit is an additive offset,
+      and serving drops it for every example.
+    * gradient reversal (`[bias] gradient_reversal` = lambda > 0): an adversary, a
+      linear head on the tower's hidden state, learns to predict the relevance
+      model's logit of each biased task (detached: the adversary's label, not a
+      path into the relevance model) with a squared error. Between the hidden state
+      and the adversary sits a gradient reversal layer: the adversary descends its
+      loss, the tower's layers below receive that gradient times -lambda, i.e. they
+      ascend it, so the tower learns what explains clicks and not what predicts
+      relevance. The adversary's loss is added to the returned loss
+      (`out["adversary_loss"]`).
+    """
 
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
         self.ranker = Ranker(config)
-        self.bias = ShallowTower(config) if config.bias.features else None
         tasks = config.tasks
-        self.binary_idx = [i for i, t in enumerate(tasks) if t.kind == "binary"]
+        b = config.bias
+        self.bias_idx = [i for i, t in enumerate(tasks) if t.bias]
+        has_tower = bool(b.tower_features) and bool(self.bias_idx)
+        self.bias = ShallowTower(config) if has_tower else None
+        self.adversary = nn.Linear(b.hidden, len(self.bias_idx)) if has_tower and b.gradient_reversal > 0 else None
+        self.position_feature = PositionFeature(config, self.ranker) if b.mode == "feature" else None
         self.register_buffer("loss_weight", torch.tensor([t.loss_weight for t in tasks]))
         self.register_buffer("is_binary", torch.tensor([t.kind == "binary" for t in tasks]))
         self.register_buffer("is_log1p", torch.tensor([t.transform == "log1p" for t in tasks]))
+        self.register_buffer("bias_index", torch.tensor(self.bias_idx, dtype=torch.long), persistent=False)
         self.given = [(i, config.task_index(t.given)) for i, t in enumerate(tasks) if t.given]
 
     def task_mask(self, labels: Tensor, mask: Tensor) -> Tensor:
@@ -301,35 +401,70 @@ class RankerTrain(nn.Module):
             m[:, i] = m[:, i] * mask[:, g] * (labels[:, g] == 1).to(m.dtype)
         return m
 
+    def position_rows(self, position: Tensor, train: bool) -> Tensor:
+        """Slot -> embedding row (0: unknown), hidden in `[bias] dropout` of the examples in training."""
+        rows = torch.where(position < 0, torch.zeros_like(position), position.clamp(max=self.config.bias.max_position) + 1)
+        p = self.config.bias.dropout
+        if train and p > 0:
+            hide = torch.rand(rows.shape, device=rows.device) < p
+            rows = torch.where(hide, torch.zeros_like(rows), rows)
+        return rows
+
     def forward(
-        self, inputs: dict[str, Tensor], labels: Tensor, mask: Tensor, position: Tensor, train: bool = True
+        self,
+        inputs: dict[str, Tensor],
+        labels: Tensor,
+        mask: Tensor,
+        position: Tensor,
+        train: bool = True,
+        weight: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Returns (loss, out) where out holds `heads` (serving, B×T), `full` (with bias, B×T),
-        per-task `losses` (T,), `gates` (B, T, E) and the task `mask` (B, T)."""
+        per-task `losses` (T,), `gates` (B, T, E), the task `mask` (B, T), `bias_logits`
+        (B, T_bias, as added: after observation dropout; absent without a tower) and
+        `adversary_loss` (with gradient reversal).
+
+        `weight` (B,) or (B, T), optional: each example's weight in the loss (e.g. inverse
+        propensities); a task's loss stays the weighted sum over the count of its labels.
+        """
         r = self.ranker
+        b = self.config.bias
         if train and r.n_numeric:  # features only: no label reaches the scores early
             r.numeric_norm.update(inputs["numeric"], inputs["numeric_mask"])
         tmask = self.task_mask(labels, mask)
         target = torch.where(self.is_log1p, torch.log1p(labels.clamp_min(0)), labels)  # (B, T)
-        raw, gates = r.raw(inputs, train_gates=train)  # (B, T)
+        rows = self.position_rows(position, train) if (self.bias is not None or self.position_feature is not None) else None
+        side = self.position_feature(rows) if self.position_feature is not None else None
+        raw, gates = r.raw(inputs, train_gates=train, side=side)  # (B, T)
         with torch.no_grad():  # scored before the labels move the target statistics
-            heads = r.heads(raw)
+            heads = r.heads(r.raw(inputs)[0]) if side is not None else r.heads(raw)  # serving: position missing
         if train:
             r.target_norm.update(target, tmask * (~self.is_binary).to(tmask.dtype))
-        logits = raw
+        logits = full_logits = raw
+        extra: dict[str, Tensor] = {}
+        adv_loss = None
         if self.bias is not None:
-            rows = self.bias.position_rows(position)
-            if train and self.config.bias.dropout > 0:
-                hide = torch.rand(rows.shape, device=rows.device) < self.config.bias.dropout
-                rows = torch.where(hide, torch.zeros_like(rows), rows)
-            bias_logits = self.bias(rows, inputs)  # (B, T_binary)
-            logits = raw.index_add(1, torch.tensor(self.binary_idx, device=raw.device), bias_logits)
+            bias_logits, hidden = self.bias(rows, inputs)  # (B, T_bias), (B, hidden)
+            full_logits = raw.index_add(1, self.bias_index, bias_logits.detach())
+            if train and b.observation_dropout > 0:
+                keep = (torch.rand(bias_logits.shape[0], 1, device=raw.device) >= b.observation_dropout)
+                bias_logits = bias_logits * keep.to(bias_logits.dtype)
+            logits = raw.index_add(1, self.bias_index, bias_logits)
+            extra["bias_logits"] = bias_logits
+            if self.adversary is not None:
+                guess = self.adversary(reverse_grad(hidden, b.gradient_reversal))  # (B, T_bias)
+                adv_loss = ((guess - raw[:, self.bias_index].detach()) ** 2).mean()
+                extra["adversary_loss"] = adv_loss.detach()
         scaled_target = r.target_norm.scale(target)
         bce = F.binary_cross_entropy_with_logits(logits, labels.clamp(0, 1), reduction="none")
         se = (raw - scaled_target) ** 2
         per = torch.where(self.is_binary, bce, se)  # (B, T)
+        if weight is not None:
+            per = per * (weight[:, None] if weight.dim() == 1 else weight)
         losses = (per * tmask).sum(0) / tmask.sum(0).clamp_min(1)  # (T,)
         loss = (losses * self.loss_weight).sum()
+        if adv_loss is not None:
+            loss = loss + adv_loss
         with torch.no_grad():
-            full = torch.where(self.is_binary, torch.sigmoid(logits), heads)
-        return loss, {"heads": heads, "full": full, "losses": losses, "gates": gates, "mask": tmask}
+            full = torch.where(self.is_binary, torch.sigmoid(full_logits), heads)
+        return loss, {"heads": heads, "full": full, "losses": losses, "gates": gates, "mask": tmask, **extra}
