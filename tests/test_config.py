@@ -1,3 +1,6 @@
+import dataclasses
+import tomllib
+
 import pytest
 
 from tests.helpers import dumps_toml, small_config_text
@@ -175,3 +178,77 @@ def test_checkpoint_hash_covers_the_shallow_tower(tmp_path):
     assert a.checkpoint_hash != b.checkpoint_hash  # the trainer's parameters are not
     c = load_config(_with(tmp_path, model={"experts": 5}))
     assert c.hash != a.hash and c.checkpoint_hash != a.checkpoint_hash
+
+
+@pytest.mark.parametrize("bias, needle", [
+    ({"observation_dropout": 1.0}, "bias.observation_dropout: must be in [0, 1), got 1.0"),
+    ({"observation_dropout": "half"}, "bias.observation_dropout: expected float, got str 'half'"),
+    ({"gradient_reversal": -0.5}, "bias.gradient_reversal: must be >= 0, got -0.5"),
+    ({"mode": "input"}, "bias.mode: expected one of tower, feature, got 'input'"),
+    ({"mode": "feature", "features": ["device"]}, "bias.mode: mode 'feature' feeds the position to the model"),
+    ({"features": [], "gradient_reversal": 1.0}, "bias.gradient_reversal: acts on the shallow tower, which has no input"),
+    ({"mode": "feature", "features": ["position"], "observation_dropout": 0.2},
+     "bias.observation_dropout: acts on the shallow tower, which has no input"),
+    ({"cross": ["position"]}, "bias.cross: needs two or more different features, got ['position']"),
+    ({"cross": ["position", "position"]}, "bias.cross: needs two or more different features"),
+    ({"cross": ["position", "hour"]}, "bias.cross: 'hour' is not an input of the shallow tower (['position', 'device'])"),
+    ({"cross": ["position", 3]}, "bias.cross: expected a list of feature names, got ['position', 3]"),
+    ({"mode": "feature", "cross": ["position", "device"]}, "bias.cross: 'position' is not an input of the shallow tower"),
+    ({"features": ["position", "device", "user_country"], "cross": ["position", "device", "user_country"],
+      "max_position": 1000}, "bias.cross: the joint table would have 4,377,738 rows (more than 1,000,000)"),
+    ({"features": ["position", "position"]}, "bias.features: names a feature twice"),
+    ({"crossed": ["position", "device"]}, "bias: unknown key 'crossed'"),
+])
+def test_bad_bias_keys_are_named(tmp_path, bias, needle):
+    p = _with(tmp_path, bias=bias)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert str(e.value).startswith(str(p) + ": ")
+    assert needle in str(e.value)
+
+
+def test_bias_keys_parse_and_round_trip(tmp_path):
+    from watchnext.config import config_from_dict
+
+    c = load_config(_with(tmp_path, bias={"cross": ["position", "device"], "observation_dropout": 0.2,
+                                          "gradient_reversal": 0.5, "mode": "tower"}))
+    b = c.bias
+    assert (b.cross, b.observation_dropout, b.gradient_reversal, b.mode) == (("position", "device"), 0.2, 0.5, "tower")
+    assert config_from_dict(c.to_dict()) == dataclasses.replace(c, path="<checkpoint>")
+    f = load_config(_with(tmp_path, bias={"mode": "feature"}))
+    assert f.bias.tower_features == ("device",) and f.bias.features == ("position", "device")
+    shipped = load_config()
+    assert shipped.bias.mode == "tower" and shipped.bias.cross == () and shipped.bias.observation_dropout == 0.0
+    assert shipped.bias.gradient_reversal == 0.0
+
+
+def test_task_bias_flags_default_and_validate():
+    c = load_config()
+    assert {t.name: t.bias for t in c.tasks} == {"click": True, "watch_time": False, "dismiss": True, "like": False,
+                                                 "rating": False}  # binary without `given`
+    on = _task(bias=True)
+    with pytest.raises(ConfigError, match=r"tasks\[1\] \(w\)\.bias: only a binary task takes the shallow tower's logit"):
+        parse_config(on)
+    with pytest.raises(ConfigError, match=r"tasks\[0\] \(click\)\.bias: expected bool, got str 'yes'"):
+        parse_config({**RANGE_BASE, "tasks": [{**RANGE_BASE["tasks"][0], "bias": "yes"}]})
+    like = {**RANGE_BASE, "tasks": RANGE_BASE["tasks"] + [{"name": "like", "kind": "binary", "group": "satisfaction",
+                                                            "given": "click", "bias": True}]}
+    assert [t.bias for t in parse_config(like).tasks] == [True, True]  # a `given` task may opt in
+
+
+def test_checkpoint_hash_covers_the_bias_keys_that_shape_parameters(tmp_path):
+    base = load_config(_with(tmp_path))
+    same = [{"observation_dropout": 0.3}, {"dropout": 0.2}]  # shape nothing: a checkpoint may resume under them
+    for bias in same:
+        c = load_config(_with(tmp_path, bias=bias))
+        assert (c.hash, c.checkpoint_hash) == (base.hash, base.checkpoint_hash), bias
+    a, b = (load_config(_with(tmp_path, bias={"gradient_reversal": g})) for g in (0.5, 2.0))
+    assert a.checkpoint_hash == b.checkpoint_hash  # the strength shapes nothing ...
+    assert a.checkpoint_hash != base.checkpoint_hash  # ... the adversary it brings does
+    for bias in [{"cross": ["position", "device"]}, {"mode": "feature"}]:
+        c = load_config(_with(tmp_path, bias=bias))
+        assert c.hash == base.hash and c.checkpoint_hash != base.checkpoint_hash, bias  # serving keeps its versions
+    raw = tomllib.loads(small_config_text())
+    raw["tasks"][3]["bias"] = True  # like takes the bias logit
+    like = parse_config(raw)
+    assert like.hash == base.hash and like.checkpoint_hash != base.checkpoint_hash
