@@ -40,6 +40,7 @@ from watchnext.runtime import usable_cpus
 from .export import publish
 from .model import RankerTrain
 from .progressive import ProgressiveMetrics
+from .propensity import Examination, SwapCounts, ipw_weights
 
 FORMAT = 2
 TRAILER = b"\nwatchnext-checkpoint sha256="  # + 64 hex digits of the payload's sha256 + "\n": the file's end
@@ -71,6 +72,7 @@ class TrainState:
     exported_at_examples: int = 0
     skipped_batches: int = 0  # loss or gradients not finite: not trained on
     skipped_examples: int = 0
+    explore_counts: dict = field(default_factory=dict)  # SwapCounts.state(): explored impressions by rank/position
 
 
 class Trainer:
@@ -90,6 +92,13 @@ class Trainer:
         self.state = TrainState()
         self.metrics = ProgressiveMetrics(config, tc.eval_window, self.net.ranker.n_experts)
         self.names = self.net.ranker.input_names
+        # randomised logging: explored examples are counted by (original rank, shown position); with
+        # `trainer.ipw = "estimated"` the click task's loss is weighted by 1 / p(position) from those counts
+        self.click = click_task(config)
+        self.swaps = SwapCounts(config.bias.max_position + 1)
+        self._exam: Examination | None = None
+        if tc.ipw != "none" and self.click is None:
+            raise ConfigError(f"{config.path}: trainer.ipw: needs a binary task without `given` (a click) to weight")
 
     # ------------------------------------------------------------ one batch
     def tensors(self, chunk: Chunk) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,6 +119,8 @@ class Trainer:
         """
         self.net.train()
         inputs, labels, mask, position = self.tensors(chunk)
+        if self.config.trainer.ipw == "estimated":
+            mask = self._weighted(chunk, mask)
         stats = [b.detach().clone() for b in self.net.buffers()]  # the forward pass moves running statistics
         loss, out = self.net(inputs, labels, mask, position, train=True)
         self.opt_dense.zero_grad(set_to_none=True)
@@ -139,7 +150,42 @@ class Trainer:
         s.examples += len(chunk)
         s.batches += 1
         s.last_ts = max(s.last_ts, float(chunk.ts.max()))
+        self._count_explored(chunk)
         return float(loss.detach())
+
+    # ------------------------------------------------------------ propensities
+    def examination(self) -> Examination:
+        """The examination curve p(k) / p(0) from the explored examples trained on so far."""
+        if self._exam is None:
+            tc = self.config.trainer
+            self._exam = self.swaps.estimate(tc.ipw_min_count, floor=1.0 / tc.ipw_clip)
+        return self._exam
+
+    def ipw(self, chunk: Chunk) -> np.ndarray:
+        """(n,) the click loss's weight per row: 1 / p(position), clipped at `ipw_clip`, mean 1 over the rows
+        with a click label (1 elsewhere). The estimate uses the batches before this one, never its own labels."""
+        known = chunk.labels.mask[:, self.click] > 0
+        return ipw_weights(chunk.position, self.examination(), self.config.trainer.ipw_clip, rows=known)
+
+    def _weighted(self, chunk: Chunk, mask: torch.Tensor) -> torch.Tensor:
+        """The label mask with the click column holding the IPW weights: the model's loss is sum(w * loss) /
+        sum(w) per task, so it is the weighted mean. Tasks `given` the click read its mask column as a factor;
+        theirs is divided by the weight so that they stay unweighted."""
+        w = torch.from_numpy(self.ipw(chunk).astype(np.float32)).to(mask.device)
+        mask = mask.clone()
+        mask[:, self.click] *= w
+        for i, t in enumerate(self.config.tasks):
+            if t.given is not None and self.config.task_index(t.given) == self.click:
+                mask[:, i] /= w
+        return mask
+
+    def _count_explored(self, chunk: Chunk) -> None:
+        if self.click is None or not (chunk.explore_rank >= 0).any():
+            return
+        c = self.click
+        click = np.where(chunk.labels.mask[:, c] > 0, chunk.labels.values[:, c], np.nan)
+        if self.swaps.add(chunk.explore_rank, chunk.position, click):
+            self._exam = None
 
     def _finite(self, loss: torch.Tensor) -> bool:
         """The loss and every gradient finite: their total norm (one fused pass, one device sync)."""
@@ -158,6 +204,7 @@ class Trainer:
         """Atomically write the checkpoint: a torch payload, then a line with its sha256."""
         path = Path(path)
         self.refuse_nonfinite(f"{path}: writing the checkpoint")
+        self.state.explore_counts = self.swaps.state()
         blob = {
             "format": FORMAT,
             "config": self.config.to_dict(),
@@ -194,6 +241,8 @@ class Trainer:
             t.opt_dense.load_state_dict(blob["opt_dense"])
             t.opt_sparse.load_state_dict(blob["opt_sparse"])
             t.state = TrainState(**blob["state"])
+            if t.state.explore_counts:
+                t.swaps = SwapCounts.from_state(t.state.explore_counts)
             torch.set_rng_state(blob["rng"])
             for k, v in blob["metrics"].items():
                 setattr(t.metrics, k, v)
@@ -212,14 +261,27 @@ class Trainer:
             "parent": s.parent_version,
             "metrics": self.metrics.report(),
             "watermark": {"last_example_ts": s.last_ts, "examples": s.examples, "source": s.source},
-            "trainer": {"arch": self.config.model.arch, "device": str(self.device)},
+            "trainer": {"arch": self.config.model.arch, "device": str(self.device), "ipw": self.config.trainer.ipw},
         }
+        if self.swaps.shown.any():
+            exam = self.examination()
+            info["examination"] = {"curve": [round(float(x), 4) for x in exam.curve],
+                                   "estimated_positions": int(exam.known.sum()),
+                                   "explored_impressions": int(self.swaps.shown.sum())}
         version = publish(self.net.ranker, repo, info)
         s.parent_version = version
         s.exported_at_examples = s.examples
         if promote:
             repo.promote(version)
         return version
+
+
+def click_task(config: Config) -> int | None:
+    """The index of the click task: the first binary task that is not `given` another (None when there is none)."""
+    for i, t in enumerate(config.tasks):
+        if t.kind == "binary" and t.given is None:
+            return i
+    return None
 
 
 def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
