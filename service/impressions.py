@@ -22,6 +22,11 @@ stream (`XADD <[stream] key> MAXLEN ~ <maxlen>`) and the impressions are deleted
 only while the lease is still its own. A closer killed at any point leaves its tokens in `closing`; when the
 lease ends, the next closer takes them again. So every impression's examples reach the stream exactly once.
 Labels that got no feedback take the task defaults (click -> 0; tasks without a default stay missing).
+
+Randomised logging (`explore_share`): an explored request's items carry `propensity` (the probability of being
+shown at their position under the exploration, 0.5 or 1.0) and their original `rank`; their examples carry
+`"propensity"` and `"explore": {"rank": r}`. Examples of requests that were not explored carry neither (the
+example reader takes propensity 1.0 and no rank), so they are byte for byte what they were before.
 """
 
 from __future__ import annotations
@@ -313,8 +318,15 @@ class ImpressionLog:
         # msgspec: fast, and its bytes are their own size (orjson's small outputs each held 4 KB, 6-8x what
         # the impression buffer counted)
         mapping = {"_": _json(shared), "_due": repr(due).encode()}
-        for item_id, cand, pos in imp["items"]:
-            mapping[f"i:{item_id}"] = _json({"candidate": cand, "position": pos})
+        explore = imp.get("explore")
+        if explore is None:
+            for item_id, cand, pos in imp["items"]:
+                mapping[f"i:{item_id}"] = _json({"candidate": cand, "position": pos})
+        else:  # randomised order: each item's propensity and original rank (watchnext/explore.py)
+            prop, rank = explore["propensity"].tolist(), explore["rank"].tolist()
+            for item_id, cand, pos in imp["items"]:
+                mapping[f"i:{item_id}"] = _json({"candidate": cand, "position": pos, "propensity": prop[pos],
+                                                 "rank": rank[pos]})
         size = 256 + sum(len(k) + len(v) + 64 for k, v in mapping.items())
         return _Record(rid, tok, due, mapping, size)
 
@@ -484,13 +496,17 @@ class ImpressionLog:
             item = json.loads(raw)
             given = got.get(item_id, {})
             labels = {t: given.get(t, self.defaults[t]) for t in self.tasks}
-            out.append({
+            ex = {
                 "ts": shared["ts"], "request_id": shared["request_id"],
                 "user": shared["user"], "query": shared["query"], "context": shared["context"],
                 "candidate": item["candidate"], "position": item["position"], "labels": labels,
                 "experiment": shared.get("experiment"), "arm": shared.get("arm"),
                 "model_version": shared.get("model_version"),
-            })
+            }
+            if "propensity" in item:  # explored: absent on the other requests (the reader takes 1.0)
+                ex["propensity"] = item["propensity"]
+                ex["explore"] = {"rank": item["rank"]}
+            out.append(ex)
         return out
 
     # ------------------------------------------------------------ threads

@@ -131,6 +131,9 @@ class Metrics:
         self.unknown_features = Counter("watchnext_unknown_features_total",
                                         "Keys of a rank request's user, query and context sections that name no feature "
                                         "in the config (ignored; candidates' unknown keys are ignored uncounted).")
+        self.explored = Counter("watchnext_explored_requests_total",
+                                "Rank requests shown in the randomised order (adjacent pairs swapped at random; the "
+                                "explore_share setting).")
         self.nonfinite = Counter("watchnext_nonfinite_outputs_total", "Candidates dropped because the model's output was not finite.")
         self.impressions_logged = Counter("watchnext_impressions_logged_total", "Impressions written to Redis.")
         self.impressions_dropped = Counter("watchnext_impressions_dropped_total",

@@ -15,7 +15,10 @@
             context rows are broadcast to every candidate (`Encoder.assemble`).
 6. run      ONNX Runtime on the batch -> heads (B, T) in label units.
 7. answer   the weighted score (watchnext.scoring), the top k, the response, and the
-            impression to log (the top k's features as served).
+            impression to log (the top k's features as served). On the `explore_share`
+            of requests chosen by a hash of the request_id (so a retry gets the same
+            answer), the top k are shown in RandPair order (watchnext/explore.py) and
+            the impression records each item's propensity and original rank.
 
 Steps 1-2 run on the event loop; app.py runs 3-7 there too when the request is
 the only one in flight and the cache held everything, else on a worker thread.
@@ -34,6 +37,7 @@ import pyarrow as pa
 from watchnext.config import Config
 from watchnext.encoding import Columns, Encoder, Problems, overlay, section_type
 from watchnext.entities import key_feature
+from watchnext.explore import explore_draw, explore_order
 from watchnext.scoring import combine
 
 from .errors import BadRequest, split_reason
@@ -77,6 +81,7 @@ class Ranker:
         self.features = {s: frozenset(f.name for f in config.features if f.source == s) for s in SHARED}
         self.keys = {s: key_feature(config, s) for s in (*SHARED, "candidate")}
         self.item_id = config.item_id
+        self.explore_share = config.service.explore_share
         # encoded user / query / context sections by their values: a context such as {"device": "mobile"}
         # repeats across requests, and a one-row Arrow encode costs more than the whole gather of 500 candidates
         self._sections: dict[bytes, Columns] = {}
@@ -222,6 +227,9 @@ class Ranker:
         else:
             top = np.argsort(-s, kind="stable")
         order = idx[top]
+        explore = self._explore(inp.request_id, scores[order]) if self.explore_share > 0 else None
+        if explore is not None:
+            order = order[explore["rank"]]
         ids = [inp.ids[i] for i in order.tolist()] if inp.ids is not None else [str(i) for i in order.tolist()]
         names = model.session.task_names
         items = [
@@ -239,9 +247,22 @@ class Ranker:
             "model_version": version,
             "items": self._served(prep, served["stored"], order, ids),
         }
+        if explore is not None:
+            impression["explore"] = explore
         body = {"request_id": inp.request_id, "model_version": version, "arm": arm, "experiment": experiment,
                 "items": items}
         return Ranked(body, impression, n)
+
+    def _explore(self, request_id: str, top_scores: np.ndarray) -> dict[str, np.ndarray] | None:
+        """For an explored request: {"rank": the original rank of each shown position (a permutation of the top
+        k, adjacent pairs swapped), "propensity": each shown item's probability of being there}; else None."""
+        draw = explore_draw(request_id, self.explore_share)
+        if draw is None:
+            return None
+        rng, offset = draw
+        perm, propensity = explore_order(top_scores, rng, offset)  # top_scores are best first: perm is the rank
+        self.metrics.explored.inc()
+        return {"rank": perm, "propensity": propensity}
 
     def _served(self, prep: Prepared, stored: Any, order: np.ndarray, ids: list[str]) -> ServedItems:
         """The features the top candidates were ranked with, worked out when the impression is written (off the
