@@ -87,11 +87,12 @@ class WorldSpec:
     # the logging policy: candidates ranked by policy_strength * relevance + Gumbel(1) noise, the best
     # SLATE shown in that order; 1 is the historical policy, 0 a uniformly random slate in random order
     policy_strength: float = 1.0
+    policy_popularity: float = 0.3  # the policy's relevance: topic match with the query + this * popularity
     explore_share: float = 0.0  # share of requests whose slate is logged with adjacent pairs swapped at random
 
     def check(self) -> None:
         """Raise ValueError naming the field when a knob is out of range."""
-        for name in ("position_bias", "policy_strength"):
+        for name in ("position_bias", "policy_strength", "policy_popularity"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name}: must be a finite number >= 0, got {v}")
@@ -167,7 +168,8 @@ class World:
 
     def relevance(self, queries: np.ndarray, videos: np.ndarray) -> np.ndarray:
         """What the logging policy ranks by (before its noise): topic match with the query, and popularity."""
-        return np.einsum("...k,...k->...", self.topic[queries], self.topic[videos]) + 0.3 * self.popularity[videos]
+        pop = self.spec.policy_popularity * self.popularity[videos]
+        return np.einsum("...k,...k->...", self.topic[queries], self.topic[videos]) + pop
 
     def probabilities(self, users, videos, ts, positions, devices) -> dict[str, np.ndarray]:
         """True outcome probabilities for impressions (arrays of equal length).
