@@ -1,6 +1,6 @@
 """Position bias under a confounded logging policy: which remedy recovers the relevance?
 
-    python bench/position_bias.py [--strengths 1,2,4] [--seeds 0,1,2] [--examples 40000] [--json out.json]
+    python bench/position_bias.py [--strengths 2,4,8] [--seeds 0,1,2] [--examples 100000] [--json out.json]
 
 For each logging-policy strength (how strongly the simulated production ranking
 orders slates by relevance, `WorldSpec.policy_strength`; 0 = uniformly random,
@@ -164,7 +164,8 @@ def bench_config(overrides: dict, threads: int):
 
 def world_spec(args, strength: float, explore: float) -> WorldSpec:
     return WorldSpec(users=args.users, videos=args.videos, channels=max(args.videos // 10, 1), tags=100,
-                     policy_strength=strength, policy_popularity=args.policy_popularity, explore_share=explore)
+                     policy_strength=strength, policy_popularity=args.policy_popularity, explore_share=explore,
+                     position_bias=args.position_bias)
 
 
 def make_data(args, strength: float, seed: int, work: Path) -> dict:
@@ -323,7 +324,7 @@ def run(args) -> dict:
     return {"runs": runs, "skipped": skipped, "strengths": strengths, "seeds": args.seeds,
             "variants": [v[0] for v in variants if v[0] in configs],
             "settings": {k: getattr(args, k) for k in ("examples", "test", "users", "videos",
-                                                                 "policy_popularity", "explore_share")}}
+                                                                 "policy_popularity", "position_bias", "explore_share")}}
 
 
 def _slug(name: str) -> str:
@@ -381,7 +382,7 @@ def targets(result: dict, table: dict) -> dict:
             e = table[s].get(v, {}).get("auc", {})
             gain, share = e.get("vs_no_tower"), e.get("share_of_gap")
             if gain is None or gain < TARGET_GAIN:
-                why.append(f"strength {s}: +{_f(gain)} vs no tower (< {TARGET_GAIN})")
+                why.append(f"strength {s}: {_f(gain)} vs no tower (< +{TARGET_GAIN})")
             if share is None or share < TARGET_SHARE:
                 why.append(f"strength {s}: {_pct(share)} of the gap (< {TARGET_SHARE:.0%})")
         if "0" in table:
@@ -447,7 +448,7 @@ def render(result: dict, summary: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--strengths", type=_floats, default=[1.0, 2.0, 4.0], help="confounded policy strengths (> 0)")
+    ap.add_argument("--strengths", type=_floats, default=[2.0, 4.0, 8.0], help="confounded policy strengths (> 0)")
     ap.add_argument("--no-unconfounded", dest="unconfounded", action="store_false",
                     help="skip the strength-0 world (the 'costs at most 0.003' check)")
     ap.add_argument("--seeds", type=_ints, default=[0, 1, 2])
@@ -458,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy-popularity", type=float, default=1.0,
                     help="the logging policy's weight on popularity (the world's default is 0.3): a popularity-driven "
                     "policy, as in the issue's data")
+    ap.add_argument("--position-bias", type=float, default=1.0,
+                    help="the world's examination exponent scale, exam = (1 / (1 + slot)) ** (this * device factor) "
+                    "(the world's default is 0.6; 1.0: examination falls to 0.1 at slot 9 on mobile)")
     ap.add_argument("--explore-share", type=float, default=0.2, help="share of logged requests with RandPair swaps")
     ap.add_argument("--variants", type=lambda s: [x.strip() for x in s.split(",")], help="names of VARIANTS to run")
     ap.add_argument("--threads", type=int, default=1,
@@ -474,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(s <= 0 for s in args.strengths):
         ap.error(f"--strengths: confounded strengths must be > 0 (strength 0 runs unless --no-unconfounded), "
                  f"got {args.strengths}")
+    if not (np.isfinite(args.position_bias) and args.position_bias >= 0):
+        ap.error(f"--position-bias: must be a finite number >= 0, got {args.position_bias}")
     if not 0.0 <= args.explore_share <= 1.0:
         ap.error(f"--explore-share: must be in [0, 1], got {args.explore_share}")
     unknown = set(args.variants or []) - {v[0] for v in VARIANTS}
