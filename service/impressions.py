@@ -248,6 +248,23 @@ class ImpressionLog:
         else:
             self.pending.pop(rid, None)
 
+    def compact(self) -> None:
+        """Serialise everything buffered (while Redis is away): an impression as the ranker left it holds about
+        twice its serialised size in objects and Arrow buffers; as a record it holds what the bound counts."""
+        with self._flush_lock:
+            with self._buf_lock:
+                if all(isinstance(e[2], _Record) for e in self.buf):
+                    return
+                old, self.buf = self.buf, deque()
+                self.buf_bytes = 0
+                self.inflight = len(old)
+            try:
+                recs = self._records(list(old))
+            finally:
+                with self._buf_lock:
+                    self.inflight = 0
+            self._push([(r.rid, r.nbytes, r) for r in recs], front=True)
+
     def _take(self) -> list[tuple[str, int, Any]]:
         """The oldest buffered entries, up to FLUSH_BYTES (at least one)."""
         with self._buf_lock:
@@ -524,6 +541,7 @@ class ImpressionLog:
                         log(logger, logging.WARNING, "impression_log_unavailable", error=str(e)[:200],
                             buffered=len(self.buf), buffered_bytes=self.buf_bytes)
                     delay = min(1.0, delay * 2)
+                    self.compact()
                 except Exception as e:
                     log(logger, logging.ERROR, "impression_flush_failed", error=repr(e))
 
