@@ -49,7 +49,7 @@ from training.trainer import Trainer, train_files  # noqa: E402
 from watchnext.config import ConfigError, parse_config  # noqa: E402
 from watchnext.examples import Decoder, ExampleFiles  # noqa: E402
 from watchnext.metrics import ndcg_by_group  # noqa: E402
-from watchnext.simulate import DEVICES, SLATE, World, WorldSpec, history, write_history  # noqa: E402
+from watchnext.simulate import DEVICE_P, DEVICES, SLATE, World, WorldSpec, history, write_history  # noqa: E402
 
 NO_TOWER = "no tower"
 REFERENCE = "unbiased data"
@@ -63,6 +63,16 @@ VARIANTS: list[tuple[str, dict, str]] = [
     ("tower + obs. dropout", {"bias.observation_dropout": 0.3}, "logged"),
     ("tower + grad. reversal", {"bias.gradient_reversal": 1.0}, "logged"),
     ("IPW (estimated)", {"bias.features": [], "trainer.ipw": "estimated", "trainer.ipw_min_count": 50}, "logged"),
+    # the previous IPW: the click loss of a row weighted by 1 / p (re-weights positions, does not debias)
+    ("IPW weights (estimated)", {"bias.features": [], "trainer.ipw": "estimated", "trainer.ipw_min_count": 50,
+                                 "trainer.ipw_method": "weight"}, "logged"),
+    # the world's own curve (`world_curve`): what an offline randomisation experiment would give
+    ("IPW (true curve)", {"bias.features": [], "trainer.ipw": "curve", "trainer.ipw_curve": "world"}, "logged"),
+    # c / p up to 4 instead of 10: less variance, some bias left at the lowest positions
+    ("IPW (true curve; clip 4)", {"bias.features": [], "trainer.ipw": "curve", "trainer.ipw_curve": "world",
+                                  "trainer.ipw_clip": 4.0}, "logged"),
+    ("IPW (estimated; clip 4)", {"bias.features": [], "trainer.ipw": "estimated", "trainer.ipw_min_count": 50,
+                                 "trainer.ipw_clip": 4.0}, "logged"),
     (REFERENCE, {}, "unbiased"),  # the shipped tower, on slates in random order
 ]
 
@@ -149,14 +159,26 @@ eval_window = 10000
 """
 
 
-def bench_config(overrides: dict, threads: int):
-    """The bench's config with `{"section.key": value}` overrides; ConfigError when a key is not (yet) known."""
+def bench_config(overrides: dict, threads: int, world: WorldSpec | None = None):
+    """The bench's config with `{"section.key": value}` overrides; ConfigError when a key is not (yet) known.
+    The value "world" of `trainer.ipw_curve` is the examination curve of `world` (`world_curve`)."""
     data = tomllib.loads(CONFIG)
     data["trainer"]["threads"] = threads
     for key, value in overrides.items():
         section, name = key.split(".", 1)
+        if key == "trainer.ipw_curve" and value == "world":
+            value = world_curve(world or WorldSpec())
         data.setdefault(section, {})[name] = copy.deepcopy(value)
     return parse_config(data, f"<bench config {overrides}>")
+
+
+def world_curve(spec: WorldSpec, positions: int = SLATE) -> list[float]:
+    """The world's examination by position, averaged over the devices' population shares (`DEVICE_P`):
+    p(k) = sum_d P(d) (1 / (1 + k)) ** (position_bias * exam_device[d]); p(0) = 1. One curve for every device
+    (what `ipw_curve` takes), so a device examined faster or slower than the average keeps a residual bias."""
+    k = np.arange(positions, dtype=np.float64)[:, None]
+    eta = spec.position_bias * np.asarray(spec.exam_device, np.float64)[None, :]
+    return [round(float(x), 6) for x in (DEVICE_P[None, :] * (1.0 / (1.0 + k)) ** eta).sum(1)]
 
 
 # ---------------------------------------------------------------- data
@@ -284,8 +306,8 @@ def run(args) -> dict:
     configs = {}
     skipped = {}
     for name, over, _ in variants:
-        try:
-            configs[name] = bench_config(over, args.threads)
+        try:  # the world's curve does not depend on the policy's strength
+            configs[name] = bench_config(over, args.threads, world_spec(args, 1.0, args.explore_share))
         except ConfigError as e:
             skipped[name] = str(e)
             print(f"skipping {name!r}: {e}", file=sys.stderr)

@@ -18,9 +18,16 @@ its four cells each hold at least `min_count` impressions; past the first pair t
 at its last estimate (flat). The curve is clipped to [floor, 1]: no position is taken as examined more than the
 top one, and no weight exceeds 1 / floor.
 
-IPW: the click task's loss of an example shown at position k is weighted by w = 1 / p(k), clipped, normalised
-to a mean of 1 over the batch's weighted rows (the trainer's loss divides by the sum of the weights, so the
-normalisation is also what the loss sees).
+IPW, the unbiased pointwise estimator (`unbiased_target`; Saito et al., WSDM 2020; Bekker et al., 2019): the
+click task's binary cross-entropy of an example shown at position k is taken against c / p(k) instead of the
+click c, with p(k) clipped to at least 1 / clip:
+
+    loss = -[(c / p) log s + (1 - c / p) log(1 - s)],     s = sigmoid(f)
+
+Its expectation over examination, E[c | item, k] = p(k) * attraction, is the cross-entropy against the
+attraction itself, wherever the item was shown. Weighting the whole loss of the row by 1 / p(k) (`ipw_weights`,
+`[trainer] ipw_method = "weight"`) does not debias: an item's optimum stays its click rate averaged over the
+positions it was shown at (docs/exploration.md).
 """
 
 from __future__ import annotations
@@ -47,6 +54,21 @@ class Examination:
         k = np.clip(position, 0, len(self.curve) - 1)
         p = self.curve[k] if group is None or self.by_group is None else self.by_group[np.asarray(group), k]
         return np.where(position < 0, 1.0, p)
+
+
+def curve_examination(curve, floor: float = 0.1) -> Examination:
+    """A known curve (`[trainer] ipw_curve`, p_0 = 1), clipped to [floor, 1], as an `Examination`."""
+    c = np.asarray(curve, np.float64)
+    if c.ndim != 1 or not len(c) or not np.isfinite(c).all() or (c <= 0).any() or (c > 1).any():
+        raise ValueError(f"examination curve: expected finite numbers in (0, 1], got {curve!r}")
+    return Examination(np.clip(c / c[0], floor, 1.0), np.ones(len(c), bool), c[1:] / c[:-1])
+
+
+def unbiased_target(click: np.ndarray, p: np.ndarray, clip: float = 10.0) -> np.ndarray:
+    """c / p with p >= 1 / clip: the click target whose cross-entropy is unbiased for the attraction's.
+
+    NaN clicks (unknown labels) stay NaN."""
+    return np.asarray(click, np.float64) / np.maximum(np.asarray(p, np.float64), 1.0 / clip)
 
 
 class SwapCounts:

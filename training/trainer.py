@@ -40,7 +40,7 @@ from watchnext.runtime import usable_cpus
 from .export import publish
 from .model import RankerTrain
 from .progressive import ProgressiveMetrics
-from .propensity import Examination, SwapCounts, ipw_weights
+from .propensity import Examination, SwapCounts, curve_examination, ipw_weights, unbiased_target
 
 FORMAT = 2
 TRAILER = b"\nwatchnext-checkpoint sha256="  # + 64 hex digits of the payload's sha256 + "\n": the file's end
@@ -93,10 +93,13 @@ class Trainer:
         self.metrics = ProgressiveMetrics(config, tc.eval_window, self.net.ranker.n_experts)
         self.names = self.net.ranker.input_names
         # randomised logging: explored examples are counted by (original rank, shown position); with
-        # `trainer.ipw = "estimated"` the click task's loss is weighted by 1 / p(position) from those counts
+        # `trainer.ipw = "estimated"` the click task's cross-entropy is taken against click / p(position), p from
+        # those counts (`ipw = "curve"`: from `ipw_curve`); `ipw_method = "weight"` weights its loss by 1 / p
         self.click = click_task(config)
         self.swaps = SwapCounts(config.bias.max_position + 1)
         self._exam: Examination | None = None
+        if tc.ipw == "curve":
+            self._exam = curve_examination(tc.ipw_curve, floor=1.0 / tc.ipw_clip)
         if tc.ipw != "none" and self.click is None:
             raise ConfigError(f"{config.path}: trainer.ipw: needs a binary task without `given` (a click) to weight")
 
@@ -119,10 +122,17 @@ class Trainer:
         """
         self.net.train()
         inputs, labels, mask, position = self.tensors(chunk)
-        if self.config.trainer.ipw == "estimated":
+        tc = self.config.trainer
+        target = None
+        if tc.ipw != "none" and tc.ipw_method == "weight":
             mask = self._weighted(chunk, mask)
+        elif tc.ipw != "none":
+            target = torch.from_numpy(self.click_target(chunk).astype(np.float32)).to(labels.device)
         stats = [b.detach().clone() for b in self.net.buffers()]  # the forward pass moves running statistics
-        loss, out = self.net(inputs, labels, mask, position, train=True)
+        if target is None:
+            loss, out = self.net(inputs, labels, mask, position, train=True)
+        else:
+            loss, out = self.forward_click_target(inputs, labels, mask, position, target)
         self.opt_dense.zero_grad(set_to_none=True)
         self.opt_sparse.zero_grad(set_to_none=True)
         loss.backward()
@@ -155,7 +165,7 @@ class Trainer:
 
     # ------------------------------------------------------------ propensities
     def examination(self) -> Examination:
-        """The examination curve p(k) / p(0) from the explored examples trained on so far."""
+        """The examination curve p(k) / p(0): `ipw_curve`, or from the explored examples trained on so far."""
         if self._exam is None:
             tc = self.config.trainer
             self._exam = self.swaps.estimate(tc.ipw_min_count, floor=1.0 / tc.ipw_clip)
@@ -166,6 +176,46 @@ class Trainer:
         with a click label (1 elsewhere). The estimate uses the batches before this one, never its own labels."""
         known = chunk.labels.mask[:, self.click] > 0
         return ipw_weights(chunk.position, self.examination(), self.config.trainer.ipw_clip, rows=known)
+
+    def click_target(self, chunk: Chunk) -> np.ndarray:
+        """(n,) the click task's cross-entropy target: click / p(position), p >= 1 / ipw_clip (p = 1 where the
+        position is unknown; 0 where the click label is unknown: masked out). The estimate uses the batches
+        before this one, never its own labels."""
+        c = self.click
+        known = chunk.labels.mask[:, c] > 0
+        click = np.where(known, chunk.labels.values[:, c], 0.0)
+        return unbiased_target(click, self.examination().at(chunk.position), self.config.trainer.ipw_clip)
+
+    def forward_click_target(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor,
+                             position: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The model's training forward pass with the click task's cross-entropy taken against `target` (B,).
+
+        `RankerTrain` clamps binary labels to [0, 1] (and a task `given` the click reads its label), so c / p > 1
+        cannot go in as the label. The cross-entropy with logits is linear in its target, BCE(f, y) = BCE(f, c) -
+        (y - c) f, so the difference is added here: f is the click logit the loss saw (the ranker's raw output,
+        taken from its tower bank, plus the shallow tower's logit as added), averaged as the model averages a
+        task's loss and scaled by the task's loss weight. `out["losses"]` holds the corrected click loss."""
+        seen: list[torch.Tensor] = []
+
+        def grab(_module, _args, output):  # the first pass with gradients is the one the loss used
+            if torch.is_grad_enabled() and not seen:
+                seen.append(output)
+
+        handle = self.net.ranker.towers.register_forward_hook(grab)
+        try:
+            loss, out = self.net(inputs, labels, mask, position, train=True)
+        finally:
+            handle.remove()
+        c = self.click
+        f = seen[0][:, c]
+        if "bias_logits" in out and c in self.net.bias_idx:
+            f = f + out["bias_logits"][:, self.net.bias_idx.index(c)]
+        m = out["mask"][:, c]
+        diff = torch.where(m > 0, target - labels[:, c].clamp(0, 1), torch.zeros_like(target))
+        extra = -(diff * f * m).sum() / m.sum().clamp_min(1)
+        out["losses"] = out["losses"].detach().clone()
+        out["losses"][c] += extra.detach()
+        return loss + self.net.loss_weight[c] * extra, out
 
     def _weighted(self, chunk: Chunk, mask: torch.Tensor) -> torch.Tensor:
         """The label mask with the click column holding the IPW weights: the model's loss is sum(w * loss) /
@@ -184,7 +234,7 @@ class Trainer:
             return
         c = self.click
         click = np.where(chunk.labels.mask[:, c] > 0, chunk.labels.values[:, c], np.nan)
-        if self.swaps.add(chunk.explore_rank, chunk.position, click):
+        if self.swaps.add(chunk.explore_rank, chunk.position, click) and self.config.trainer.ipw != "curve":
             self._exam = None
 
     def _finite(self, loss: torch.Tensor) -> bool:
@@ -261,11 +311,13 @@ class Trainer:
             "parent": s.parent_version,
             "metrics": self.metrics.report(),
             "watermark": {"last_example_ts": s.last_ts, "examples": s.examples, "source": s.source},
-            "trainer": {"arch": self.config.model.arch, "device": str(self.device), "ipw": self.config.trainer.ipw},
+            "trainer": {"arch": self.config.model.arch, "device": str(self.device), "ipw": self.config.trainer.ipw,
+                        "ipw_method": self.config.trainer.ipw_method},
         }
-        if self.swaps.shown.any():
+        if self.swaps.shown.any() or self.config.trainer.ipw == "curve":
             exam = self.examination()
             info["examination"] = {"curve": [round(float(x), 4) for x in exam.curve],
+                                   "source": "ipw_curve" if self.config.trainer.ipw == "curve" else "explored",
                                    "estimated_positions": int(exam.known.sum()),
                                    "explored_impressions": int(self.swaps.shown.sum())}
         version = publish(self.net.ranker, repo, info)

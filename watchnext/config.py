@@ -29,7 +29,8 @@ COMBINES = ("linear", "multiplicative")
 BIAS_MODES = ("tower", "feature")
 MAX_CROSS_ROWS = 1_000_000  # a [bias] cross table's rows (the product of its features' rows)
 BAD_LINE_POLICIES = ("skip", "stop")
-IPW_MODES = ("none", "estimated")
+IPW_MODES = ("none", "estimated", "curve")  # [trainer] ipw: where p(position) comes from
+IPW_METHODS = ("target", "weight")  # [trainer] ipw_method: how the click loss uses it
 MAX_EXPLORE_SHARE = 0.5  # of requests shown in the randomised order
 POSITION = "position"  # the bias feature read from the example's top level
 FLOAT32_MAX = 3.4028234663852886e38  # labels are trained as float32: a range must lie inside it
@@ -142,11 +143,15 @@ class Trainer:
     on_bad_line: str = "skip"  # skip (count, report line numbers) | stop
     seed: int = 0
     threads: int = 0  # 0: the CPUs this process may use (cgroup/affinity aware)
-    # inverse-propensity weighting of the click-like tasks (binary, no `given`) by 1 / p(position), p estimated
-    # from the explored examples seen so far (training/propensity.py): none | estimated
+    # inverse propensity scoring of the click task (the first binary task without `given`), p = the examination
+    # probability of the position relative to position 0 (docs/exploration.md): none | estimated (from the
+    # explored examples seen so far, training/propensity.py) | curve (`ipw_curve`, e.g. from an offline
+    # randomisation experiment)
     ipw: str = "none"
-    ipw_clip: float = 10.0  # largest weight 1 / p
+    ipw_method: str = "target"  # target: BCE against click / p (unbiased) | weight: click loss weighted by 1 / p
+    ipw_clip: float = 10.0  # p is taken as at least 1 / ipw_clip (largest 1 / p)
     ipw_min_count: int = 200  # explored impressions a (rank, position) cell needs before its ratio is used
+    ipw_curve: tuple[float, ...] = ()  # p by position (p_0 = 1; past its end: the last value), for ipw = "curve"
 
 
 @dataclass(frozen=True)
@@ -464,9 +469,14 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         ipw=tr.get("ipw", str, "none", IPW_MODES),
         ipw_clip=tr.positive("ipw_clip", 10.0, float),
         ipw_min_count=tr.positive("ipw_min_count", 200),
+        ipw_method=tr.get("ipw_method", str, "target", IPW_METHODS),
+        ipw_curve=_ipw_curve(tr),
     )
     if trainer.ipw_clip < 1.0:
         tr.fail(f"must be >= 1 (weights are 1 / p with p <= 1), got {trainer.ipw_clip:g}", "ipw_clip")
+    if trainer.ipw == "curve" and not trainer.ipw_curve:
+        tr.fail('is required with ipw = "curve": the examination probability by position, [1.0, p_1, ...]',
+                "ipw_curve")
     tr.done()
 
     st = _Section(path, "stream", top.get("stream", dict, {}))
@@ -583,6 +593,20 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
     return parse_config(data, str(p))
+
+
+def _ipw_curve(tr: _Section) -> tuple[float, ...]:
+    """[trainer] ipw_curve: finite numbers in (0, 1], the first 1.0 (p is relative to position 0); any shape."""
+    v = tr.get("ipw_curve", list, [])
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v):
+        tr.fail(f"expected a list of numbers, got {v!r}", "ipw_curve")
+    curve = tuple(float(x) for x in v)
+    bad = [x for x in curve if not (math.isfinite(x) and 0.0 < x <= 1.0)]
+    if bad:
+        tr.fail(f"every value must be a finite number in (0, 1], got {bad[0]!r}", "ipw_curve")
+    if curve and curve[0] != 1.0:
+        tr.fail(f"must start with 1.0 (examination relative to position 0), got {curve[0]!r}", "ipw_curve")
+    return curve
 
 
 def config_from_dict(d: Mapping[str, Any], path: str = "<checkpoint>") -> Config:
