@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from tests.helpers import small_config_text
-from watchnext.config import load_config
-from watchnext.explore import explore_draw, explore_order, explore_orders, original_ranks
 from training.propensity import SwapCounts, estimate_examination, ipw_weights
 from training.trainer import Trainer, click_task, read_checkpoint, train_files
-
+from watchnext.config import load_config
+from watchnext.explore import explore_draw, explore_order, explore_orders, original_ranks
 
 # ------------------------------------------------------------------ explore_order
 
@@ -243,7 +242,8 @@ def test_trainer_counts_explored_examples_and_keeps_them_across_a_restart(histor
 
 def test_ipw_weights_the_click_loss_and_leaves_tasks_given_the_click_unweighted(history_file, tmp_path):
     cfg = tmp_path / "w.toml"
-    cfg.write_text(small_config_text(trainer={"ipw": "estimated", "ipw_min_count": 50, "ipw_clip": 5.0}))
+    cfg.write_text(small_config_text(trainer={"ipw": "estimated", "ipw_method": "weight", "ipw_min_count": 50,
+                                              "ipw_clip": 5.0}))
     config = load_config(cfg)
     path = tmp_path / "explored.jsonl"
     rank, pos, click = explored_history(history_file, path)
@@ -258,16 +258,17 @@ def test_ipw_weights_the_click_loss_and_leaves_tasks_given_the_click_unweighted(
     np.testing.assert_allclose(w, (1 / p) / (1 / p).mean(), rtol=1e-12)
     assert w.max() / w.min() == pytest.approx(1 / p.min() / (1 / p.max()))
     inputs, labels, mask, position = t.tensors(chunk)
-    weighted = t._weighted(chunk, mask)
+    weight, target = t.ipw_terms(chunk, labels)
+    assert target is None
     t.net.eval()
     with torch.no_grad():
         _, plain = t.net(inputs, labels, mask, position, train=False)
-        _, out = t.net(inputs, labels, weighted, position, train=False)
+        _, out = t.net(inputs, labels, mask, position, train=False, weight=weight)
     c = t.click
-    tm = out["mask"].numpy()
-    np.testing.assert_allclose(tm[:, c], chunk.labels.mask[:, c] * w, rtol=1e-6)
+    np.testing.assert_allclose(weight.numpy()[:, c], w, rtol=1e-6)
     others = [i for i in range(len(config.tasks)) if i != c]
-    np.testing.assert_allclose(tm[:, others], plain["mask"].numpy()[:, others], rtol=1e-6)
+    assert (weight.numpy()[:, others] == 1).all()
+    np.testing.assert_allclose(out["mask"].numpy(), plain["mask"].numpy())  # tasks given the click: same rows
     # the click loss is the weighted mean of the per-example cross-entropy
     q = out["full"].numpy()[:, c].astype(np.float64)
     y = chunk.labels.values[:, c]

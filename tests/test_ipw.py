@@ -104,6 +104,13 @@ def _curve_trainer(tmp_path, history_file, **bias):
     return t, chunk, np.array(curve)
 
 
+def _with_target(t, chunk, inputs, labels, mask, position):
+    """The trainer's forward pass with its IPW cross-entropy targets."""
+    weight, target = t.ipw_terms(chunk, labels)
+    assert weight is None and target is not None
+    return t.net(inputs, labels, mask, position, train=True, bce_target=target)
+
+
 @pytest.mark.parametrize("bias", [{}, {"features": []}])
 def test_the_click_loss_is_the_cross_entropy_against_click_over_p_and_other_tasks_are_unchanged(
         tmp_path, history_file, bias):
@@ -120,15 +127,16 @@ def test_the_click_loss_is_the_cross_entropy_against_click_over_p_and_other_task
     torch.manual_seed(3)
     loss_plain, plain = t.net(inputs, labels, mask, position, train=True)
     torch.manual_seed(3)
-    loss, out = t.forward_click_target(inputs, labels, mask, position, torch.from_numpy(y.astype(np.float32)))
+    loss, out = _with_target(t, chunk, inputs, labels, mask, position)
     # against the logit the loss saw (full = sigmoid of raw + tower logit; no dropout here), unclamped targets
     q = out["full"].detach().numpy()[:, c].astype(np.float64)
     m = out["mask"].numpy()[:, c]
     want = (_bce(y, q) * m).sum() / m.sum()
-    assert float(out["losses"][c]) == pytest.approx(want, rel=1e-4)
+    assert float(out["losses"][c].detach()) == pytest.approx(want, rel=1e-4)
     assert float(plain["losses"][c].detach()) == pytest.approx((_bce(clicks, q) * m).sum() / m.sum(), rel=1e-4)
     others = [i for i in range(len(t.config.tasks)) if i != c]
-    np.testing.assert_allclose(out["losses"].numpy()[others], plain["losses"].detach().numpy()[others], rtol=1e-6)
+    np.testing.assert_allclose(out["losses"].detach().numpy()[others], plain["losses"].detach().numpy()[others],
+                               rtol=1e-6)
     np.testing.assert_allclose(out["mask"].numpy(), plain["mask"].numpy())  # tasks given the click: same rows
     lw = t.net.loss_weight.numpy()
     assert float(loss.detach()) == pytest.approx(float(loss_plain.detach()) + lw[c] * (
@@ -143,7 +151,7 @@ def test_the_click_loss_is_the_cross_entropy_against_click_over_p_and_other_task
     handle = t.net.ranker.towers.register_forward_hook(keep)
     try:
         torch.manual_seed(3)
-        loss, out = t.forward_click_target(inputs, labels, mask, position, torch.from_numpy(y.astype(np.float32)))
+        loss, out = _with_target(t, chunk, inputs, labels, mask, position)
     finally:
         handle.remove()
     loss.backward()

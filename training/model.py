@@ -418,6 +418,7 @@ class RankerTrain(nn.Module):
         position: Tensor,
         train: bool = True,
         weight: Tensor | None = None,
+        bce_target: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """Returns (loss, out) where out holds `heads` (serving, B×T), `full` (with bias, B×T),
         per-task `losses` (T,), `gates` (B, T, E), the task `mask` (B, T), `bias_logits`
@@ -426,6 +427,9 @@ class RankerTrain(nn.Module):
 
         `weight` (B,) or (B, T), optional: each example's weight in the loss (e.g. inverse
         propensities); a task's loss stays the weighted sum over the count of its labels.
+        `bce_target` (B, T), optional: the binary tasks' cross-entropy targets in place of the labels
+        (which are clamped to [0, 1]); inverse-propensity targets click / p may exceed 1. The labels
+        still decide the task mask (`given`).
         """
         r = self.ranker
         b = self.config.bias
@@ -456,7 +460,8 @@ class RankerTrain(nn.Module):
                 adv_loss = ((guess - raw[:, self.bias_index].detach()) ** 2).mean()
                 extra["adversary_loss"] = adv_loss.detach()
         scaled_target = r.target_norm.scale(target)
-        bce = F.binary_cross_entropy_with_logits(logits, labels.clamp(0, 1), reduction="none")
+        bce = F.binary_cross_entropy_with_logits(logits, labels.clamp(0, 1) if bce_target is None else bce_target,
+                                                 reduction="none")
         se = (raw - scaled_target) ** 2
         per = torch.where(self.is_binary, bce, se)  # (B, T)
         if weight is not None:

@@ -121,7 +121,6 @@ class SwapCounts:
 
 def _chain(shown: np.ndarray, clicks: np.ndarray, min_count: int, floor: float) -> Examination:
     """shown, clicks: (K, 3) by (rank, offset) -> the chained curve."""
-    k = shown.shape[0]
     with np.errstate(invalid="ignore", divide="ignore"):
         ctr = clicks / shown  # (K, 3)
         # pair (j, j+1): rank j stays at j (offset 1) or moves down (2); rank j+1 moves up (0) or stays (1)

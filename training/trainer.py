@@ -122,17 +122,9 @@ class Trainer:
         """
         self.net.train()
         inputs, labels, mask, position = self.tensors(chunk)
-        tc = self.config.trainer
-        target = None
-        if tc.ipw != "none" and tc.ipw_method == "weight":
-            mask = self._weighted(chunk, mask)
-        elif tc.ipw != "none":
-            target = torch.from_numpy(self.click_target(chunk).astype(np.float32)).to(labels.device)
+        weight, bce_target = self.ipw_terms(chunk, labels)
         stats = [b.detach().clone() for b in self.net.buffers()]  # the forward pass moves running statistics
-        if target is None:
-            loss, out = self.net(inputs, labels, mask, position, train=True)
-        else:
-            loss, out = self.forward_click_target(inputs, labels, mask, position, target)
+        loss, out = self.net(inputs, labels, mask, position, train=True, weight=weight, bce_target=bce_target)
         self.opt_dense.zero_grad(set_to_none=True)
         self.opt_sparse.zero_grad(set_to_none=True)
         loss.backward()
@@ -186,48 +178,21 @@ class Trainer:
         click = np.where(known, chunk.labels.values[:, c], 0.0)
         return unbiased_target(click, self.examination().at(chunk.position), self.config.trainer.ipw_clip)
 
-    def forward_click_target(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor, mask: torch.Tensor,
-                             position: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        """The model's training forward pass with the click task's cross-entropy taken against `target` (B,).
-
-        `RankerTrain` clamps binary labels to [0, 1] (and a task `given` the click reads its label), so c / p > 1
-        cannot go in as the label. The cross-entropy with logits is linear in its target, BCE(f, y) = BCE(f, c) -
-        (y - c) f, so the difference is added here: f is the click logit the loss saw (the ranker's raw output,
-        taken from its tower bank, plus the shallow tower's logit as added), averaged as the model averages a
-        task's loss and scaled by the task's loss weight. `out["losses"]` holds the corrected click loss."""
-        seen: list[torch.Tensor] = []
-
-        def grab(_module, _args, output):  # the first pass with gradients is the one the loss used
-            if torch.is_grad_enabled() and not seen:
-                seen.append(output)
-
-        handle = self.net.ranker.towers.register_forward_hook(grab)
-        try:
-            loss, out = self.net(inputs, labels, mask, position, train=True)
-        finally:
-            handle.remove()
+    def ipw_terms(self, chunk: Chunk, labels: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(weight, bce_target) for `RankerTrain.forward`: with `ipw_method = "target"` the click task's
+        cross-entropy target becomes click / p(position); with "weight" its loss is weighted by 1 / p(position).
+        Other tasks, those `given` the click included, are untouched. (None, None) without IPW."""
+        tc = self.config.trainer
+        if tc.ipw == "none" or self.click is None:
+            return None, None
         c = self.click
-        f = seen[0][:, c]
-        if "bias_logits" in out and c in self.net.bias_idx:
-            f = f + out["bias_logits"][:, self.net.bias_idx.index(c)]
-        m = out["mask"][:, c]
-        diff = torch.where(m > 0, target - labels[:, c].clamp(0, 1), torch.zeros_like(target))
-        extra = -(diff * f * m).sum() / m.sum().clamp_min(1)
-        out["losses"] = out["losses"].detach().clone()
-        out["losses"][c] += extra.detach()
-        return loss + self.net.loss_weight[c] * extra, out
-
-    def _weighted(self, chunk: Chunk, mask: torch.Tensor) -> torch.Tensor:
-        """The label mask with the click column holding the IPW weights: the model's loss is sum(w * loss) /
-        sum(w) per task, so it is the weighted mean. Tasks `given` the click read its mask column as a factor;
-        theirs is divided by the weight so that they stay unweighted."""
-        w = torch.from_numpy(self.ipw(chunk).astype(np.float32)).to(mask.device)
-        mask = mask.clone()
-        mask[:, self.click] *= w
-        for i, t in enumerate(self.config.tasks):
-            if t.given is not None and self.config.task_index(t.given) == self.click:
-                mask[:, i] /= w
-        return mask
+        if tc.ipw_method == "weight":
+            w = torch.ones_like(labels)
+            w[:, c] = torch.from_numpy(self.ipw(chunk).astype(np.float32)).to(labels.device)
+            return w, None
+        t = labels.clamp(0, 1).clone()
+        t[:, c] = torch.from_numpy(self.click_target(chunk).astype(np.float32)).to(labels.device)
+        return None, t
 
     def _count_explored(self, chunk: Chunk) -> None:
         if self.click is None or not (chunk.explore_rank >= 0).any():

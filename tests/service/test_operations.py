@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import redis
 
-from service.keys import token
 from service.inference import CUDA, InferenceSession, cuda_driver_present
+from service.keys import token
 from service.observability import Metrics, SharedMetrics
 from service.settings import Settings, SettingsError
 from tests.helpers import ServeProcess, children_by_kind, expected_workers, running, wait_for
