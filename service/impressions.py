@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -344,7 +345,8 @@ class ImpressionLog:
             for item_id, cand, pos in imp["items"]:
                 mapping[f"i:{item_id}"] = _json({"candidate": cand, "position": pos, "propensity": prop[pos],
                                                  "rank": rank[pos]})
-        size = 256 + sum(len(k) + len(v) + 64 for k, v in mapping.items())
+        # what the record's objects take (the dict, its keys and values), as the buffer's bound counts it
+        size = 200 + sys.getsizeof(mapping) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in mapping.items())
         return _Record(rid, tok, due, mapping, size)
 
     def _write(self, pipe, rec: _Record) -> None:
