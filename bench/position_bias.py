@@ -62,6 +62,7 @@ VARIANTS: list[tuple[str, dict, str]] = [
     ("tower", {}, "logged"),  # the shipped shallow tower: position and device, 10% position dropout
     ("tower + obs. dropout", {"bias.observation_dropout": 0.3}, "logged"),
     ("tower + grad. reversal", {"bias.gradient_reversal": 1.0}, "logged"),
+    ("tower + cross", {"bias.cross": ["position", "device"]}, "logged"),  # one row per (slot, device)
     ("IPW (estimated)", {"bias.features": [], "trainer.ipw": "estimated", "trainer.ipw_min_count": 50}, "logged"),
     # the previous IPW: the click loss of a row weighted by 1 / p (re-weights positions, does not debias)
     ("IPW weights (estimated)", {"bias.features": [], "trainer.ipw": "estimated", "trainer.ipw_min_count": 50,
