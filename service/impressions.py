@@ -1,9 +1,10 @@
 """Impressions, feedback and the attribution window: how served results become training examples.
 
 Keys (listed in service/keys.py). No client string is ever part of a key: an impression is named by a token
-the server derives from digests of the request_id and of the user's id (`keys.token`), so the same request_id
-sent for two users is two impressions, and no request_id can name another key. Every key expires on its own
-as a safety net.
+the server makes from digests of the request_id and of the user's id and a random part (`keys.token`), so the
+same request_id sent for two users is two impressions, and no request_id can name another key. A response for
+a request_id and user whose impression still waits for its window is merged into it (a retry is the same
+impression); once a closer has taken it, a new response starts a new one. Every key expires on its own.
 
 The response never waits for Redis: impressions go to an in-memory buffer that a thread writes in pipelined
 batches every `flush_interval_s`. The buffer is bounded in bytes (the `impression_buffer_mb` setting, per worker
@@ -60,32 +61,46 @@ COMMIT_BYTES = 4 << 20  # examples per atomic write (whole impressions; one larg
 FLUSH_BYTES = 4 << 20  # impressions per pipelined write
 CLOSE_MARGIN_S = 0.25
 REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+# what a write may meet besides an outage: an error reply (OOM under maxmemory, READONLY during a failover)
+WRITE_ERRORS = (*REDIS_ERRORS, redis.exceptions.RedisError)
 
 
-# KEYS: the request's user set. ARGV: R, item field, event, now, ttl.
-# Joins the one open impression of this request_id that served the item.
+# KEYS: the request's impression set, closing. ARGV: R, item field, event, now, ttl.
+# Joins the latest open impression of this request_id that served the item, when every impression that served it
+# (open, past its window or closed) was one user's; otherwise "ambiguous". An impression a closer has taken
+# (in `closing`) counts as closed: its feedback list may already have been read.
 _FEEDBACK_LUA = """
-local users = redis.call('SMEMBERS', KEYS[1])
-if #users == 0 then return 'unknown' end
-local hit, hits, expired, open = nil, 0, false, false
-for _, u in ipairs(users) do
-  local imp = 'wn:imp:{' .. ARGV[1] .. '}:' .. u
+local members = redis.call('SMEMBERS', KEYS[1])
+if #members == 0 then return 'unknown' end
+local best, best_due, user, users, expired, open = nil, nil, nil, 0, false, false
+local function served_by(m)
+  if user ~= m:match('^[^:]+') then users = users + 1; user = m:match('^[^:]+') end
+end
+for _, m in ipairs(members) do
+  local tok = ARGV[1] .. ':' .. m
+  local imp = 'wn:imp:{' .. ARGV[1] .. '}:' .. m
   if redis.call('EXISTS', imp) == 1 then
     open = true
-    local due = redis.call('HGET', imp, '_due')
-    if due and tonumber(due) <= tonumber(ARGV[4]) then
+    local has = redis.call('HEXISTS', imp, ARGV[2]) == 1
+    local due = tonumber(redis.call('HGET', imp, '_due') or '0')
+    if due <= tonumber(ARGV[4]) or redis.call('ZSCORE', KEYS[2], tok) then
       expired = true
-    elseif redis.call('HEXISTS', imp, ARGV[2]) == 1 then
-      hits = hits + 1
-      hit = u
+      if has then served_by(m) end
+    elseif has then
+      served_by(m)
+      if not best_due or due > best_due then best, best_due = m, due end
     end
-  elseif redis.call('EXISTS', 'wn:done:{' .. ARGV[1] .. '}:' .. u) == 1 then
-    expired = true
+  else
+    local done = 'wn:done:{' .. ARGV[1] .. '}:' .. m
+    if redis.call('EXISTS', done) == 1 then
+      expired = true
+      if redis.call('SISMEMBER', done, ARGV[2]) == 1 then served_by(m) end
+    end
   end
 end
-if hits > 1 then return 'ambiguous' end
-if hits == 1 then
-  local fb = 'wn:fb:{' .. ARGV[1] .. '}:' .. hit
+if users > 1 then return 'ambiguous' end
+if best then
+  local fb = 'wn:fb:{' .. ARGV[1] .. '}:' .. best
   redis.call('RPUSH', fb, ARGV[3])
   redis.call('EXPIRE', fb, ARGV[5])
   return 'ok'
@@ -93,6 +108,27 @@ end
 if expired then return 'expired' end
 if open then return 'unknown_item' end
 return 'unknown'
+"""
+
+# KEYS: the request's impression set, due. ARGV: R, U, new G, due, ttl, then field/value pairs.
+# A response for a request_id and user whose impression still waits for its window (in `due`) is merged into it
+# (a retry is the same impression); otherwise it starts its own (G), never writing into one a closer has taken.
+_WRITE_LUA = """
+local g = ARGV[3]
+for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local u, mg = m:match('^([^:]+):(.+)$')
+  if u == ARGV[2] and redis.call('ZSCORE', KEYS[2], ARGV[1] .. ':' .. m) then g = mg; break end
+end
+local member = ARGV[2] .. ':' .. g
+local imp = 'wn:imp:{' .. ARGV[1] .. '}:' .. member
+for i = 6, #ARGV, 1000 do
+  redis.call('HSET', imp, unpack(ARGV, i, math.min(i + 999, #ARGV)))
+end
+redis.call('EXPIRE', imp, ARGV[5])
+redis.call('SADD', KEYS[1], member)
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[1] .. ':' .. member)
+return g
 """
 
 # KEYS: due, closing, owner. ARGV: now, limit, lease end, closer id.
@@ -115,8 +151,9 @@ return ids
 """
 
 # KEYS: stream, closing, owner. ARGV: closer id, maxlen, done ttl, n tokens, then per token (token, impression
-# key, feedback key, tombstone key, user-set key), n examples, examples..., then (events key, events) pairs.
-# Everything or nothing, and only while every token is still this closer's.
+# key, feedback key, tombstone key, impression-set key), n examples, examples..., then (events key, events) pairs.
+# Everything or nothing, and only while every token is still this closer's. The tombstone keeps the items served
+# (feedback for them then answers "expired"; for another user's: "ambiguous").
 _COMMIT_LUA = """
 local n = tonumber(ARGV[4])
 for i = 0, n - 1 do
@@ -134,9 +171,14 @@ while at < #ARGV do
 end
 for i = 0, n - 1 do
   local b = 5 + i * 5
-  redis.call('DEL', ARGV[b + 1], ARGV[b + 2])
-  redis.call('SET', ARGV[b + 3], '1', 'EX', ARGV[3])
-  redis.call('EXPIRE', ARGV[b + 4], ARGV[3])
+  local items = redis.call('HKEYS', ARGV[b + 1])
+  redis.call('DEL', ARGV[b + 1], ARGV[b + 2], ARGV[b + 3])
+  for j = 1, #items, 500 do
+    redis.call('SADD', ARGV[b + 3], unpack(items, j, math.min(j + 499, #items)))
+  end
+  redis.call('SADD', ARGV[b + 3], '_')
+  redis.call('EXPIRE', ARGV[b + 3], ARGV[3])
+  if redis.call('TTL', ARGV[b + 4]) < tonumber(ARGV[3]) then redis.call('EXPIRE', ARGV[b + 4], ARGV[3]) end
   redis.call('ZREM', KEYS[2], ARGV[b])
   redis.call('HDEL', KEYS[3], ARGV[b])
 end
@@ -207,6 +249,7 @@ class ImpressionLog:
         self._feedback = self.client.register_script(_FEEDBACK_LUA)
         self._claim = self.client.register_script(_CLAIM_LUA)
         self._commit = self.client.register_script(_COMMIT_LUA)
+        self._write_one = self.client.register_script(_WRITE_LUA)
         self.defaults = {t.name: t.default for t in config.tasks}
         self.tasks = {t.name: t for t in config.tasks}
         self.user_key = key_feature(config, "user")
@@ -217,9 +260,12 @@ class ImpressionLog:
         rid = impression["request_id"]
         self._push([(rid, approx_bytes(impression), impression)], front=False)
 
-    def _push(self, entries: list[tuple[str, int, Any]], front: bool) -> None:
-        """Queue entries (at the front: a batch that could not be written); then shed the oldest past the bound."""
+    def _push(self, entries: list[tuple[str, int, Any]], front: bool, settled: bool = False) -> None:
+        """Queue entries (at the front: a batch that could not be written; `settled`: they were the entries in
+        flight); then shed the oldest past the bound."""
         with self._buf_lock:
+            if settled:
+                self.inflight = 0
             if front:
                 self.buf.extendleft(reversed(entries))
             else:
@@ -259,12 +305,11 @@ class ImpressionLog:
                 old, self.buf = self.buf, deque()
                 self.buf_bytes = 0
                 self.inflight = len(old)
+            recs: list[_Record] = []
             try:
                 recs = self._records(list(old))
             finally:
-                with self._buf_lock:
-                    self.inflight = 0
-            self._push([(r.rid, r.nbytes, r) for r in recs], front=True)
+                self._push([(r.rid, r.nbytes, r) for r in recs], front=True, settled=True)
 
     def _take(self) -> list[tuple[str, int, Any]]:
         """The oldest buffered entries, up to FLUSH_BYTES (at least one)."""
@@ -293,9 +338,8 @@ class ImpressionLog:
                     for rec in records:
                         self._write(pipe, rec)
                     pipe.execute()
-                except REDIS_ERRORS as e:
-                    self.inflight = 0
-                    self._push([(r.rid, r.nbytes, r) for r in records], front=True)
+                except WRITE_ERRORS as e:  # kept: written again (the same tokens) when Redis takes writes
+                    self._push([(r.rid, r.nbytes, r) for r in records], front=True, settled=True)
                     self.metrics.redis_up.set(0)
                     raise ConnectionError(str(e)) from None
                 with self._buf_lock:
@@ -350,12 +394,11 @@ class ImpressionLog:
         return _Record(rid, tok, due, mapping, size)
 
     def _write(self, pipe, rec: _Record) -> None:
-        key, users = imp_key(rec.tok), users_key(rec.tok.split(":")[0])
-        pipe.hset(key, mapping=rec.mapping)
-        pipe.expire(key, self.ttl)
-        pipe.sadd(users, rec.tok.split(":")[1])
-        pipe.expire(users, self.ttl)
-        pipe.zadd(DUE, {rec.tok: rec.due})
+        r, u, g = rec.tok.split(":")
+        args: list[Any] = [r, u, g, rec.due, self.ttl]
+        for k, v in rec.mapping.items():
+            args += [k, v]
+        self._write_one(keys=[users_key(r), DUE], args=args, client=pipe)
 
     def backlog(self) -> int:
         """Impressions not yet written: buffered, or in a write not yet finished."""
@@ -385,7 +428,8 @@ class ImpressionLog:
             for e in events:
                 r = digest(e["request_id"])
                 payload = _json({"item_id": e["item_id"], "labels": e["labels"], "ts": now})
-                self._feedback(keys=[users_key(r)], args=[r, f"i:{e['item_id']}", payload, now, self.ttl], client=pipe)
+                self._feedback(keys=[users_key(r), CLOSING], args=[r, f"i:{e['item_id']}", payload, now, self.ttl],
+                               client=pipe)
             res = pipe.execute()
         except REDIS_ERRORS as e:
             self.metrics.redis_up.set(0)
@@ -418,6 +462,9 @@ class ImpressionLog:
         res = pipe.execute()
         per: list[tuple[tuple, str, list[dict]]] = []
         for i, t in enumerate(toks):
+            if not res[2 * i]:  # its hash expired before a closer came (closers down longer than its TTL)
+                self.metrics.examples_refused.inc()
+                log(logger, logging.WARNING, "impression_expired_unclosed", token=t)
             try:
                 exs = self.examples_of(res[2 * i], res[2 * i + 1])
             except Exception as e:  # a damaged record: its impression is closed without examples, and counted

@@ -4,18 +4,20 @@ Client strings (request ids, user ids, experiment names) appear only as BLAKE2b 
 fields of hashes; never as key names of their own. The training stream's key is the config's `[stream] key`
 (default `watchnext:training`); the online features' keys (`wn:f:...`) are listed in `watchnext/entities.py`.
 
-Impressions (service/impressions.py). R: 20 hex digits of the request_id's digest; U: of the user's id.
+Impressions (service/impressions.py). R: 20 hex digits of the request_id's digest; U: of the user's id; G: 12
+random hex digits, one per response (a retried request is a second impression, never written into the first).
 
-    wn:imp:{R}:U       hash   "_": shared sections, ts, arm, model version (JSON); "_due": the window's close;
-                              "i:<item id>": {"candidate": features as served, "position": slot}
-    wn:imp:{R}         set    the U of every user served under this request_id
-    wn:fb:{R}:U        list   feedback events in arrival order (JSON)
-    wn:done:{R}:U      string set for a day once the window closed
-    wn:imp:due         zset   tokens "R:U" scored by their window's close
+    wn:imp:{R}:U:G     hash   "_": shared sections, ts, arm, model version (JSON); "_due": the window's close;
+                              "i:<item id>": {"candidate": features as served, "position": slot, ...}
+    wn:imp:{R}         set    "U:G" of every impression served under this request_id
+    wn:fb:{R}:U:G      list   feedback events in arrival order (JSON)
+    wn:done:{R}:U:G    set    the closed impression's fields (its items), kept a day: late feedback is "expired"
+    wn:imp:due         zset   tokens "R:U:G" scored by their window's close
     wn:imp:closing     zset   tokens a closer has taken, scored by when its lease ends
     wn:imp:owner       hash   token -> the closer holding it
 
-(`{R}` keeps one request's keys in one Redis Cluster slot.)
+(`{R}` puts one request's own keys in one Redis Cluster slot; the closer's scripts also touch the shared keys,
+so the service runs against one Redis, not a cluster.)
 
 Experiments (service/experiments.py).
 
@@ -27,6 +29,7 @@ Experiments (service/experiments.py).
 from __future__ import annotations
 
 import hashlib
+import secrets
 
 DUE = "wn:imp:due"
 CLOSING = "wn:imp:closing"
@@ -42,27 +45,28 @@ def digest(text: str) -> str:
 
 
 def token(request_id: str, user_id: str) -> str:
-    """The server's name of one user's impression under one request_id: "R:U"."""
-    return f"{digest(request_id)}:{digest(user_id)}"
+    """The server's name of one response's impression: "R:U:G" (G new each time)."""
+    return f"{digest(request_id)}:{digest(user_id)}:{secrets.token_hex(6)}"
 
 
 def imp_key(tok: str) -> str:
-    r, u = tok.split(":")
-    return f"wn:imp:{{{r}}}:{u}"
+    r, rest = tok.split(":", 1)
+    return f"wn:imp:{{{r}}}:{rest}"
 
 
 def users_key(r: str) -> str:
+    """The set of impressions ("U:G") served under request_id digest `r`."""
     return f"wn:imp:{{{r}}}"
 
 
 def fb_key(tok: str) -> str:
-    r, u = tok.split(":")
-    return f"wn:fb:{{{r}}}:{u}"
+    r, rest = tok.split(":", 1)
+    return f"wn:fb:{{{r}}}:{rest}"
 
 
 def done_key(tok: str) -> str:
-    r, u = tok.split(":")
-    return f"wn:done:{{{r}}}:{u}"
+    r, rest = tok.split(":", 1)
+    return f"wn:done:{{{r}}}:{rest}"
 
 
 def events_key(name: str) -> str:

@@ -308,7 +308,7 @@ class ServedItems:
     def nbytes(self) -> int:
         """About what this holds until it is written (the impression buffer's bound counts it)."""
         n = 128 * len(self.ids) + sum(len(i) for i in self.ids)
-        n += self.raw.nbytes if self.raw is not None else 0
+        n += sum(map(len, self.raw)) + 40 * len(self.raw) if self.raw is not None else 0  # JSON bytes of the top k
         return n + (self.sent.nbytes if self.sent is not None else 0)
 
 

@@ -56,8 +56,8 @@ def test_client_request_ids_never_become_redis_keys(trained, server, client, red
     out = client.post("/v1/feedback", json=fb)
     assert out.status_code == 200 and out.json() == {"accepted": 6, "dropped": []}
     keys = [k for k in _keys(redis_url) if k != "watchnext:training"]  # the stream: the config's key
-    h = "[0-9a-f]{20}"
-    layout = re.compile(rf"wn:(imp:(due|closing|owner)|imp:{{{h}}}(:{h})?|fb:{{{h}}}:{h}|done:{{{h}}}:{h}|f:.+|exp:.+)")
+    h, g = "[0-9a-f]{20}", "[0-9a-f]{12}"
+    layout = re.compile(rf"wn:(imp:(due|closing|owner)|imp:{{{h}}}(:{h}:{g})?|(fb|done):{{{h}}}:{h}:{g}|f:.+|exp:.+)")
     assert keys and all(layout.fullmatch(k) for k in keys), keys  # every key the server's, in one namespace
     assert redis.Redis.from_url(redis_url).type("wn:imp:due") == b"zset"
     assert wait_for(lambda: _drained(redis_url) and len(stream_examples(redis_url)) >= 12, 15)
@@ -220,3 +220,108 @@ def test_closer_killed_at_random_points_loses_and_duplicates_nothing(trained, re
     assert len(pairs) == 900 and len(set(pairs)) == 900  # every impression's examples once
     assert r.hlen("wn:imp:owner") == 0
     r.close()
+
+
+def _imp(rid: str, user: str, items: list[str], ts: float) -> dict:
+    return {"ts": ts, "request_id": rid, "user": {"user_id": user}, "query": {"query_video_id": "q"},
+            "context": {"device": "mobile"}, "experiment": None, "arm": "control", "model_version": "1",
+            "items": [(v, {"video_id": v}, j) for j, v in enumerate(items)]}
+
+
+def _fb(rid: str, item: str) -> dict:
+    return {"request_id": rid, "item_id": item, "labels": {"click": 1.0}}
+
+
+def test_a_retry_written_while_its_first_impression_closes_keeps_its_items_and_feedback(trained, redis_url):
+    """Review F1: a retry (same request_id and user) was written into the hash a closer was closing, then deleted."""
+    config = load_config(trained["config_path"])
+    log = ImpressionLog(config, redis_url, Metrics())
+    now = time.time()
+    log.add(_imp("S", "A", ["x", "y"], now - 100))  # window long closed
+    log.flush()
+    toks = log._claim(keys=["wn:imp:due", "wn:imp:closing", "wn:imp:owner"],
+                      args=[now, 10, now + 30, log.closer_id])  # a closer takes it ...
+    groups = list(log._groups([t.decode() for t in toks]))  # ... and reads it
+    log.add(_imp("S", "A", ["z"], now))  # the retry, its window open
+    log.flush()
+    assert log.record_feedback([_fb("S", "z")]) == ["ok"]
+    assert log.record_feedback([_fb("S", "x")]) == ["expired"]  # the first one is being closed
+    for group, lines in groups:
+        log._send(group, lines)
+    assert log.close_due(now=now + config.service.attribution_window_s + 5) == 1
+    got = {(e["candidate"]["video_id"], e["labels"]["click"]) for e in stream_examples(redis_url)}
+    assert got == {("x", 0.0), ("y", 0.0), ("z", 1.0)}
+    log.client.close()
+
+
+def test_a_retry_inside_the_window_is_the_same_impression(trained, redis_url):
+    """The same request_id and user answered twice while the window is open: one impression, each item once."""
+    config = load_config(trained["config_path"])
+    log = ImpressionLog(config, redis_url, Metrics())
+    now = time.time()
+    log.add(_imp("S", "A", ["x", "y"], now - 1))
+    log.add(_imp("S", "A", ["y", "z"], now))
+    log.add(_imp("S", "B", ["x"], now))  # another user: another impression
+    assert log.flush() == 3
+    r = redis.Redis.from_url(redis_url)
+    assert r.zcard("wn:imp:due") == 2
+    assert log.record_feedback([_fb("S", "z")]) == ["ok"]
+    assert log.close_due(now=now + config.service.attribution_window_s + 5) == 4
+    got = sorted((e["user"]["user_id"], e["candidate"]["video_id"], e["position"], e["labels"]["click"])
+                 for e in stream_examples(redis_url))
+    assert got == [("A", "x", 0, 0.0), ("A", "y", 0, 0.0), ("A", "z", 1, 1.0), ("B", "x", 0, 0.0)]
+    r.close()
+    log.client.close()
+
+
+def test_a_late_click_is_never_credited_to_another_users_impression(trained, redis_url):
+    """Review F2: user A's late click on x joined user B's open impression of x under the same request_id."""
+    config = load_config(trained["config_path"])
+    log = ImpressionLog(config, redis_url, Metrics())
+    now = time.time()
+    log.add(_imp("S", "A", ["x"], now - 100))
+    log.add(_imp("S", "B", ["x", "w"], now))
+    log.flush()
+    assert log.record_feedback([_fb("S", "x")]) == ["ambiguous"]  # A's window passed, not yet closed
+    assert log.close_due() == 1  # A's closes
+    assert log.record_feedback([_fb("S", "x"), _fb("S", "w")]) == ["ambiguous", "ok"]  # A's closed; w: B's only
+    log.client.close()
+
+
+def test_feedback_for_an_impression_a_closer_has_taken_is_expired_not_lost(trained, redis_url):
+    """Review F3: feedback checked against a stale clock was joined after the closer read the list, then deleted."""
+    config = load_config(trained["config_path"])
+    log = ImpressionLog(config, redis_url, Metrics())
+    now = time.time()
+    log.add(_imp("S", "A", ["x"], now - config.service.attribution_window_s + 0.5))  # closes in 0.5 s
+    log.flush()
+    log._claim(keys=["wn:imp:due", "wn:imp:closing", "wn:imp:owner"], args=[now + 1, 10, now + 30, log.closer_id])
+    assert log.record_feedback([_fb("S", "x")]) == ["expired"]  # its window is still open by the clock
+    log.client.close()
+
+
+def test_an_error_reply_keeps_the_batch_and_it_is_written_later(trained, redis_url):
+    """Review F4: an error reply (OOM under maxmemory) dropped the batch uncounted and left it pending forever."""
+    config = load_config(trained["config_path"])
+    m = Metrics()
+    log = ImpressionLog(config, redis_url, m)
+    r = redis.Redis.from_url(redis_url)
+    policy = r.config_get("maxmemory-policy")["maxmemory-policy"]
+    r.config_set("maxmemory-policy", "noeviction")
+    r.config_set("maxmemory", 1)
+    try:
+        for i in range(5):
+            log.add(_imp(f"r{i}", "A", ["x"], time.time()))
+        try:
+            log.flush()
+            raise AssertionError("the write did not fail")
+        except ConnectionError as e:
+            assert "maxmemory" in str(e)
+        assert (log.backlog(), len(log.pending), m.impressions_logged.get()) == (5, 5, 0)
+    finally:
+        r.config_set("maxmemory", 0)
+        r.config_set("maxmemory-policy", policy)
+    assert log.flush() == 5 and log.pending == {} and r.zcard("wn:imp:due") == 5
+    assert m.impressions_dropped.values == {}
+    r.close()
+    log.client.close()
