@@ -248,3 +248,17 @@ class TrainerProcess:
         code = _stop(self.proc)
         self._log.close()
         return code
+
+
+def with_labels(history: Path, path: Path, changes: dict[int, dict], n: int | None = None) -> Path:
+    """The first `n` lines of `history` (all: None) with `changes` ({line: labels}) merged into those lines'
+    labels, written to `path`."""
+    out = []
+    for i, line in enumerate(history.read_text().splitlines()[:n], start=1):
+        if i in changes:
+            ex = json.loads(line)
+            ex["labels"].update(changes[i])
+            line = json.dumps(ex)
+        out.append(line)
+    path.write_text("\n".join(out) + "\n")
+    return path

@@ -8,7 +8,7 @@ import tomllib
 import numpy as np
 import pytest
 
-from tests.helpers import dumps_toml, small_config_text
+from tests.helpers import dumps_toml, small_config_text, with_labels
 from watchnext.config import load_config
 from watchnext.examples import Chunk, DataError, Decoder, ExampleFiles, Position
 
@@ -151,15 +151,7 @@ AT_BOUNDS = {24: {"click": 1, "rating": 1}, 28: {"click": 1, "rating": 5, "watch
 
 def make_range_file(history_file, path, n=40, changes=None):
     changes = changes or {**{k: v[0] for k, v in OUT_OF_RANGE.items()}, **AT_BOUNDS}
-    out = []
-    for i, line in enumerate(history_file.read_text().splitlines()[:n], start=1):
-        if i in changes:
-            ex = json.loads(line)
-            ex["labels"].update(changes[i])
-            line = json.dumps(ex)
-        out.append(line)
-    path.write_text("\n".join(out) + "\n")
-    return path
+    return with_labels(history_file, path, changes, n)
 
 
 def test_labels_outside_their_range_are_bad_lines(history_file, small_config, tmp_path):

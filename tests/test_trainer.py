@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import dumps_toml, small_config_text, write_small_history
+from tests.helpers import dumps_toml, small_config_text, with_labels, write_small_history
 from training.export import state_digest
 from training.trainer import CheckpointError, Trainer, read_checkpoint, train_files
 from watchnext.config import load_config
@@ -125,7 +125,6 @@ def test_cli_train_prints_json_and_writes_metrics(history_file, small_config_pat
     res = subprocess.run(train_cmd(history_file, small_config_path, tmp_path, "--promote"),
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    import json
 
     out = json.loads(res.stdout)
     assert out["examples"] == 6000 and out["version"] == 1
@@ -171,15 +170,7 @@ def test_trains_on_the_gpu(history_file, small_config, tmp_path):
 
 def _write_lines(history_file, path, changes):
     """history_file with `changes` ({line: labels}) merged into those lines' labels."""
-    out = []
-    for i, line in enumerate(history_file.read_text().splitlines(), start=1):
-        if i in changes:
-            ex = json.loads(line)
-            ex["labels"].update(changes[i])
-            line = json.dumps(ex)
-        out.append(line)
-    path.write_text("\n".join(out) + "\n")
-    return path
+    return with_labels(history_file, path, changes)
 
 
 def _all_finite(trainer: Trainer) -> bool:
