@@ -367,9 +367,10 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         def build() -> dict[str, Any]:
             stored = exps.stored(name)
             exp = Experiment.from_dict(stored["experiment"])
-            lines = exps.events(name)
-            if include_open and svc.log is not None:  # after the closed ones (see ImpressionLog.open_events)
-                lines = b"\n".join(x for x in (lines, svc.log.open_events(name)) if x)
+            if include_open and svc.log is not None:  # closed and open, each once (ImpressionLog.events_with_open)
+                lines = b"\n".join(x for x in (exps.legacy_events(name), svc.log.events_with_open(name)) if x)
+            else:
+                lines = exps.events(name)
             rep = report_of(exp, lines, confidence, points)
             rep["include_open"] = include_open
             rep["status"], rep["stopped_at"] = stored["status"], stored.get("stopped_at")

@@ -304,6 +304,10 @@ class Experiments:
         read = [self._read(name.decode(errors="replace"), raw) for name, raw in entries]
         return [view(s) for s in read if s is not None]
 
+    def legacy_events(self, name: str) -> bytes:
+        """Closed impressions an earlier version kept under wn:exp:ev:<name> (nothing writes there now)."""
+        return b"\n".join(self.client.lrange(_legacy_events_key(name), 0, -1))
+
     def events(self, name: str) -> bytes:
         """The experiment's closed impressions as JSON lines (under either key scheme)."""
         pipe = self.client.pipeline(transaction=False)

@@ -484,6 +484,8 @@ class ImpressionLog:
             if group and size + n > COMMIT_BYTES:
                 yield group, lines
                 group, lines, size = [], [], 0
+            for e in exs:  # after the blobs: the token goes to the report's events, not to the stream
+                e["_token"] = t
             group.append(t)
             lines += list(zip(blobs, exs))
             size += n
@@ -507,18 +509,29 @@ class ImpressionLog:
         self.metrics.examples.inc(n)
         return n
 
-    def open_events(self, name: str) -> bytes:
-        """Experiment `name`'s impressions whose window is still open, with the feedback so far (labels without
-        feedback take the task defaults), as the report's JSON lines. Read after the closed ones: an impression
-        closing in between is missed, never counted twice."""
-        toks = [t.decode() for t in self.client.zrange(DUE, 0, -1)]
-        lines: list[bytes] = []
+    def events_with_open(self, name: str) -> bytes:
+        """Experiment `name`'s closed impressions and, with the feedback so far (labels without feedback take the
+        task defaults), those still open or being closed, as the report's JSON lines; each impression once.
+
+        One transaction reads the closed events and the open tokens (waiting or taken by a closer). An open one
+        whose hash is gone when read was closed since: its events are taken from what the closed list gained
+        after the snapshot (events carry their token), so none is missed or counted twice."""
+        key = events_key(name)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.lrange(key, 0, -1)
+        pipe.zrange(DUE, 0, -1)
+        pipe.zrange(CLOSING, 0, -1)
+        closed, due, closing = pipe.execute()
+        toks = [t.decode() for t in due + closing]
+        lines: list[bytes] = [ln for batch in closed for ln in batch.split(b"\n") if ln]
+        gone: set[str] = set()
         for at in range(0, len(toks), CLOSE_BATCH):
             chunk = toks[at:at + CLOSE_BATCH]
             pipe = self.client.pipeline(transaction=False)
             for t in chunk:
                 pipe.hget(imp_key(t), "_")
             shared = pipe.execute()
+            gone.update(t for t, sh in zip(chunk, shared) if sh is None)
             mine = [t for t, sh in zip(chunk, shared) if sh is not None and json.loads(sh).get("experiment") == name]
             if not mine:
                 continue
@@ -527,10 +540,14 @@ class ImpressionLog:
                 pipe.hgetall(imp_key(t))
                 pipe.lrange(fb_key(t), 0, -1)
             res = pipe.execute()
-            examples: list[dict] = []
-            for i in range(len(mine)):
-                examples += self.examples_of(res[2 * i], res[2 * i + 1])
-            lines += self.experiment_events(examples).get(name, [])
+            for i, t in enumerate(mine):
+                exs = self.examples_of(res[2 * i], res[2 * i + 1])
+                if not exs:
+                    gone.add(t)
+                lines += self.experiment_events(exs).get(name, [])
+        if gone:
+            for batch in self.client.lrange(key, len(closed), -1):
+                lines += [ln for ln in batch.split(b"\n") if ln and json.loads(ln).get("t") in gone]
         return b"\n".join(lines)
 
     def experiment_events(self, examples: list[dict[str, Any]]) -> dict[str, list[bytes]]:
@@ -541,7 +558,7 @@ class ImpressionLog:
             if name is None:
                 continue
             ev = {"ts": ex["ts"], "user_id": str(ex["user"].get(self.user_key)), "arm": ex["arm"],
-                  "model_version": ex["model_version"], "labels": ex["labels"]}
+                  "model_version": ex["model_version"], "labels": ex["labels"], "t": ex.get("_token")}
             out.setdefault(name, []).append(json.dumps(ev, separators=(",", ":")).encode())
         return out
 
