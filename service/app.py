@@ -24,12 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from watchnext.cli import models_summary
 from watchnext.encoding import Encoder
+from watchnext.experiments import NAME_PATTERN
 from watchnext.repository import RepositoryError
 
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unavailable
 from .experiments import Experiments, report_of, view
 from .features import OnlineFeatures
-from .feedback import MAX_EVENTS, parse_feedback
+from .feedback import MAX_EVENTS, parse_feedback, parse_json
 from .impressions import REASONS, REDIS_ERRORS, ImpressionLog
 from .models import ModelManager, VersionRefused
 from .observability import Metrics, SharedMetrics, Stopwatch, log, setup_logging
@@ -47,7 +48,7 @@ from .settings import Deps, Settings
 logger = logging.getLogger("watchnext.service")
 
 # an experiment's name, as watchnext.experiments checks it
-ExperimentName = Annotated[str, Path(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")]
+ExperimentName = Annotated[str, Path(pattern=f"^{NAME_PATTERN}$")]
 # PUT /v1/experiments/{name}: checked by watchnext.experiments (this schema documents it)
 EXPERIMENT_BODY: dict[str, Any] = {
     "type": "object",
@@ -59,7 +60,7 @@ EXPERIMENT_BODY: dict[str, Any] = {
                  "description": "assignment salt (default: the name); valid Unicode"},
         "arms": {"type": "array", "minItems": 2, "description": "the control first; shares sum to 1", "items": {
             "type": "object", "required": ["name", "share"], "additionalProperties": False,
-            "properties": {"name": {"type": "string", "pattern": r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"},
+            "properties": {"name": {"type": "string", "pattern": f"^{NAME_PATTERN}$"},
                            "share": {"type": "number", "minimum": 0.0001, "maximum": 1},
                            "version": {"type": ["integer", "null"], "description": "null: the promoted version"},
                            "weights": {"type": "object",
@@ -326,12 +327,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         svc.require_admin(request)
         exps = experiments_of(svc)
         raw = await read_body(request, config.service.max_body_bytes)
-        from watchnext.experiments import ExperimentError, parse_json
-
-        try:
-            body = parse_json(raw)  # a 100k-deep body is refused here, not with a RecursionError
-        except ExperimentError as e:
-            raise BadRequest("body", e.reason, status=400) from None
+        body = parse_json(raw)  # the one body parser (400 naming the body; a 100k-deep one too)
         return await in_redis(exps.put, name, body, deps.repo.versions())
 
     @app.get("/v1/experiments", summary="Every experiment, live and stopped")

@@ -39,9 +39,9 @@ EXP_DEFS = "wn:exp:defs"
 EXP_EVENTS = "wn:exp:ev:"
 
 
-def digest(text: str) -> str:
-    """20 hex digits naming a client string inside a key (the string itself never is one)."""
-    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=10).hexdigest()
+def digest(text: str, size: int = 10) -> str:
+    """2 * size hex digits naming a client string inside a key (the string itself never is one)."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=size).hexdigest()
 
 
 def token(request_id: str, user_id: str) -> str:
@@ -71,4 +71,4 @@ def done_key(tok: str) -> str:
 
 def events_key(name: str) -> str:
     """The list of experiment `name`'s closed impressions."""
-    return EXP_EVENTS + "b2:" + hashlib.blake2b(name.encode(), digest_size=16).hexdigest()
+    return EXP_EVENTS + "b2:" + digest(name, 16)
