@@ -338,8 +338,10 @@ class ImpressionLog:
                     for rec in records:
                         self._write(pipe, rec)
                     pipe.execute()
-                except WRITE_ERRORS as e:  # kept: written again (the same tokens) when Redis takes writes
+                except Exception as e:  # kept: written again (the same tokens) when Redis takes writes
                     self._push([(r.rid, r.nbytes, r) for r in records], front=True, settled=True)
+                    if not isinstance(e, WRITE_ERRORS):
+                        raise
                     self.metrics.redis_up.set(0)
                     raise ConnectionError(str(e)) from None
                 with self._buf_lock:
