@@ -82,9 +82,9 @@ def test_the_draw_is_a_hash_of_the_request_id():
     assert abs(explored.mean() - 0.2) < 0.0072  # 4 sd of 50k draws
     offsets = np.array([d[1] for d in draws if d is not None])
     assert abs(offsets.mean() - 0.5) < 0.018  # 4 sd of ~10k
-    a, b = explore_draw("same", 0.5), explore_draw("same", 0.5)  # a retry agrees, swaps included
-    if a is not None:
-        assert a[1] == b[1] and a[0].random() == b[0].random()
+    rid = next(f"same-{i}" for i in range(100) if explore_draw(f"same-{i}", 0.5) is not None)
+    a, b = explore_draw(rid, 0.5), explore_draw(rid, 0.5)  # a retry agrees, swaps included
+    assert a[1] == b[1] and a[0].random() == b[0].random()
     assert explore_draw("anything", 0.0) is None
     # a larger share keeps every request of the smaller one
     small = {i for i in range(5000) if explore_draw(f"r{i}", 0.1) is not None}

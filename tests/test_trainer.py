@@ -168,11 +168,6 @@ def test_trains_on_the_gpu(history_file, small_config, tmp_path):
 # ---------------------------------------------------------------- labels, non-finite batches, checkpoints
 
 
-def _write_lines(history_file, path, changes):
-    """history_file with `changes` ({line: labels}) merged into those lines' labels."""
-    return with_labels(history_file, path, changes)
-
-
 def _all_finite(trainer: Trainer) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in trainer.net.state_dict().values() if t.is_floating_point())
 
@@ -181,7 +176,7 @@ def test_labels_out_of_range_are_skipped_and_the_rest_trained(history_file, smal
     # before ranges, five ratings of 1e20 made every weight NaN and the export was refused
     changes = {10 + 7 * k: {"click": 1, "rating": 1e20} for k in range(5)}
     changes |= {100: {"click": 1, "watch_time": -0.5}, 200: {"click": 1, "watch_time": 1e39}, 300: {"click": 1, "rating": -100}}
-    path = _write_lines(history_file, tmp_path / "h.jsonl", changes)
+    path = with_labels(history_file, tmp_path / "h.jsonl", changes)
     repo = ModelRepository(tmp_path / "models", small_config.model.name)
     res = train_files(small_config, [path], tmp_path / "ck.pt", repo, fresh=True)
     assert res.examples == 6000 - 8 and res.bad_lines == 8 and res.skipped_batches == 0
@@ -198,7 +193,7 @@ def test_a_batch_with_a_non_finite_loss_is_skipped_and_counted(history_file, tmp
     cfg.write_text(dumps_toml(data))
     config = load_config(cfg)
     bs = config.trainer.batch_size
-    path = _write_lines(history_file, tmp_path / "h.jsonl", {bs + k: {"click": 1, "rating": 3e38} for k in (1, 2, 3)})
+    path = with_labels(history_file, tmp_path / "h.jsonl", {bs + k: {"click": 1, "rating": 3e38} for k in (1, 2, 3)})
     repo = ModelRepository(tmp_path / "models", config.model.name)
     res = train_files(config, [path], tmp_path / "ck.pt", repo, fresh=True)
     assert res.bad_lines == 0 and res.skipped_batches == 1  # the second batch: lines bs+1 .. 2*bs

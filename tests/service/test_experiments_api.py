@@ -299,13 +299,14 @@ def test_open_reports_are_built_one_at_a_time(server, client, redis_url):
     assert client.put("/v1/experiments/rep", json=SPLIT, headers=AUTH).status_code == 200
     r = redis.Redis.from_url(redis_url)
     first: list[httpx.Response] = []
-    r.execute_command("CLIENT", "PAUSE", "1500")  # Redis answers nobody for 1.5 s: the first report waits on it
+    r.execute_command("CLIENT", "PAUSE", "1500")  # Redis answers nobody for 1.5 s (under the 2 s socket timeout)
     t = threading.Thread(target=lambda: first.append(client.get("/v1/experiments/rep/report",
                                                                 params={"include_open": "true"})))
     t.start()
-    wait_for(lambda: getattr(server.app.state, "open_report_busy", False), timeout=5)
+    assert wait_for(lambda: getattr(server.app.state, "open_report_busy", False), timeout=5)
     with httpx.Client(base_url=server.url, timeout=10) as other:
         busy = other.get("/v1/experiments/rep/report", params={"include_open": "true"})
+        r.execute_command("CLIENT", "UNPAUSE")
         assert busy.status_code == 429 and busy.json()["error"]["field"] == "include_open", busy.text
         t.join(10)
         assert first[0].status_code == 200 and first[0].json()["include_open"] is True, first[0].text
