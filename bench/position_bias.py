@@ -46,7 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from training.trainer import Trainer, train_files  # noqa: E402
-from watchnext.config import ConfigError, parse_config  # noqa: E402
+from watchnext.config import parse_config  # noqa: E402
 from watchnext.examples import Decoder, ExampleFiles  # noqa: E402
 from watchnext.metrics import ndcg_by_group  # noqa: E402
 from watchnext.simulate import DEVICE_P, DEVICES, SLATE, World, WorldSpec, history, write_history  # noqa: E402
@@ -274,9 +274,7 @@ def evaluate(net, config, test: Path, truth: dict) -> dict:
 
 
 def _tower_takes_position(config) -> bool:
-    b = config.bias
-    feats = getattr(b, "tower_features", b.features)
-    return "position" in feats and getattr(b, "mode", "tower") == "tower"
+    return "position" in config.bias.tower_features
 
 
 def _tower_curve(net, inputs: dict, n: int) -> tuple[np.ndarray, int]:
@@ -286,10 +284,8 @@ def _tower_curve(net, inputs: dict, n: int) -> tuple[np.ndarray, int]:
     out = []
     for k in range(SLATE):
         slot = torch.full((n,), k, dtype=torch.int64)
-        rows = net.position_rows(slot, False) if hasattr(net, "position_rows") else net.bias.position_rows(slot)
-        res = net.bias(rows, inputs)
-        res = res[0] if isinstance(res, tuple) else res
-        out.append(float(res[:, 0].mean()))
+        bias_logits, _ = net.bias(net.position_rows(slot, False), inputs)
+        out.append(float(bias_logits[:, 0].mean()))
     return np.array(out), n
 
 
@@ -304,14 +300,9 @@ def true_curve(truth: dict) -> list[float]:
 def run(args) -> dict:
     work = Path(args.work or tempfile.mkdtemp(prefix="wn-posbias-"))
     variants = [v for v in VARIANTS if not args.variants or v[0] in args.variants]
-    configs = {}
-    skipped = {}
-    for name, over, _ in variants:
-        try:  # the world's curve does not depend on the policy's strength
-            configs[name] = bench_config(over, args.threads, world_spec(args, 1.0, args.explore_share))
-        except ConfigError as e:
-            skipped[name] = str(e)
-            print(f"skipping {name!r}: {e}", file=sys.stderr)
+    # the world's curve does not depend on the policy's strength
+    configs = {name: bench_config(over, args.threads, world_spec(args, 1.0, args.explore_share))
+               for name, over, _ in variants}
     runs = []
     strengths = sorted(set(args.strengths) | ({0.0} if args.unconfounded else set()))
     for strength in strengths:
@@ -344,7 +335,7 @@ def run(args) -> dict:
             if not args.keep:
                 for f in data["files"].values():
                     f.unlink(missing_ok=True)
-    return {"runs": runs, "skipped": skipped, "strengths": strengths, "seeds": args.seeds,
+    return {"runs": runs, "strengths": strengths, "seeds": args.seeds,
             "variants": [v[0] for v in variants if v[0] in configs],
             "settings": {k: getattr(args, k) for k in ("examples", "test", "users", "videos",
                                                                  "policy_popularity", "position_bias", "explore_share")}}
@@ -464,8 +455,6 @@ def render(result: dict, summary: dict) -> str:
         lines.append("FAIL: no variant meets every target")
         for v, why in t["failing"].items():
             lines.append(f"  {v}: " + "; ".join(why))
-    if result["skipped"]:
-        lines.append("skipped (config keys not available): " + ", ".join(result["skipped"]))
     return "\n".join(lines)
 
 
