@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[train,dev]"
+	$(BIN)/pip install --quiet -e ".[train,tools,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -22,7 +22,8 @@ run: $(STAMP)
 	$(BIN)/watchnext up --demo 60
 
 test: $(STAMP)
-	$(BIN)/ruff check watchnext training service tests bench
+	$(BIN)/ruff check watchnext training service analysis simulation cli tests bench
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

@@ -31,9 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.serve_latency import ensure_model, make_requests  # noqa: E402
+from simulation.world import World, WorldSpec  # noqa: E402
 from watchnext.config import load_config  # noqa: E402
 from watchnext.redis_embed import free_port, start_embedded  # noqa: E402
-from watchnext.simulate import World, WorldSpec  # noqa: E402
 
 TOP_K = 20
 WINDOW_S = 5.0

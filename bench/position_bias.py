@@ -45,11 +45,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from simulation.world import DEVICE_P, DEVICES, SLATE, World, WorldSpec, history, write_history  # noqa: E402
 from training.trainer import Trainer, train_files  # noqa: E402
 from watchnext.config import parse_config  # noqa: E402
 from watchnext.examples import Decoder, ExampleFiles  # noqa: E402
 from watchnext.metrics import ndcg_by_group  # noqa: E402
-from watchnext.simulate import DEVICE_P, DEVICES, SLATE, World, WorldSpec, history, write_history  # noqa: E402
 
 NO_TOWER = "no tower"
 REFERENCE = "unbiased data"

@@ -24,10 +24,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from simulation.world import WorldSpec, write_history  # noqa: E402
 from training.trainer import train_files  # noqa: E402
 from watchnext.config import load_config  # noqa: E402
 from watchnext.metrics import auc  # noqa: E402
-from watchnext.simulate import WorldSpec, write_history  # noqa: E402
 
 
 def truth_auc(path: Path, tail: int, config) -> dict:

@@ -48,13 +48,13 @@ from service.features import ENTRY_OVERHEAD, EntityCache, OnlineFeatures  # noqa
 from service.inference import InferenceSession  # noqa: E402
 from service.observability import Metrics  # noqa: E402
 from service.ranker import Ranker  # noqa: E402
+from simulation.world import World, WorldSpec  # noqa: E402
 from watchnext.config import load_config  # noqa: E402
 from watchnext.encoding import Encoder, section_type  # noqa: E402
 from watchnext.entities import RowLayout, encode_entities, write_entities  # noqa: E402
 from watchnext.redis_embed import free_port, start_embedded  # noqa: E402
 from watchnext.repository import ModelRepository  # noqa: E402
 from watchnext.runtime import usable_cpus  # noqa: E402
-from watchnext.simulate import World, WorldSpec  # noqa: E402
 
 
 def make_requests(world: World, n_candidates: int, count: int, seed: int) -> list[dict]:
@@ -290,8 +290,8 @@ def ensure_model(models: Path, config_path: Path, work: Path) -> Path:
     v = repo.serving()
     if v is not None and repo.metadata(v).get("config_hash") == config.hash:
         return models
+    from simulation.world import write_history
     from training.trainer import train_files
-    from watchnext.simulate import write_history
 
     hist = work / "history.jsonl"
     print("[bench] training a version on 50,000 simulated examples ...", file=sys.stderr, flush=True)

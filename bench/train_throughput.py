@@ -85,7 +85,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="wn-bench-"))
     data = args.data
     if data is None:
-        from watchnext.simulate import write_history
+        from simulation.world import write_history
 
         data = work / "history.jsonl"
         print(f"simulating {args.examples:,} examples -> {data}", file=sys.stderr)

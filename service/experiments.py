@@ -39,8 +39,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.json as pj
 
-from watchnext.abreport import LABELS, events_from_table
-from watchnext.abstats import CONFIDENCE, report, timeseries
+from analysis.abreport import LABELS, events_from_table
+from analysis.abstats import CONFIDENCE, report, timeseries
 from watchnext.config import Config
 from watchnext.experiments import Arm, Experiment, ExperimentError, parse_json
 from watchnext.scoring import weight_vector

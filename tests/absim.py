@@ -1,6 +1,6 @@
 """Many simulated A/B experiments at once, from the synthetic world (tests of the A/B report).
 
-A population of users from `watchnext.simulate.World`, each with a fixed list of
+A population of users from `simulation.world.World`, each with a fixed list of
 impressions (video, slot, time, device) in the experiment period and another in
 the pre-period. Heavy users have many impressions (the world's Pareto activity)
 and each user's tastes make their outcomes alike, so user-level clustering
@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from watchnext.abstats import Events
+from analysis.abstats import Events
+from simulation.world import DAY, SLATE, World, WorldSpec
 from watchnext.experiments import Experiment, assign
-from watchnext.simulate import DAY, SLATE, World, WorldSpec
 
 RATING_SD, SURVEY_RATE, WATCH_SD = 0.6, 0.2, 0.15  # as in World.outcomes
 

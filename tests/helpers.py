@@ -15,9 +15,9 @@ from pathlib import Path
 
 import httpx
 
+from simulation.world import WorldSpec, write_history
 from watchnext.config import default_config_path
 from watchnext.redis_embed import free_port
-from watchnext.simulate import WorldSpec, write_history
 
 
 def small_config_text(**sections) -> str:

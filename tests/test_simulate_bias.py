@@ -8,9 +8,9 @@ import json
 import numpy as np
 import pytest
 
+from cli.main import main
+from simulation.world import DAY, DEVICES, SLATE, World, WorldSpec, history, unbiased_history
 from tests.helpers import SMALL_WORLD
-from watchnext.cli import main
-from watchnext.simulate import DAY, DEVICES, SLATE, World, WorldSpec, history, unbiased_history
 
 
 def spec(**kw) -> WorldSpec:

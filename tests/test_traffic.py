@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import redis
 
+from analysis.abreport import read_events
+from cli.main import main
+from simulation.traffic import Traffic, TrafficError, check_url, render_summary
+from simulation.world import DAY, SLATE, World, WorldSpec
 from tests.helpers import SMALL_WORLD
 from tests.service.fixtures import ADMIN, FAST_SERVICE, live_service, write_config
-from watchnext.abreport import read_events
-from watchnext.cli import main
 from watchnext.experiments import Experiment
-from watchnext.simulate import DAY, SLATE, World, WorldSpec
-from watchnext.traffic import Traffic, TrafficError, check_url, render_summary
 
 # the CLI can set the world's users and videos (as `simulate history` can), not its channels and tags
 WORLD = WorldSpec(users=SMALL_WORLD.users, videos=SMALL_WORLD.videos)

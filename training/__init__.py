@@ -1,0 +1,9 @@
+"""The trainer (PyTorch). Imports the core only.
+
+    model        the MMoE ranker and its shallow tower, from named parts
+    trainer      one pass over examples in time order: steps, checkpoints, exports
+    progressive  progressive validation (each batch scored before it trains)
+    propensity   examination propensities from randomised logging; IPW
+    export       ONNX export into the model repository
+    stream       the continuous worker on the Redis training stream
+"""

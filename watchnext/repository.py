@@ -223,6 +223,39 @@ class ModelRepository:
         atomic_write(self.dir / "config.pbtxt", triton_config(self.name, meta, self.triton_versions()))
 
 
+def models_summary(repo: ModelRepository) -> dict:
+    """Every version with its metrics, and which one is promoted. A damaged metadata.json is a row with an
+    `error` naming the file; a damaged serving.json is `state_error` (the newest version then serves)."""
+    state_error = None
+    try:
+        promoted, serving = repo.promoted(), repo.serving()
+    except RepositoryError as e:
+        state_error, promoted = str(e), None
+        serving = (repo.versions() or [None])[-1]
+    out = []
+    for v in repo.versions():
+        try:
+            m = repo.metadata(v)
+        except RepositoryError as e:
+            out.append({"version": v, "error": str(e), "serving": v == serving})
+            continue
+        out.append(
+            {
+                "version": v,
+                "created_at": m.get("created_at"),
+                "parent": m.get("parent"),
+                "config_hash": m.get("config_hash"),
+                "examples": (m.get("watermark") or {}).get("examples"),
+                "metrics": {k: t.get("auc", t.get("rmse")) for k, t in ((m.get("metrics") or {}).get("tasks") or {}).items()},
+                "serving": v == serving,
+            }
+        )
+    summary = {"model": repo.name, "promoted": promoted, "serving": serving, "versions": out}
+    if state_error is not None:
+        summary["state_error"] = state_error
+    return summary
+
+
 def read_json_object(path: Path, fix: str = "") -> dict[str, Any]:
     """A JSON object from `path`; RepositoryError naming the file and what is wrong with it."""
     hint = f": {fix}" if fix else ""

@@ -19,10 +19,10 @@ import httpx
 import numpy as np
 import redis
 
+from cli.main import main as watchnext_main
 from tests.helpers import TrainerProcess, serve_processes, stream_examples, stream_id, wait_for
 from tests.service.fixtures import ADMIN, write_config
 from tests.service.traffic import rank_requests
-from watchnext.cli import main as watchnext_main
 from watchnext.config import load_config
 from watchnext.experiments import Experiment
 from watchnext.repository import ModelRepository

@@ -316,7 +316,7 @@ def test_open_reports_are_built_one_at_a_time(server, client, redis_url):
 
 
 def test_cli_creates_shows_reports_and_stops(server, capsys):
-    from watchnext.cli import main
+    from cli.main import main
 
     target = ["--url", server.url, "--token", ADMIN]
     assert main(["ab", "create", "cli", "--arm", "control=0.5", "--arm", "sat=0.5:1:w=click=1,like=4", *target]) == 0
@@ -335,7 +335,7 @@ def test_cli_creates_shows_reports_and_stops(server, capsys):
 
 
 def test_up_demo_runs_an_experiment_prints_its_report_and_writes_the_chart(server, tmp_path, capfd):
-    from service.stack import run_demo
+    from cli.stack import run_demo
 
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     assert run_demo(server.url, ADMIN, server.service.config, 4, env, tmp_path / "demo.png")

@@ -20,12 +20,12 @@ import httpx
 import numpy as np
 import pytest
 
+from cli.main import main as watchnext_main
 from service.settings import Settings, SettingsError
 from tests.helpers import expected_workers, wait_for
 from tests.service.fixtures import ADMIN, live_service
 from tests.service.traffic import rank_requests
 from tests.service.triton_standin import TritonStandin
-from watchnext.cli import main as watchnext_main
 from watchnext.config import load_config
 from watchnext.redis_embed import free_port
 from watchnext.repository import ModelRepository

@@ -17,7 +17,7 @@ For every arm the service reports (its `arm` and `model_version`) the run adds
 up the world's *expected* outcomes of the items shown in the slots they were
 shown in (`World.expected`), so an A/B report's estimates can be checked against
 the truth, next to the realised counts. The metrics are the A/B report's
-(`watchnext.abstats.METRICS`): click-through rate, watch time per impression,
+(`analysis.abstats.METRICS`): click-through rate, watch time per impression,
 likes per click, dismiss rate, mean survey rating.
 
 The world's clock starts where the simulated history ends and runs with the wall
@@ -48,8 +48,8 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 
-from .abstats import METRICS
-from .simulate import DAY, DEVICES, POOL, SLATE, World
+from analysis.abstats import METRICS
+from simulation.world import DAY, DEVICES, POOL, SLATE, World
 
 # running sums per arm, all over the impressions shown
 #   truth:    sum of expected outcomes (the world's probabilities in the slots shown)

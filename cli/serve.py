@@ -1,4 +1,4 @@
-"""`watchnext serve`, `watchnext up` and `watchnext features load`: registered into watchnext/cli.py.
+"""`watchnext serve`, `watchnext up` and `watchnext features load`: registered into cli/main.py.
 
 Nothing here imports torch: the trainer runs as a child process (`watchnext train`).
 """
@@ -12,13 +12,13 @@ import signal
 import sys
 from pathlib import Path
 
-from watchnext.cli import EPILOG, CliError, common
+from cli.main import EPILOG, CliError, common
 
 REDIS_DIR = Path("data/redis")  # the embedded Redis's append-only files, shared by serve, up and features load
 
 
 def register(sub) -> None:
-    from watchnext.cli_ab import AB_ACTIONS
+    from cli.ab import AB_ACTIONS
 
     _serve(sub)
     _up(sub)
@@ -46,7 +46,7 @@ def server_flags(p: argparse.ArgumentParser) -> None:
 
 
 def settings_of(args, env=None, **extra):
-    from .settings import Settings, SettingsError
+    from service.settings import Settings, SettingsError
 
     try:
         settings = Settings.from_env(env, config_path=args.config, models_dir=args.models, host=args.host,
@@ -57,7 +57,7 @@ def settings_of(args, env=None, **extra):
     except SettingsError as e:
         raise CliError(str(e)) from None
     if settings.backend == "triton":  # before anything starts: a missing client is a set-up error, said plainly
-        from .triton import TritonError, import_tritonclient
+        from service.triton import TritonError, import_tritonclient
 
         try:
             import_tritonclient()
@@ -101,8 +101,8 @@ def run_server(settings, deps=None) -> None:
     (models, impression log, experiments) as replicas are, with /metrics added up across them."""
     import uvicorn
 
-    from .app import create_app, freeze_startup
-    from .settings import build_deps
+    from service.app import create_app, freeze_startup
+    from service.settings import build_deps
 
     workers = settings.worker_count()
     deps = deps or build_deps(settings)  # a bad config or repository stops it here, with its message
@@ -117,7 +117,7 @@ def run_server(settings, deps=None) -> None:
 
     from uvicorn.supervisors import Multiprocess
 
-    from .app import METRICS_DIR_ENV, SETTINGS_ENV
+    from service.app import METRICS_DIR_ENV, SETTINGS_ENV
 
     class Supervisor(Multiprocess):
         """uvicorn's, remembering a SIGTERM: this process then ends as it does with one worker (see exit_on_sigterm)."""
@@ -184,7 +184,7 @@ def _up(sub) -> None:
 
 
 def cmd_up(args) -> int:
-    from .stack import run_stack
+    from cli.stack import run_stack
 
     if args.bootstrap_examples <= 0:
         raise CliError(f"--bootstrap-examples: must be > 0, got {args.bootstrap_examples}")
@@ -219,7 +219,7 @@ def _features(sub) -> None:
 def cmd_features_load(args) -> int:
     import redis
 
-    from watchnext.cli import config_of
+    from cli.main import config_of
     from watchnext.entities import load_file
     from watchnext.redis_embed import start_embedded
 
@@ -373,8 +373,8 @@ def cmd_ab_show(args) -> int:
 def cmd_ab_report_url(args) -> int:
     from urllib.parse import urlencode
 
-    from watchnext.abreport import write_chart
-    from watchnext.cli_ab import print_report
+    from analysis.chart import write_chart
+    from cli.ab import print_report
 
     if args.events or args.pre or args.experiment or args.arms:
         raise CliError("ab report --url: the service has the events and the definition; "

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import Config
-from .evaluate import Scored, ranking_quality, score_files, task_metrics
-from .metrics import auc, ndcg_per_group, rmse
-from .repository import ModelRepository
-from .scoring import combine, weight_vector
+from analysis.evaluate import Scored, ranking_quality, score_files, task_metrics
+from watchnext.config import Config
+from watchnext.metrics import auc, ndcg_per_group, rmse
+from watchnext.repository import ModelRepository
+from watchnext.scoring import combine, weight_vector
 
 CELLS_PER_CHUNK = 4_000_000  # replicates x rows held at once (32 MB of float64)
 NDCG_K = 10

@@ -391,7 +391,7 @@ def shown_order(slate: np.ndarray, rng: np.random.Generator, explore_share: floa
     explored = rng.random(n) < explore_share if explore_share > 0 else np.zeros(n, bool)
     m = int(explored.sum())
     if m:
-        from .explore import explore_orders
+        from watchnext.explore import explore_orders
 
         order, p = explore_orders(-rank[:m].astype(np.float64), rng, rng.integers(0, 2, m))
         rank[explored], prop[explored] = order, p

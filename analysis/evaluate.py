@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import Config
-from .examples import Decoder, ExampleFiles
-from .metrics import auc, ndcg_by_group, rmse
-from .repository import ModelRepository
-from .runtime import make_session
-from .scoring import combine, weight_vector
+from watchnext.config import Config
+from watchnext.examples import Decoder, ExampleFiles
+from watchnext.metrics import auc, ndcg_by_group, rmse
+from watchnext.repository import ModelRepository
+from watchnext.runtime import make_session
+from watchnext.scoring import combine, weight_vector
 
 
 @dataclass

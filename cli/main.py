@@ -10,12 +10,10 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from .config import ConfigError, load_config
-from .repository import ModelRepository, RepositoryError
+from watchnext.config import ConfigError, load_config
+from watchnext.repository import ModelRepository, RepositoryError, models_summary
 
 EPILOG = "Shared settings: --config PATH (or WATCHNEXT_CONFIG), --models DIR (or WATCHNEXT_MODELS), REDIS_URL."
 
@@ -54,14 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     _evaluate(sub)
     _models(sub)
     _simulate(sub)
-    for extra in _EXTRA:
-        extra(sub)
+    from cli import ab, serve  # they import this module's helpers (common, CliError, EPILOG)
+
+    serve.register(sub)
+    ab.register(sub)
     return p
-
-
-# Subcommands added by other modules of the package (service, experiments) register here.
-_EXTRA: list[Callable[[Any], None]] = [lambda sub: __import__("service.cli", fromlist=["register"]).register(sub)]
-_EXTRA.append(lambda sub: __import__("watchnext.cli_ab", fromlist=["register"]).register(sub))
 
 
 def common(p: argparse.ArgumentParser) -> None:
@@ -225,7 +220,7 @@ def version_arg(repo: ModelRepository, v: str) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import evaluate
+    from analysis.evaluate import evaluate
 
     config = config_of(args)
     repo = repo_of(args, config)
@@ -255,39 +250,6 @@ def _models(sub) -> None:
     common(rb)
     rb.set_defaults(func=cmd_models_rollback)
     p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
-
-
-def models_summary(repo: ModelRepository) -> dict:
-    """Every version with its metrics, and which one is promoted. A damaged metadata.json is a row with an
-    `error` naming the file; a damaged serving.json is `state_error` (the newest version then serves)."""
-    state_error = None
-    try:
-        promoted, serving = repo.promoted(), repo.serving()
-    except RepositoryError as e:
-        state_error, promoted = str(e), None
-        serving = (repo.versions() or [None])[-1]
-    out = []
-    for v in repo.versions():
-        try:
-            m = repo.metadata(v)
-        except RepositoryError as e:
-            out.append({"version": v, "error": str(e), "serving": v == serving})
-            continue
-        out.append(
-            {
-                "version": v,
-                "created_at": m.get("created_at"),
-                "parent": m.get("parent"),
-                "config_hash": m.get("config_hash"),
-                "examples": (m.get("watermark") or {}).get("examples"),
-                "metrics": {k: t.get("auc", t.get("rmse")) for k, t in ((m.get("metrics") or {}).get("tasks") or {}).items()},
-                "serving": v == serving,
-            }
-        )
-    summary = {"model": repo.name, "promoted": promoted, "serving": serving, "versions": out}
-    if state_error is not None:
-        summary["state_error"] = state_error
-    return summary
 
 
 def cmd_models_list(args) -> int:
@@ -398,7 +360,7 @@ def _simulate(sub) -> None:
 def cmd_simulate_history(args) -> int:
     import math
 
-    from .simulate import WorldSpec, write_history
+    from simulation.world import WorldSpec, write_history
 
     if args.examples <= 0:
         raise CliError(f"--examples: must be > 0, got {args.examples}")
@@ -434,8 +396,8 @@ def cmd_simulate_history(args) -> int:
 def cmd_simulate_traffic(args) -> int:
     import contextlib
 
-    from .simulate import World, WorldSpec
-    from .traffic import Traffic, TrafficError, check_url, render_summary
+    from simulation.traffic import Traffic, TrafficError, check_url, render_summary
+    from simulation.world import World, WorldSpec
 
     try:
         check_url(args.url)  # before building the world (seconds)

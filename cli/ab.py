@@ -1,4 +1,4 @@
-"""`watchnext compare` and `watchnext ab ...` (CONTRACT §4), registered into watchnext.cli.
+"""`watchnext compare` and `watchnext ab ...` (CONTRACT §4), registered into cli.main.
 
 `ab report` works offline from an event log. Actions that talk to a running
 service (`ab create`, `ab stop`, ...) are added by appending a function to
@@ -25,7 +25,7 @@ def register(sub) -> None:
 
 
 def _compare(sub) -> None:
-    from .cli import EPILOG, common
+    from cli.main import EPILOG, common
 
     p = sub.add_parser(
         "compare",
@@ -47,8 +47,8 @@ def _compare(sub) -> None:
 
 
 def cmd_compare(args) -> int:
-    from .cli import CliError, config_of, repo_of, version_arg
-    from .compare import compare
+    from analysis.compare import compare
+    from cli.main import CliError, config_of, repo_of, version_arg
 
     for f in args.data:
         if not Path(f).is_file():
@@ -65,7 +65,7 @@ def cmd_compare(args) -> int:
 
 
 def _ab(sub) -> None:
-    from .cli import EPILOG
+    from cli.main import EPILOG
 
     p = sub.add_parser("ab", help="A/B experiments: reports (and, with a running service, create and stop)",
                        epilog=EPILOG)
@@ -97,8 +97,8 @@ def _ab(sub) -> None:
 
 
 def experiment_of(args) -> Any:
-    from .cli import CliError
-    from .experiments import Experiment, ExperimentError
+    from cli.main import CliError
+    from watchnext.experiments import Experiment, ExperimentError
 
     try:
         if args.experiment:
@@ -125,9 +125,10 @@ def experiment_of(args) -> Any:
 
 
 def cmd_ab_report(args) -> int:
-    from .abreport import read_events, write_chart
-    from .abstats import report, timeseries
-    from .cli import CliError
+    from analysis.abreport import read_events
+    from analysis.abstats import report, timeseries
+    from analysis.chart import write_chart
+    from cli.main import CliError
 
     if not args.events:
         raise CliError("ab report: give --events FILE... (an event log) or --url URL (a running service)")
@@ -161,7 +162,7 @@ def cmd_ab_report(args) -> int:
 
 def print_report(rep: dict, as_json: bool) -> None:
     """A report on stdout: JSON, or the table (and where its chart was written)."""
-    from .abreport import render_table
+    from analysis.abreport import render_table
 
     if as_json:
         print(json.dumps(rep, indent=2))

@@ -23,10 +23,9 @@ import sys
 import threading
 from pathlib import Path
 
-from watchnext.cli import CliError
+from cli.main import CliError
+from service.settings import Settings, build_deps
 from watchnext.repository import RepositoryError
-
-from .settings import Settings, build_deps
 
 DATA = Path("data")
 
@@ -87,9 +86,8 @@ def example_request(history: Path | None, item_id: str | None) -> dict:
 
 
 def run_stack(args, settings: Settings) -> int:
+    from cli.serve import run_server
     from watchnext.redis_embed import start_embedded
-
-    from .cli import run_server
 
     embedded = None
     if settings.redis_url is None:

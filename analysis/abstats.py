@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from .experiments import Experiment
+from watchnext.experiments import Experiment
 
 CONFIDENCE = 0.95
 SRM_ALPHA = 0.001
