@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from analysis.abstats import METRICS, Events
+from watchnext.examples import DataError
 from watchnext.experiments import Experiment
 
 LABELS = tuple(dict.fromkeys(m.label for m in METRICS))
@@ -85,7 +86,7 @@ def events_from_records(records: Sequence[dict[str, Any]], experiment: Experimen
     try:
         table = pa.Table.from_pylist(list(records), schema=_SCHEMA)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise ValueError(f"events: {e}") from None
+        raise DataError("events", str(e)) from None
     return events_from_table(table, experiment)
 
 
@@ -105,7 +106,7 @@ def read_events(paths: Sequence[str | Path], experiment: Experiment | None,
             tables.append(pj.read_json(io.BytesIO(data), parse_options=opts,
                                        read_options=pj.ReadOptions(block_size=1 << 24)))
         except pa.ArrowInvalid as e:
-            raise ValueError(f"{p}: not a JSON-lines event log: {e}") from None
+            raise DataError(str(p), f"not a JSON-lines event log: {e}") from None
     table = pa.concat_tables(tables) if tables else _SCHEMA.empty_table()
     ev, dropped = events_from_table(table, experiment)
     if before is not None:

@@ -1,4 +1,4 @@
-"""The A/B report: per-arm metrics with user-level confidence intervals (numpy only).
+"""The A/B report: per-arm metrics with user-level confidence intervals (numpy, and scipy.stats for the distributions).
 
 The user is the unit of randomisation, so the user is the unit of analysis: a
 user's impressions are correlated (one heavy user can move a click-through rate
@@ -22,6 +22,10 @@ cannot depend on the arm, and its variance shrinks by the squared correlation.
 The sample-ratio-mismatch check is a chi-square test of users per arm against
 the shares the buckets realise; a flag (p < 0.001) means the split itself is
 broken (a logging or assignment bug) and no difference should be trusted.
+
+The normal and chi-square distributions are scipy.stats's, imported where they are
+first used: the service imports this module at start, and scipy.stats would add
+about a second and tens of MB to every worker process that never makes a report.
 """
 
 from __future__ import annotations
@@ -85,49 +89,6 @@ class Events:
 
     def select(self, keep: np.ndarray) -> Events:
         return Events(self.user[keep], self.arm[keep], self.ts[keep], {k: v[keep] for k, v in self.labels.items()})
-
-
-# ---------------------------------------------------------------- distributions (numpy/math only)
-
-
-def normal_sf(z: float) -> float:
-    """P(Z > z) for a standard normal."""
-    return 0.5 * math.erfc(z / math.sqrt(2.0))
-
-
-def normal_quantile(p: float) -> float:
-    """z with P(Z <= z) = p, by bisection on erfc (exact to ~1e-12)."""
-    if not 0.0 < p < 1.0:
-        raise ValueError(f"p: expected a probability in (0, 1), got {p}")
-    lo, hi = -40.0, 40.0
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if 1.0 - normal_sf(mid) < p:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def chi2_sf(x: float, df: int) -> float:
-    """P(X > x) for chi-square with an integer number of degrees of freedom (closed forms)."""
-    if df < 1:
-        raise ValueError(f"df: expected >= 1, got {df}")
-    if x <= 0:
-        return 1.0
-    h = x / 2.0
-    if df % 2 == 0:  # exp(-h) * sum_{k < df/2} h^k / k!
-        term, total = 1.0, 1.0
-        for k in range(1, df // 2):
-            term *= h / k
-            total += term
-        return min(1.0, math.exp(-h) * total)
-    # odd: erfc(sqrt(h)) + exp(-h) * sum_{k=1}^{(df-1)/2} h^(k-1/2) / Gamma(k+1/2)
-    total, term = math.erfc(math.sqrt(h)), math.exp(-h) * math.sqrt(h) / math.gamma(1.5)
-    for k in range(1, (df - 1) // 2 + 1):
-        total += term
-        term *= h / (k + 0.5)
-    return min(1.0, total)
 
 
 # ---------------------------------------------------------------- per-user sums
@@ -235,10 +196,21 @@ def _ci(est: float, var: float, z: float) -> list[float | None]:
     return [est - z * se, est + z * se]
 
 
+def _z(confidence: float) -> float:
+    """The two-sided normal critical value: P(|Z| <= z) = confidence."""
+    from scipy.stats import norm
+
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence: expected a number in (0, 1), got {confidence}")
+    return float(norm.ppf(0.5 + confidence / 2))
+
+
 def _diff(et: float, vt: float, ec: float, vc: float, z: float) -> dict[str, Any]:
+    from scipy.stats import norm
+
     d, v = et - ec, vt + vc
     ok = math.isfinite(d) and math.isfinite(v)
-    p = 2 * normal_sf(abs(d) / math.sqrt(v)) if ok and v > 0 else (None if not ok else (1.0 if d == 0 else 0.0))
+    p = 2 * float(norm.sf(abs(d) / math.sqrt(v))) if ok and v > 0 else (None if not ok else (1.0 if d == 0 else 0.0))
     rel = et / ec - 1 if ok and ec != 0 else float("nan")
     rel_var = vt / ec**2 + et**2 * vc / ec**4 if ok and ec != 0 else float("nan")
     return {"diff": _num(d), "ci": _ci(d, v, z), "se": _num(math.sqrt(v)) if ok else None, "p_value": _num(p),
@@ -247,13 +219,15 @@ def _diff(et: float, vt: float, ec: float, vc: float, z: float) -> dict[str, Any
 
 def srm(users_per_arm: Sequence[float], shares: Sequence[float]) -> dict[str, Any]:
     """Chi-square test of users per arm against the expected shares."""
+    from scipy.stats import chi2 as chi_square
+
     obs = np.asarray(users_per_arm, np.float64)
     exp = np.asarray(shares, np.float64) * obs.sum()
     if obs.sum() == 0:
         return {"chi2": None, "df": len(obs) - 1, "p_value": None, "flagged": False, "observed": obs.astype(int).tolist(),
                 "expected_shares": list(map(float, shares)), "threshold": SRM_ALPHA}
     chi2 = float(np.sum((obs - exp) ** 2 / exp))
-    p = chi2_sf(chi2, len(obs) - 1)
+    p = float(chi_square.sf(chi2, len(obs) - 1))
     return {"chi2": chi2, "df": len(obs) - 1, "p_value": p, "flagged": p < SRM_ALPHA,
             "observed": obs.astype(int).tolist(), "expected_shares": [float(s) for s in shares], "threshold": SRM_ALPHA}
 
@@ -268,7 +242,7 @@ def report(experiment: Experiment, events: Events, pre: Events | None = None, co
     A = len(experiment.arms)
     if len(events) and (events.arm.min() < 0 or events.arm.max() >= A):
         raise ValueError(f"events.arm: expected arm indices in [0, {A}), got {events.arm.min()}..{events.arm.max()}")
-    z = normal_quantile(0.5 + confidence / 2)
+    z = _z(confidence)
     u = units(events, A, metrics)
     n_users = np.bincount(u.arm, minlength=A)
     pre_a, pre_b = _pre_sums(u, pre, metrics) if pre is not None and len(pre) else ({}, {})
@@ -321,7 +295,7 @@ def timeseries(experiment: Experiment, events: Events, points: int = 24, confide
     One pass of per-user sums per point, over all events up to that time.
     """
     A = len(experiment.arms)
-    z = normal_quantile(0.5 + confidence / 2)
+    z = _z(confidence)
     if not len(events):
         return {"ts": [], "metrics": {}, "arms": experiment.arm_names()}
     t = np.linspace(events.ts.min(), events.ts.max(), points + 1)[1:]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from analysis.evaluate import Scored, ranking_quality, score_files, task_metrics
-from watchnext.config import Config
+from watchnext.config import Config, ConfigError
 from watchnext.metrics import auc, ndcg_per_group, rmse
 from watchnext.repository import ModelRepository
 from watchnext.scoring import combine, weight_vector
@@ -120,8 +120,8 @@ def compare(config: Config, repo: ModelRepository, a: int, b: int, paths: Sequen
     for v in (a, b):
         meta = repo.metadata(v)
         if meta.get("config_hash") != config.hash:
-            raise ValueError(f"version {v} was trained with config hash {meta.get('config_hash')}, "
-                             f"this config is {config.hash}: pass the --config it was trained with")
+            raise ConfigError(config.path, f"version {v} was trained with config hash {meta.get('config_hash')}, "
+                                           f"this config is {config.hash}: pass the --config it was trained with")
         scored.append(score_files(config, repo.path(v) / "model.onnx", paths, device))
     sa, sb = scored
     return {

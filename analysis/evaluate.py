@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from watchnext.config import Config
+from watchnext.config import Config, ConfigError
 from watchnext.examples import Decoder, ExampleFiles
 from watchnext.metrics import auc, ndcg_by_group, rmse
 from watchnext.repository import ModelRepository
@@ -87,10 +87,8 @@ def evaluate(config: Config, repo: ModelRepository, version: int, paths: Sequenc
              on_progress=None) -> dict:
     meta = repo.metadata(version)
     if meta.get("config_hash") != config.hash:
-        raise ValueError(
-            f"version {version} was trained with config hash {meta.get('config_hash')}, "
-            f"this config is {config.hash}: pass the --config it was trained with"
-        )
+        raise ConfigError(config.path, f"version {version} was trained with config hash {meta.get('config_hash')}, "
+                                       f"this config is {config.hash}: pass the --config it was trained with")
     s = score_files(config, repo.path(version) / "model.onnx", paths, device, on_progress)
     return {
         "model": repo.name,

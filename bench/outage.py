@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import redis
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -56,9 +57,13 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
-def metric(text: str, name: str, labels: str = "") -> float:
-    m = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.M)
-    return float(m.group(1)) if m else 0.0
+def metric(text: str, name: str, **labels: str) -> float:
+    """One sample of a /metrics text (0 when it is not there)."""
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name and s.labels == labels:
+                return s.value
+    return 0.0
 
 
 def main() -> int:
@@ -135,7 +140,7 @@ def main() -> int:
             m = httpx.get(base + "/metrics", timeout=10).text
             s = {"t": round(args.minutes * 60 - (t_end - time.monotonic())), "rss_mb": rss_bytes(srv.pid) / 2**20,
                  "buffer_mb": metric(m, "watchnext_impression_backlog_bytes") / 2**20,
-                 "shed": metric(m, "watchnext_impressions_dropped_total", '{reason="buffer_full"}'),
+                 "shed": metric(m, "watchnext_impressions_dropped_total", reason="buffer_full"),
                  "answered": sum(answered)}
             samples.append(s)
             print(f"[outage] {json.dumps(s)}", file=sys.stderr, flush=True)
@@ -157,8 +162,8 @@ def main() -> int:
             time.sleep(1)
         drain_s = time.monotonic() - t0
         logged = metric(m, "watchnext_impressions_logged_total")
-        shed = metric(m, "watchnext_impressions_dropped_total", '{reason="buffer_full"}')
-        invalid = metric(m, "watchnext_impressions_dropped_total", '{reason="invalid"}')
+        shed = metric(m, "watchnext_impressions_dropped_total", reason="buffer_full")
+        invalid = metric(m, "watchnext_impressions_dropped_total", reason="invalid")
         examples = r.xlen(config.stream.key)
         r.close()
     finally:

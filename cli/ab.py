@@ -52,10 +52,14 @@ def cmd_compare(args) -> int:
 
     for f in args.data:
         if not Path(f).is_file():
-            raise CliError(f"--data: {f}: no such file")
+            raise CliError(f"--data {f}", "no such file")
+    if args.bootstrap < 10:
+        raise CliError("--bootstrap", f"expected at least 10 replicates, got {args.bootstrap}")
+    if not 0 < args.confidence < 1:
+        raise CliError("--confidence", f"expected a number in (0, 1), got {args.confidence}")
     config = config_of(args)
     repo = repo_of(args, config)
-    a, b = version_arg(repo, args.a), version_arg(repo, args.b)
+    a, b = version_arg(repo, args.a, "A"), version_arg(repo, args.b, "B")
     out = compare(config, repo, a, b, args.data, args.bootstrap, args.seed, args.confidence, args.device)
     print(json.dumps(out, indent=2))
     return 0
@@ -100,12 +104,16 @@ def experiment_of(args) -> Any:
     from cli.main import CliError
     from watchnext.experiments import Experiment, ExperimentError
 
+    src = f"--experiment {args.experiment}" if args.experiment else "--arms"
     try:
         if args.experiment:
-            text = Path(args.experiment).read_text()
+            try:
+                text = Path(args.experiment).read_text()
+            except OSError as e:
+                raise CliError(src, f"cannot be read: {e.strerror or e}") from None
             exp = Experiment.from_json(text)
             if exp.name != args.name:
-                raise CliError(f"--experiment: {args.experiment} defines {exp.name!r}, not {args.name!r}")
+                raise CliError(src, f"defines {exp.name!r}, not {args.name!r}")
             return exp
         if args.arms:
             arms = []
@@ -114,13 +122,13 @@ def experiment_of(args) -> Any:
                 try:
                     arms.append({"name": name.strip(), "share": float(share)})
                 except ValueError:
-                    raise CliError(f"--arms: item {i + 1} ({part!r}): expected NAME=SHARE") from None
+                    raise CliError("--arms", f"item {i + 1} ({part!r}): expected NAME=SHARE") from None
                 if not eq:
-                    raise CliError(f"--arms: item {i + 1} ({part!r}): expected NAME=SHARE")
+                    raise CliError("--arms", f"item {i + 1} ({part!r}): expected NAME=SHARE")
             return Experiment.from_dict({"name": args.name, "arms": arms})
-    except ExperimentError as e:
-        raise CliError(f"{'--experiment ' + args.experiment if args.experiment else '--arms'}: {e}") from None
-    raise CliError("ab report: give the experiment's arms with --experiment FILE (its JSON definition) "
+    except ExperimentError as e:  # the definition's field, inside the flag's file or list
+        raise CliError(f"{src}: {e.field}", e.reason) from None
+    raise CliError("", "ab report: give the experiment's arms with --experiment FILE (its JSON definition) "
                    "or --arms NAME=SHARE,... (the control first)")
 
 
@@ -131,16 +139,16 @@ def cmd_ab_report(args) -> int:
     from cli.main import CliError
 
     if not args.events:
-        raise CliError("ab report: give --events FILE... (an event log) or --url URL (a running service)")
+        raise CliError("", "ab report: give --events FILE... (an event log) or --url URL (a running service)")
     exp = experiment_of(args)
     for f in args.events + (args.pre or []):
         if not Path(f).is_file():
-            raise CliError(f"{f}: no such file")
+            raise CliError(f, "no such file")
     if not 0 < args.confidence < 1:
-        raise CliError(f"--confidence: expected a number in (0, 1), got {args.confidence}")
+        raise CliError("--confidence", f"expected a number in (0, 1), got {args.confidence}")
     events, dropped = read_events(args.events, exp)
     if not len(events):
-        raise CliError(f"{', '.join(args.events)}: no events of experiment {exp.name!r} "
+        raise CliError(", ".join(args.events), f"no events of experiment {exp.name!r} "
                        f"(skipped: {', '.join(f'{k} {v}' for k, v in dropped.items() if v) or 'none'})")
     pre = None
     if args.pre:

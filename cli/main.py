@@ -10,35 +10,51 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
-from watchnext.config import ConfigError, load_config
-from watchnext.repository import ModelRepository, RepositoryError, models_summary
+from watchnext.config import load_config
+from watchnext.errors import WatchnextError
+from watchnext.repository import ModelRepository, models_summary
 
 EPILOG = "Shared settings: --config PATH (or WATCHNEXT_CONFIG), --models DIR (or WATCHNEXT_MODELS), REDIS_URL."
+EX_USER = 2  # a user error (bad flags, config, data or repository): as argparse exits on a bad flag
+EX_SOFTWARE = 70  # sysexits.h EX_SOFTWARE: an internal error, i.e. a bug in watchnext
+BUG = ("watchnext: internal error: this is a bug in watchnext, not a problem with your input or config; "
+       "please report it with the traceback above and the command you ran")
 
 
-class CliError(Exception):
-    """A user error: printed as one line, exit status 2."""
+class CliError(WatchnextError):
+    """A user error on the command line (`field`: the flag or argument at fault): printed as one line, exit status 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A WatchnextError (the user can act on it) is one line `watchnext: field: reason` and exit
+    status 2; anything else escaping a command is a bug: its traceback, a line saying so, and exit status 70."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EX_USER
     try:
         return int(args.func(args) or 0)
-    except (CliError, ConfigError, RepositoryError, FileNotFoundError) as e:
-        print(f"watchnext: error: {e}", file=sys.stderr)
-        return 2
-    except ValueError as e:  # DataError and friends: input problems with file:line
-        print(f"watchnext: error: {e}", file=sys.stderr)
-        return 2
+    except WatchnextError as e:
+        print(f"watchnext: {e.field}: {e.reason}" if e.field else f"watchnext: {e.reason}", file=sys.stderr)
+        return EX_USER
     except KeyboardInterrupt:
         print("watchnext: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.filename is None:  # not about a path the user gave: a bug like any other
+            traceback.print_exc(file=sys.stderr)
+            print(BUG, file=sys.stderr)
+            return EX_SOFTWARE
+        print(f"watchnext: {e.filename}: {e.strerror or e}", file=sys.stderr)  # missing, not allowed, a folder...
+        return EX_USER
+    except Exception:
+        traceback.print_exc(file=sys.stderr)
+        print(BUG, file=sys.stderr)
+        return EX_SOFTWARE
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,7 +149,7 @@ def cmd_train(args) -> int:
 
     for f in args.data:
         if not Path(f).is_file():
-            raise CliError(f"{f}: no such file (make one with: watchnext simulate history --out {f})")
+            raise CliError(f, f"no such file (make one with: watchnext simulate history --out {f})")
     device = pick_device(args.device)
     total = sum(Path(f).stat().st_size for f in args.data)
     bar = progress_bar(total, f"train {config.model.arch} on {device}")
@@ -208,14 +224,15 @@ def _evaluate(sub) -> None:
     p.set_defaults(func=cmd_evaluate)
 
 
-def version_arg(repo: ModelRepository, v: str) -> int:
+def version_arg(repo: ModelRepository, v: str, name: str = "--model") -> int:
+    """A version as evaluate and compare take it (`name`: the flag or argument): a number, 'serving' or 'latest'."""
     if v in ("serving", "latest"):
         s = repo.serving() if v == "serving" else (repo.versions() or [None])[-1]
         if s is None:
-            raise CliError(f"model repository {repo.dir} is empty: train one with `watchnext train --data FILE`")
+            raise CliError(str(repo.dir), "the model repository is empty: train one with `watchnext train --data FILE`")
         return s
     if not v.isdigit():
-        raise CliError(f"--model: expected a version number, 'serving' or 'latest', got {v!r}")
+        raise CliError(name, f"expected a version number, 'serving' or 'latest', got {v!r}")
     return int(v)
 
 
@@ -262,7 +279,7 @@ def version_number(v: str) -> int:
     """A version as `models promote` takes it: 3, or v3."""
     digits = v[1:] if v[:1] in ("v", "V") else v
     if not digits.isdigit() or int(digits) == 0:
-        raise CliError(f"VERSION: expected a version number such as 3 (or v3), got {v!r}")
+        raise CliError("VERSION", f"expected a version number such as 3 (or v3), got {v!r}")
     return int(digits)
 
 
@@ -275,7 +292,7 @@ def check_promotable(config, repo: ModelRepository, version: int) -> None:
     try:
         load_version(config, repo, version, device="cpu", threads=1)
     except VersionRefused as e:
-        raise CliError(f"version {version} cannot serve: {e}") from None
+        raise CliError("", f"version {version} cannot serve: {e}") from None  # VersionRefused names the file
 
 
 def cmd_models_promote(args) -> int:
@@ -283,7 +300,7 @@ def cmd_models_promote(args) -> int:
     repo = repo_of(args, config)
     version = version_number(args.version)
     if version not in repo.versions():
-        raise CliError(f"model {repo.name!r} has no version {version} (have: {repo.versions()})")
+        raise CliError("VERSION", f"model {repo.name!r} has no version {version} (have: {repo.versions()})")
     check_promotable(config, repo, version)
     st = repo.promote(version)
     print(json.dumps({"promoted": st["promoted"]}))
@@ -363,16 +380,16 @@ def cmd_simulate_history(args) -> int:
     from simulation.world import WorldSpec, write_history
 
     if args.examples <= 0:
-        raise CliError(f"--examples: must be > 0, got {args.examples}")
+        raise CliError("--examples", f"must be > 0, got {args.examples}")
     for flag, v in (("--users", args.users), ("--videos", args.videos)):
         if v is not None and v <= 0:
-            raise CliError(f"{flag}: must be > 0, got {v}")
+            raise CliError(flag, f"must be > 0, got {v}")
     if not (math.isfinite(args.policy_strength) and args.policy_strength >= 0):
-        raise CliError(f"--policy-strength: must be a finite number >= 0, got {args.policy_strength}")
+        raise CliError("--policy-strength", f"must be a finite number >= 0, got {args.policy_strength}")
     if not 0.0 <= args.explore_share <= 1.0:
-        raise CliError(f"--explore-share: must be in [0, 1], got {args.explore_share}")
+        raise CliError("--explore-share", f"must be in [0, 1], got {args.explore_share}")
     if args.unbiased and args.explore_share > 0:
-        raise CliError("--explore-share: cannot be used with --unbiased (every slate is already in random order)")
+        raise CliError("--explore-share", "cannot be used with --unbiased (every slate is already in random order)")
     spec = WorldSpec(policy_strength=args.policy_strength, explore_share=args.explore_share)
     if args.users:
         spec.users = args.users
@@ -396,39 +413,39 @@ def cmd_simulate_history(args) -> int:
 def cmd_simulate_traffic(args) -> int:
     import contextlib
 
-    from simulation.traffic import Traffic, TrafficError, check_url, render_summary
+    from simulation.traffic import Traffic, check_url, render_summary
     from simulation.world import World, WorldSpec
 
-    try:
-        check_url(args.url)  # before building the world (seconds)
-        spec = WorldSpec()
-        spec.users, spec.videos = args.world_users or spec.users, args.world_videos or spec.videos
-        bar = progress_bar(args.duration, "simulate traffic", unit="s")
+    check_url(args.url)  # before building the world (seconds); TrafficError names the flag
+    for flag, v in (("--world-users", args.world_users), ("--world-videos", args.world_videos)):
+        if v is not None and v <= 0:
+            raise CliError(flag, f"must be > 0, got {v}")
+    spec = WorldSpec()
+    spec.users, spec.videos = args.world_users or spec.users, args.world_videos or spec.videos
+    bar = progress_bar(args.duration, "simulate traffic", unit="s")
+    if bar is not None:
+        bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}"
+
+    def on_progress(elapsed: float, st: dict) -> None:
         if bar is not None:
-            bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s{postfix}"
+            bar.n = round(elapsed, 1)
+            bar.set_postfix_str(f"{st['requests']:,} requests, {st['failed']:,} failed, {st['impressions']:,} impressions")
 
-        def on_progress(elapsed: float, st: dict) -> None:
-            if bar is not None:
-                bar.n = round(elapsed, 1)
-                bar.set_postfix_str(f"{st['requests']:,} requests, {st['failed']:,} failed, {st['impressions']:,} impressions")
-
-        if args.out:
-            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
-                traffic = Traffic(World(spec, args.seed), args.url, args.users, args.duration, args.concurrency,
-                                  args.candidates, args.top_k, args.seed, args.timeout, args.experiment, out, on_progress)
-                summary = traffic.run()
-        finally:
-            if bar is not None:
-                bar.close()
-    except TrafficError as e:
-        raise CliError(str(e)) from None
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(args.out, "w") if args.out else contextlib.nullcontext() as out:
+            traffic = Traffic(World(spec, args.seed), args.url, args.users, args.duration, args.concurrency,
+                              args.candidates, args.top_k, args.seed, args.timeout, args.experiment, out, on_progress)
+            summary = traffic.run()
+    finally:
+        if bar is not None:
+            bar.close()
     if args.out:
         summary["events"] = args.out
     print(json.dumps(summary, indent=2) if args.json else render_summary(summary))
     if not summary["succeeded"]:
-        print("watchnext: error: no ranking request succeeded", file=sys.stderr)
+        print("watchnext: no ranking request succeeded", file=sys.stderr)
         return 1
     return 0
 

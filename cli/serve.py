@@ -28,41 +28,36 @@ def register(sub) -> None:
 
 
 def server_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that set the service's settings (`Settings.flags()`; each one's dest is its flag's name). They take
+    text as given: `Settings` alone converts and checks it, and holds the defaults."""
     common(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="ONNX Runtime device ($WATCHNEXT_DEVICE; default auto)")
-    p.add_argument("--threads", type=int, help="ONNX Runtime threads: on the CPU a batch runs as up to this many parts at once, one thread each ($WATCHNEXT_THREADS; default: the CPUs this process may use)")
-    p.add_argument("--workers", type=int, help="worker processes sharing the port, each a whole service with its own "
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", help="port (default 8000)")
+    p.add_argument("--device", help="ONNX Runtime device: auto, cpu or cuda ($WATCHNEXT_DEVICE; default auto)")
+    p.add_argument("--threads", help="ONNX Runtime threads: on the CPU a batch runs as up to this many parts at once, one thread each ($WATCHNEXT_THREADS; default: the CPUs this process may use)")
+    p.add_argument("--workers", help="worker processes sharing the port, each a whole service with its own "
                    "model session ($WATCHNEXT_WORKERS; default 0: for serve one per CPU this process may use, one "
                    "where there is a CUDA driver; for up one, as it shares the machine with the trainer)")
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="($WATCHNEXT_LOG_LEVEL; default info)")
-    p.add_argument("--backend", choices=["onnxruntime", "triton"],
-                   help="who runs the model: ONNX Runtime in this process, or a Triton Inference Server serving the "
-                   "same model repository ($WATCHNEXT_BACKEND; default onnxruntime; triton needs "
-                   "`pip install 'watchnext[triton]'`)")
+    p.add_argument("--log-level", help="debug, info, warning or error ($WATCHNEXT_LOG_LEVEL; default info)")
+    p.add_argument("--backend",
+                   help="who runs the model: onnxruntime (ONNX Runtime in this process) or triton (a Triton Inference "
+                   "Server serving the same model repository; needs `pip install 'watchnext[triton]'`) "
+                   "($WATCHNEXT_BACKEND; default onnxruntime)")
     p.add_argument("--triton-url", metavar="HOST:PORT",
                    help="Triton's HTTP endpoint, e.g. localhost:8000 ($WATCHNEXT_TRITON_URL; required with --backend triton)")
 
 
 def settings_of(args, env=None, **extra):
-    from service.settings import Settings, SettingsError
+    """The environment, then the flags given (`extra`: more overrides). A refused value is a SettingsError (a
+    WatchnextError) naming the setting, its variable and its flag."""
+    from service.settings import Settings
 
-    try:
-        settings = Settings.from_env(env, config_path=args.config, models_dir=args.models, host=args.host,
-                                     port=args.port, device=args.device, threads=args.threads,
-                                     log_level=args.log_level, backend=args.backend, triton_url=args.triton_url,
-                                     workers=args.workers,
-                                     **extra)
-    except SettingsError as e:
-        raise CliError(str(e)) from None
-    if settings.backend == "triton":  # before anything starts: a missing client is a set-up error, said plainly
-        from service.triton import TritonError, import_tritonclient
+    flags = {name: getattr(args, flag[2:].replace("-", "_")) for name, flag in Settings.flags().items()}
+    settings = Settings.from_env(env, **{**flags, **extra})
+    if settings.backend == "triton":  # before anything starts: a missing client is a set-up error (TritonError)
+        from service.triton import import_tritonclient
 
-        try:
-            import_tritonclient()
-        except TritonError as e:
-            raise CliError(str(e)) from None
+        import_tritonclient()
     return settings
 
 
@@ -118,9 +113,11 @@ def run_server(settings, deps=None) -> None:
     from uvicorn.supervisors import Multiprocess
 
     from service.app import METRICS_DIR_ENV, SETTINGS_ENV
+    from service.observability import retire_workers
 
     class Supervisor(Multiprocess):
-        """uvicorn's, remembering a SIGTERM: this process then ends as it does with one worker (see exit_on_sigterm)."""
+        """uvicorn's, remembering a SIGTERM (this process then ends as it does with one worker, see
+        exit_on_sigterm), and taking the workers that ended out of the live gauges of /metrics."""
 
         terminated = False
 
@@ -128,15 +125,37 @@ def run_server(settings, deps=None) -> None:
             self.terminated = True
             super().handle_term()
 
+        def keep_subprocess_alive(self) -> None:  # replaces the workers that died or hang
+            super().keep_subprocess_alive()
+            self.retire()
+
+        def handle_signals(self) -> None:  # SIGHUP replaces every worker, SIGTTOU ends one
+            super().handle_signals()
+            self.retire()
+
+        def retire(self) -> None:
+            """Every worker that is no longer in the pool has ended (uvicorn joins it first): its counters and
+            histograms stay in the sums, its gauges (the backlog, watchnext_worker_processes) go."""
+            retire_workers(metrics_dir, [p.pid for p in self.processes if p.pid is not None])
+
+    # the workers are spawned, not forked: they read the checked settings from the environment, and
+    # prometheus_client in each takes its multiprocess mode from PROMETHEUS_MULTIPROC_DIR as it is imported
+    # there (this process never counts anything itself)
+    before = os.environ.get(METRICS_DIR_ENV)
     with tempfile.TemporaryDirectory(prefix="watchnext-metrics-") as metrics_dir:
-        # the workers are spawned, not forked: they read the checked settings from the environment
         os.environ[SETTINGS_ENV] = settings.to_json()
-        os.environ[METRICS_DIR_ENV] = metrics_dir
-        config = uvicorn.Config("service.app:worker_app", factory=True, workers=workers, **options)
-        print(f"watchnext: serving on http://{settings.host}:{settings.port} with {workers} worker processes",
-              file=sys.stderr, flush=True)
-        supervisor = Supervisor(config, sockets=[config.bind_socket()])
-        supervisor.run()
+        os.environ[METRICS_DIR_ENV] = metrics_dir  # empty: no figures of an earlier run
+        try:
+            config = uvicorn.Config("service.app:worker_app", factory=True, workers=workers, **options)
+            print(f"watchnext: serving on http://{settings.host}:{settings.port} with {workers} worker processes",
+                  file=sys.stderr, flush=True)
+            supervisor = Supervisor(config, sockets=[config.bind_socket()])
+            supervisor.run()
+        finally:  # children started later (`up`'s trainer) do not inherit a removed directory
+            if before is None:
+                os.environ.pop(METRICS_DIR_ENV, None)
+            else:
+                os.environ[METRICS_DIR_ENV] = before
     if supervisor.terminated:
         raise SystemExit(128 + signal.SIGTERM)
 
@@ -187,7 +206,7 @@ def cmd_up(args) -> int:
     from cli.stack import run_stack
 
     if args.bootstrap_examples <= 0:
-        raise CliError(f"--bootstrap-examples: must be > 0, got {args.bootstrap_examples}")
+        raise CliError("--bootstrap-examples", f"must be > 0, got {args.bootstrap_examples}")
     settings = settings_of(args)
     exit_on_sigterm()
     return run_stack(args, settings)
@@ -224,7 +243,7 @@ def cmd_features_load(args) -> int:
     from watchnext.redis_embed import start_embedded
 
     if not Path(args.file).is_file():
-        raise CliError(f"{args.file}: no such file")
+        raise CliError(args.file, "no such file")
     config = config_of(args)
     url, embedded = os.environ.get("REDIS_URL"), None
     if not url:
@@ -296,9 +315,9 @@ def parse_arm(i: int, spec: str) -> dict:
     try:
         arm: dict = {"name": name.strip(), "share": float(share)}
     except ValueError:
-        raise CliError(f"{where}: expected NAME=SHARE[:VERSION][:w=TASK=W,...]") from None
+        raise CliError(where, "expected NAME=SHARE[:VERSION][:w=TASK=W,...]") from None
     if not eq:
-        raise CliError(f"{where}: expected NAME=SHARE[:VERSION][:w=TASK=W,...]")
+        raise CliError(where, "expected NAME=SHARE[:VERSION][:w=TASK=W,...]")
     for part in rest:
         if part.startswith("w="):
             weights = {}
@@ -307,14 +326,14 @@ def parse_arm(i: int, spec: str) -> dict:
                 try:
                     weights[k.strip()] = float(v)
                 except ValueError:
-                    raise CliError(f"{where}: weight {kv!r}: expected TASK=NUMBER") from None
+                    raise CliError(where, f"weight {kv!r}: expected TASK=NUMBER") from None
             arm["weights"] = weights
         elif part in ("", "promoted"):
             continue
         elif part.isdigit():
             arm["version"] = int(part)
         else:
-            raise CliError(f"{where}: {part!r} is neither a version number nor w=TASK=W,...")
+            raise CliError(where, f"{part!r} is neither a version number nor w=TASK=W,...")
     return arm
 
 
@@ -326,7 +345,7 @@ def call(args, method: str, path: str, body: dict | None = None, admin: bool = F
     headers = {"Content-Type": "application/json"}
     if admin:
         if not args.token:
-            raise CliError("--token: the admin token is needed (or set WATCHNEXT_ADMIN_TOKEN)")
+            raise CliError("--token", "the admin token is needed (or set WATCHNEXT_ADMIN_TOKEN)")
         headers["Authorization"] = f"Bearer {args.token}"
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(args.url.rstrip("/") + path, data=data, headers=headers, method=method)
@@ -340,9 +359,9 @@ def call(args, method: str, path: str, body: dict | None = None, admin: bool = F
             msg = f"{err['field']}: {err['reason']}"
         except (ValueError, KeyError, TypeError):
             msg = text[:300]
-        raise CliError(f"{method} {path}: {e.code}: {msg}") from None
+        raise CliError(f"{method} {path}", f"{e.code}: {msg}") from None
     except (urllib.error.URLError, OSError) as e:
-        raise CliError(f"--url {args.url}: cannot reach the service ({getattr(e, 'reason', e)})") from None
+        raise CliError(f"--url {args.url}", f"cannot reach the service ({getattr(e, 'reason', e)})") from None
     return text if raw else json.loads(text)
 
 
@@ -351,7 +370,7 @@ def cmd_ab_create(args) -> int:
         try:
             body = json.loads(Path(args.file).read_text())
         except (OSError, ValueError) as e:
-            raise CliError(f"--file: {e}") from None
+            raise CliError("--file", str(e)) from None
     else:
         body = {"arms": [parse_arm(i, s) for i, s in enumerate(args.arm)]}
     if args.salt:
@@ -377,7 +396,7 @@ def cmd_ab_report_url(args) -> int:
     from cli.ab import print_report
 
     if args.events or args.pre or args.experiment or args.arms:
-        raise CliError("ab report --url: the service has the events and the definition; "
+        raise CliError("ab report --url", "the service has the events and the definition; "
                        "drop --events, --pre, --experiment and --arms")
     q = {"confidence": args.confidence, "points": args.points if args.chart else 0,
          "include_open": "true" if args.open else "false"}

@@ -137,7 +137,7 @@ def run_stack(args, settings: Settings) -> int:
                              daemon=True).start()
         run_server(settings, deps)
     except subprocess.CalledProcessError as e:
-        raise CliError(f"bootstrap step failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}") from None
+        raise CliError("", f"bootstrap step failed (exit {e.returncode}): {' '.join(map(str, e.cmd))}") from None
     finally:
         if trainer is not None and trainer.poll() is None:
             say("stopping the trainer (it checkpoints first)")

@@ -32,7 +32,7 @@ from .features import OnlineFeatures
 from .feedback import MAX_EVENTS, parse_feedback, parse_json
 from .impressions import REASONS, REDIS_ERRORS, ImpressionLog
 from .models import ModelManager, VersionRefused
-from .observability import Metrics, SharedMetrics, Stopwatch, log, setup_logging
+from .observability import CONTENT_TYPE, MULTIPROC_ENV, Metrics, Stopwatch, log, setup_logging
 from .ranker import Ranker
 from .schema import (
     FeedbackResponse,
@@ -78,7 +78,8 @@ class Service:
     def __init__(self, settings: Settings, deps: Deps):
         self.settings, self.deps = settings, deps
         self.config = deps.config
-        self.metrics = Metrics()
+        # with several worker processes, shared through prometheus_client's multiprocess directory
+        self.metrics = Metrics(deps.metrics_dir)
         self.models = ModelManager(deps.config, deps.repo, self.metrics, settings.device, settings.threads,
                                    settings.backend, settings.triton_url)
         svc_cfg = deps.config.service
@@ -97,8 +98,6 @@ class Service:
         self.limiter = anyio.CapacityLimiter(settings.rank_workers) if settings.rank_workers else None
         self.remote_model = settings.backend == "triton"
         self.ranking = 0  # rank requests in flight (counted on the event loop)
-        # one worker process among several: /metrics adds the others' figures
-        self.shared = SharedMetrics(self.metrics, deps.metrics_dir, self.refresh_gauges) if deps.metrics_dir else None
 
     def refresh_gauges(self) -> None:
         if self.log is not None:
@@ -115,8 +114,7 @@ class Service:
         self.store.start()
         if self.experiments is not None:
             self.experiments.start(self.config.service.model_poll_s)
-        if self.shared is not None:
-            self.shared.start()
+        self.metrics.workers.set(1)  # serving from now: counted among the worker processes
         cur = self.models.current
         log(logger, logging.INFO, "service_started", config=self.config.path, config_hash=self.config.hash,
             model_version=cur.version if cur else None, provider=cur.provider if cur else None,
@@ -129,8 +127,7 @@ class Service:
             self.experiments.stop()
         left = self.log.stop() if self.log is not None else 0
         self.store.close()
-        if self.shared is not None:
-            self.shared.stop()
+        self.metrics.workers.set(0)  # no longer serving
         log(logger, logging.INFO, "service_stopped", unwritten_impressions=left)
 
     def require_admin(self, request: Request) -> None:
@@ -169,6 +166,34 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(json.dumps(body, separators=(",", ":"), allow_nan=False), status, media_type="application/json")
 
 
+class AnswerBugs:
+    """ASGI middleware: an exception no handler took (a bug) is answered by `answer` (the app's one error handler),
+    here rather than by Starlette's outermost middleware, which re-raises it after answering, so that uvicorn
+    logs it a second time and closes the client's connection. Once an answer has begun it can only be re-raised."""
+
+    def __init__(self, app, answer) -> None:
+        self.app, self.answer = app, answer
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def sending(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        except Exception as exc:
+            if started:
+                raise
+            response = await self.answer(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 def create_app(settings: Settings, deps: Deps) -> FastAPI:
     """Build the app around `deps`; the lifespan starts the model poller and the impression threads."""
     setup_logging(settings.log_level)
@@ -188,24 +213,40 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
     app.state.service = svc
 
     # ------------------------------------------------------------ errors
-    @app.exception_handler(ServiceError)
-    async def service_error(request: Request, exc: ServiceError) -> Response:
-        svc.metrics.requests.inc(1, request.url.path if exc.status != 404 else "other", str(exc.status))
-        resp = json_response(exc.body(), exc.status)
-        if exc.status == 408:  # a stalled upload: close now rather than after the keep-alive timeout
+    async def error_answer(request: Request, exc: Exception) -> Response:
+        """Every error answer, one shape: {"error": {"field": ..., "reason": ...}} with its status.
+
+        A ServiceError as raised (counted in watchnext_requests_total); FastAPI's validation errors (422) and
+        Starlette's own (404 no such route, 405 wrong method) converted to one; anything else is a bug: 500 naming
+        "service" (counted), its traceback logged, nothing of the exception in the body."""
+        counted, headers = True, None
+        if isinstance(exc, ServiceError):
+            err = exc
+        elif isinstance(exc, RequestValidationError):
+            first = (exc.errors() or [{}])[0]
+            loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
+            err, counted = BadRequest(".".join(loc) or "body", first.get("msg", "invalid")), False
+        elif isinstance(exc, StarletteHTTPException):
+            code = exc.status_code
+            field = "path" if code == 404 else "method" if code == 405 else "request"
+            err, counted, headers = ServiceError(field, str(exc.detail), status=code), False, exc.headers
+        else:
+            logger.error("internal_error", exc_info=exc, extra={"fields": {
+                "method": request.method, "path": request.url.path, "error": type(exc).__name__}})
+            err = ServiceError("service", "internal error: the service failed on this request (a bug, logged "
+                               "with its traceback); retry, or report it", status=500)
+        if counted:
+            svc.metrics.requests.labels(request.url.path if err.status != 404 else "other", str(err.status)).inc()
+        resp = json_response(err.body(), err.status)
+        if headers:
+            resp.headers.update(headers)
+        if err.status == 408:  # a stalled upload: close now rather than after the keep-alive timeout
             resp.headers["connection"] = "close"
         return resp
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        err = (exc.errors() or [{}])[0]
-        loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query")]
-        return json_response({"error": {"field": ".".join(loc) or "body", "reason": err.get("msg", "invalid")}}, 422)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        field = "path" if exc.status_code == 404 else "method" if exc.status_code == 405 else "request"
-        return json_response({"error": {"field": field, "reason": str(exc.detail)}}, exc.status_code)
+    for kind in (ServiceError, RequestValidationError, StarletteHTTPException):
+        app.add_exception_handler(kind, error_answer)
+    app.add_middleware(AnswerBugs, answer=error_answer)  # any other exception
 
     # ------------------------------------------------------------ rank
     @app.post("/v1/rank", response_model=None, openapi_extra=rank_body(config),
@@ -237,7 +278,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         resp = Response(orjson.dumps(ranked.body), media_type="application/json")
         svc.metrics.rank_latency.observe(clock.seconds)
         svc.metrics.rank_candidates.observe(ranked.candidates)
-        svc.metrics.requests.inc(1, "/v1/rank", "200")
+        svc.metrics.rank_ok.inc()  # watchnext_requests_total{endpoint="/v1/rank",status="200"}
         return resp
 
     # ------------------------------------------------------------ feedback
@@ -266,7 +307,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
             {"index": i, "request_id": e["request_id"], "item_id": e["item_id"], "reason": REASONS.get(r, r)}
             for i, (e, r) in enumerate(zip(events, results)) if r != "ok"
         ]
-        svc.metrics.requests.inc(1, "/v1/feedback", "200")
+        svc.metrics.feedback_ok.inc()
         return json_response({"accepted": len(events) - len(dropped), "dropped": dropped})
 
     # ------------------------------------------------------------ models
@@ -418,21 +459,19 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics() -> Response:
-        if svc.shared is not None:
-            # the other worker processes write their figures every 50 ms: wait until what they did before
-            # this request is on disk, then add it up
-            await anyio.sleep(svc.shared.settle_s)
-            text = await anyio.to_thread.run_sync(svc.shared.render)
+        svc.refresh_gauges()
+        if svc.deps.metrics_dir:  # every worker process's files, read and combined off the event loop
+            body = await anyio.to_thread.run_sync(svc.metrics.exposition)
         else:
-            svc.refresh_gauges()
-            text = svc.metrics.render()
-        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+            body = svc.metrics.exposition()
+        return Response(body, media_type=CONTENT_TYPE)
 
     return app
 
 
 SETTINGS_ENV = "WATCHNEXT_WORKER_SETTINGS"  # set by cli.serve.run_server for its worker processes
-METRICS_DIR_ENV = "WATCHNEXT_WORKER_METRICS"
+# set by cli.serve.run_server too: the worker processes' shared metrics directory (prometheus_client's multiprocess mode)
+METRICS_DIR_ENV = MULTIPROC_ENV
 
 
 def worker_app() -> FastAPI:

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
+from watchnext.errors import WatchnextError
 
-class ServiceError(Exception):
+
+class ServiceError(WatchnextError):
+    """An answer other than 200: `status`, and the body naming the field and the reason."""
+
     status = 500
 
     def __init__(self, field: str, reason: str, status: int | None = None):
-        super().__init__(f"{field}: {reason}")
-        self.field, self.reason = field, reason
+        super().__init__(field, reason)
         if status is not None:
             self.status = status
 
@@ -52,9 +55,3 @@ class Unavailable(ServiceError):
     """The service cannot answer now (no model loaded yet, Redis down for a write): retry later."""
 
     status = 503
-
-
-def split_reason(message: str) -> tuple[str, str]:
-    """'candidate.video_age_days: must be a finite number' -> (field, reason)."""
-    field, sep, reason = message.partition(": ")
-    return (field, reason) if sep else ("body", message)

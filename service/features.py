@@ -267,24 +267,24 @@ class OnlineFeatures:
             return
         total = sum(len(r) for r in todo.values())
         if self.client is None:
-            self.metrics.feature_misses.inc(total, "disabled")
+            self.metrics.feature_miss["disabled"].inc(total)
             return
         if time.monotonic() < self._down_until:
-            self.metrics.feature_misses.inc(total, "outage")
+            self.metrics.feature_miss["outage"].inc(total)
             return
         names = {s: pick(plan.ids[s], rows) for s, rows in todo.items()}
         try:
             got = self._read(names)
         except REDIS_ERRORS as e:
             self._failed(e)
-            self.metrics.feature_misses.inc(total, "outage")
+            self.metrics.feature_miss["outage"].inc(total)
             return
         self._ok()
         for k, (s, ids) in enumerate(names.items()):
             rows, found, raw = self._decode(s, got[2 * k], got[2 * k + 1])
             self.metrics.feature_hits.inc(int(found.sum()))
             if (~found).any():
-                self.metrics.feature_misses.inc(int((~found).sum()), "absent")
+                self.metrics.feature_miss["absent"].inc(int((~found).sum()))
             self.caches[s].put(ids, rows, raw, plan.since[s])
             for name, a in plan.cols[s].items():
                 a[todo[s]] = rows[name]
@@ -318,7 +318,7 @@ class OnlineFeatures:
         good = fits & layout.check(rows)
         wrong = int((sizes > 0).sum() - good.sum())
         if wrong:
-            self.metrics.feature_misses.inc(wrong, "corrupt")
+            self.metrics.feature_miss["corrupt"].inc(wrong)
             log(logger, logging.WARNING, "feature_store_corrupt_entries", source=source, count=wrong)
             rows[~good] = self.absent_rows[source]
         texts = _bytes_array(raw)

@@ -281,7 +281,7 @@ class ImpressionLog:
                 self._unpend(old_rid)
                 shed += 1
             if shed:
-                self.metrics.impressions_dropped.inc(shed, "buffer_full")
+                self.metrics.impressions_dropped.labels("buffer_full").inc(shed)
             self._gauges()
 
     def _gauges(self) -> None:
@@ -365,7 +365,7 @@ class ImpressionLog:
             except Exception as e:  # a value JSON cannot hold, a section that cannot be resolved: this one only
                 with self._buf_lock:
                     self._unpend(rid)
-                self.metrics.impressions_dropped.inc(1, "invalid")
+                self.metrics.impressions_dropped.labels("invalid").inc()
                 log(logger, logging.ERROR, "impression_invalid", request_id=rid[:64], error=repr(e)[:300])
         return out
 
@@ -421,7 +421,7 @@ class ImpressionLog:
 
     def count_feedback(self, results: list[str]) -> None:
         for r in results:
-            self.metrics.feedback.inc(1, "accepted" if r == "ok" else r)
+            self.metrics.feedback.labels("accepted" if r == "ok" else r).inc()
 
     def _join(self, events: list[dict[str, Any]]) -> list[str]:
         now = time.time()

@@ -10,30 +10,15 @@ CPUs this process may use (or `threads`).
 
 from __future__ import annotations
 
-import ctypes
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from watchnext.runtime import Session, make_session, usable_cpus
+from watchnext.runtime import Session, make_session, resolve_device, usable_cpus
 
 CUDA = "CUDAExecutionProvider"
-
-
-def cuda_driver_present() -> bool:
-    """Whether this machine has a CUDA driver at all (onnxruntime-gpu lists CUDA even where there is none)."""
-    try:
-        ctypes.CDLL("libcuda.so.1")
-        return True
-    except OSError:
-        return False
-
-
-def resolve_device(device: str) -> str:
-    """'auto' becomes 'cpu' on a machine without a CUDA driver, sparing a failed CUDA load per session."""
-    return "cpu" if device == "auto" and not cuda_driver_present() else device
 
 
 # a part smaller than this costs more in hand-off than running it beside another part saves

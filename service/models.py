@@ -186,8 +186,7 @@ class ModelManager:
             if cur is not None and cur.version == new.version:
                 return
             self.metrics.model_swaps.inc()
-            self.metrics.model_version.set(new.version)
-            self.metrics.model_info.replace((str(new.version), new.provider))
+            self.metrics.serving(new.version, new.provider)
             log(logger, logging.INFO, "model_serving", version=new.version, previous=cur.version if cur else None,
                 provider=new.provider, load_ms=round((time.perf_counter() - t0) * 1000, 1))
 

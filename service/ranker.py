@@ -40,7 +40,7 @@ from watchnext.entities import key_feature
 from watchnext.explore import explore_draw, explore_order
 from watchnext.scoring import combine
 
-from .errors import BadRequest, split_reason
+from .errors import BadRequest
 from .experiments import LiveExperiment
 from .features import OnlineFeatures, Plan, pick
 from .models import LoadedModel
@@ -162,7 +162,8 @@ class Ranker:
             sections[s] = c
         bad = problems.first()
         if bad is not None:
-            raise BadRequest(*split_reason(bad[1].split("; ")[0]))
+            _, field, reason = bad
+            raise BadRequest(field, reason)
         n = inp.n
         stored = self.store.stored(plan, "candidate") if "candidate" in plan.ids else None
         if inp.candidates is not None:
@@ -170,8 +171,8 @@ class Ranker:
             cand = self.encoder.encode_columns("candidate", inp.candidates, n, problems)
             bad = problems.first()
             if bad is not None:
-                field, reason = split_reason(bad[1].split("; ")[0])
-                raise BadRequest(f"candidates[{bad[0]}]{field[len('candidate'):]}", reason)
+                row, field, reason = bad  # field: candidate.NAME
+                raise BadRequest(f"candidates[{row}]{field.removeprefix('candidate')}", reason)
             if stored is not None:  # fill the rows that lack something (sent values win)
                 rows = prep.candidate_rows
                 filled = overlay(cand.take(rows), stored.columns)

@@ -45,9 +45,9 @@ import pyarrow.compute as pc
 
 from watchnext.config import Config, Feature
 from watchnext.encoding import section_type
-from watchnext.examples import clean_section
+from watchnext.examples import DataError, clean_section
 
-from .errors import BadRequest, PayloadTooLarge, split_reason
+from .errors import BadRequest, PayloadTooLarge
 
 SHARED = ("user", "query", "context")
 MAX_REQUEST_ID = 128
@@ -290,8 +290,8 @@ class RequestCodec:
             unknown += len(sec.keys() - self.known[s])
             try:
                 shared[s] = clean_section(sec, self.config, s)
-            except ValueError as e:
-                raise BadRequest(*split_reason(str(e))) from None
+            except DataError as e:
+                raise BadRequest(e.field or "body", e.reason) from None
         return (request_id, shared, req.top_k or self.default_top_k), unknown
 
     def _check_repeats(self, ids: list[str]) -> None:

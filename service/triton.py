@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from watchnext.errors import WatchnextError
+
 from .errors import Unavailable
 
 PROVIDER = "triton"
@@ -37,15 +39,16 @@ CONNECT_TIMEOUT_S = 5.0
 NETWORK_TIMEOUT_S = 30.0
 
 
-class TritonError(RuntimeError):
-    """Triton cannot be reached, or answered with an error; the message says which and names the URL."""
+class TritonError(WatchnextError):
+    """Triton cannot be reached, or answered with an error, or its client is not installed: a set-up problem the
+    user can act on. `reason` says which and names the URL; `field` is "" (the reason says it all)."""
 
 
 def import_tritonclient():
     try:
         import tritonclient.http as http
     except ImportError as e:
-        raise TritonError(f"backend triton needs tritonclient's HTTP client ({e}): {INSTALL_HINT}") from None
+        raise TritonError("", f"backend triton needs tritonclient's HTTP client ({e}): {INSTALL_HINT}") from None
     return http
 
 
@@ -75,10 +78,10 @@ class TritonBackend:
         try:
             return fn(self.client(), *args, **kwargs)
         except self.http.InferenceServerException as e:
-            raise TritonError(f"Triton at {self.url}: {what}: {e.message() or e}") from None
+            raise TritonError("", f"Triton at {self.url}: {what}: {e.message() or e}") from None
         except Exception as e:  # connection refused or reset, timeouts: geventhttpclient raises socket and gevent errors
             self._local.client = None  # a broken connection: the next call starts a fresh client
-            raise TritonError(f"Triton at {self.url} is unreachable ({what}): {type(e).__name__}: {e}") from None
+            raise TritonError("", f"Triton at {self.url} is unreachable ({what}): {type(e).__name__}: {e}") from None
 
     def model_ready(self, model: str, version: int) -> bool:
         return bool(self.call(f"is {model} version {version} ready", lambda c: c.is_model_ready(model, str(version))))
@@ -89,7 +92,7 @@ class TritonBackend:
             if not self.model_ready(model, version):
                 return f"Triton at {self.url} does not have {model} version {version} ready"
         except TritonError as e:
-            return str(e)
+            return e.reason
         return None
 
     def session(self, model: str, version: int) -> TritonSession:
@@ -107,7 +110,7 @@ class TritonSession:
     def __init__(self, backend: TritonBackend, model: str, version: int):
         self.backend, self.model, self.version = backend, model, str(version)
         if not backend.model_ready(model, version):
-            raise TritonError(f"Triton at {backend.url} does not have {model} version {version} ready "
+            raise TritonError("", f"Triton at {backend.url} does not have {model} version {version} ready "
                               f"(not in its model repository yet, or not loaded: see its log and the version policy "
                               f"in {model}/config.pbtxt)")
         meta = backend.call(f"metadata of {model} version {version}",
@@ -147,5 +150,5 @@ class TritonSession:
         except TritonError as e:
             if self.backend.on_failure is not None:
                 self.backend.on_failure()
-            raise Unavailable("model", f"{e}; retry later") from None
+            raise Unavailable("model", f"{e.reason}; retry later") from None
         return np.stack([res.as_numpy(n) for n in self.task_names], axis=1).astype(np.float32, copy=False)

@@ -50,6 +50,7 @@ import numpy as np
 
 from analysis.abstats import METRICS
 from simulation.world import DAY, DEVICES, POOL, SLATE, World
+from watchnext.errors import WatchnextError
 
 # running sums per arm, all over the impressions shown
 #   truth:    sum of expected outcomes (the world's probabilities in the slots shown)
@@ -57,7 +58,7 @@ from simulation.world import DAY, DEVICES, POOL, SLATE, World
 _SUMS = ("impressions", "click", "watch", "like", "dismiss", "rating")
 
 
-class TrafficError(ValueError):
+class TrafficError(WatchnextError):
     """A problem with the target or the options: printed as one line by the CLI."""
 
 
@@ -65,14 +66,14 @@ def check_url(url: str) -> str:
     """The base URL without a trailing slash; refuses anything but http(s) to a loopback host."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise TrafficError(f"--url: expected http://HOST:PORT, got {url!r}")
+        raise TrafficError("--url", f"expected http://HOST:PORT, got {url!r}")
     host = parts.hostname
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
         loopback = False
     if not loopback:
-        raise TrafficError(f"--url: {host} is not a loopback address (127.0.0.0/8, ::1, localhost); simulated "
+        raise TrafficError("--url", f"{host} is not a loopback address (127.0.0.0/8, ::1, localhost); simulated "
                            "traffic is only sent to a service on this machine, because its feedback becomes training data")
     return url.rstrip("/")
 
@@ -137,17 +138,17 @@ class Traffic:
                  on_progress: Callable[[float, dict[str, Any]], None] | None = None):
         s = world.spec
         if not 1 <= users <= s.users:
-            raise TrafficError(f"--users: expected 1..{s.users} (the users in the world), got {users}")
+            raise TrafficError("--users", f"expected 1..{s.users} (the users in the world), got {users}")
         if not duration > 0:
-            raise TrafficError(f"--duration: expected seconds > 0, got {duration}")
+            raise TrafficError("--duration", f"expected seconds > 0, got {duration}")
         if not 1 <= concurrency <= 256:
-            raise TrafficError(f"--concurrency: expected 1..256, got {concurrency}")
+            raise TrafficError("--concurrency", f"expected 1..256, got {concurrency}")
         if not 1 <= candidates <= 50:
-            raise TrafficError(f"--candidates: expected 1..50, got {candidates}")
+            raise TrafficError("--candidates", f"expected 1..50, got {candidates}")
         if not 1 <= top_k:
-            raise TrafficError(f"--top-k: expected >= 1, got {top_k}")
+            raise TrafficError("--top-k", f"expected >= 1, got {top_k}")
         if not timeout > 0:
-            raise TrafficError(f"--timeout: expected seconds > 0, got {timeout}")
+            raise TrafficError("--timeout", f"expected seconds > 0, got {timeout}")
         self.world, self.url = world, check_url(url)
         self.duration, self.concurrency, self.timeout = float(duration), concurrency, float(timeout)
         self.candidates, self.top_k, self.experiment = candidates, min(top_k, candidates), experiment
@@ -207,10 +208,10 @@ class Traffic:
         try:
             r = await client.get("/readyz")
         except httpx.HTTPError as e:
-            raise TrafficError(f"{self.url}: no service answers ({type(e).__name__}: {e}); start one with "
+            raise TrafficError(self.url, f"no service answers ({type(e).__name__}: {e}); start one with "
                                "`watchnext up` or `watchnext serve`") from None
         if r.status_code != 200:
-            raise TrafficError(f"{self.url}/readyz answered {r.status_code}: the service is not ready to rank "
+            raise TrafficError(f"{self.url}/readyz", f"answered {r.status_code}: the service is not ready to rank "
                                f"({r.text[:200]})")
 
     async def _ticker(self) -> None:

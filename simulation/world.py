@@ -54,18 +54,6 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
-_erfc = np.frompyfunc(math.erfc, 1, 1)
-
-
-def norm_cdf(x: np.ndarray) -> np.ndarray:
-    """P(Z <= x) for a standard normal Z, elementwise (exact: math.erfc)."""
-    return 0.5 * _erfc(-np.asarray(x, np.float64) / math.sqrt(2.0)).astype(np.float64)
-
-
-def norm_pdf(x: np.ndarray) -> np.ndarray:
-    return np.exp(-0.5 * np.square(x)) / math.sqrt(2.0 * math.pi)
-
-
 @dataclass
 class WorldSpec:
     users: int = 5_000
@@ -226,12 +214,14 @@ class World:
         The noise is integrated exactly: E[clip(m + sZ, a, b)] for the watched share, and
         E[clip(round(m + sZ), 1, 5)] = 1 + sum_k P(m + sZ >= k + 0.5), k = 1..4, for the rating.
         """
+        from scipy.stats import norm  # here: most users of the world never ask for expectations
+
         p = self.probabilities(users, videos, ts, positions, devices)
         m, s, (lo, hi) = p["watch_frac"], WATCH_NOISE, WATCH_SHARE
         za, zb = (lo - m) / s, (hi - m) / s
-        ca, cb = norm_cdf(za), norm_cdf(zb)
-        share = lo * ca + hi * (1 - cb) + m * (cb - ca) + s * (norm_pdf(za) - norm_pdf(zb))
-        rating = 1.0 + sum(norm_cdf((p["rating_mean"] - k - 0.5) / RATING_NOISE) for k in range(1, 5))
+        ca, cb = norm.cdf(za), norm.cdf(zb)
+        share = lo * ca + hi * (1 - cb) + m * (cb - ca) + s * (norm.pdf(za) - norm.pdf(zb))
+        rating = 1.0 + sum(norm.cdf((p["rating_mean"] - k - 0.5) / RATING_NOISE) for k in range(1, 5))
         return {**p, "watch_time": share * self.duration[videos], "rating": rating}
 
     # ------------------------------------------------------------ traffic

@@ -12,27 +12,16 @@ is fixed, the true difference of every metric is known exactly.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import norm
 
 from analysis.abstats import Events
 from simulation.world import DAY, SLATE, World, WorldSpec
 from watchnext.experiments import Experiment, assign
 
 RATING_SD, SURVEY_RATE, WATCH_SD = 0.6, 0.2, 0.15  # as in World.outcomes
-
-_erfc = np.frompyfunc(math.erfc, 1, 1)
-
-
-def _norm_sf(z: np.ndarray) -> np.ndarray:
-    return 0.5 * _erfc(np.asarray(z, np.float64) / math.sqrt(2.0)).astype(np.float64)
-
-
-def _norm_pdf(z: np.ndarray) -> np.ndarray:
-    return np.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
-
 
 @dataclass
 class Period:
@@ -92,10 +81,10 @@ class Population:
         n = len(p["click"])
         mu, lo, hi = p["watch_frac"], 0.02, 1.0  # E[clip(mu + sd Z, lo, hi)]
         al, be = (lo - mu) / WATCH_SD, (hi - mu) / WATCH_SD
-        ef = lo * (1 - _norm_sf(al)) + hi * _norm_sf(be) + mu * (_norm_sf(al) - _norm_sf(be)) \
-            + WATCH_SD * (_norm_pdf(al) - _norm_pdf(be))
+        ef = lo * (1 - norm.sf(al)) + hi * norm.sf(be) + mu * (norm.sf(al) - norm.sf(be)) \
+            + WATCH_SD * (norm.pdf(al) - norm.pdf(be))
         # E[clip(round(mu + sd Z), 1, 5)] = 1 + sum_j P(X >= j + 0.5)
-        er = 1 + sum(_norm_sf((j + 0.5 - p["rating_mean"]) / RATING_SD) for j in range(1, 5))
+        er = 1 + sum(norm.sf((j + 0.5 - p["rating_mean"]) / RATING_SD) for j in range(1, 5))
         c = p["click"]
         return {"ctr": c.sum() / n, "watch_time": (c * ef * p["duration"]).sum() / n,
                 "like_rate": (c * p["like"]).sum() / c.sum(), "dismiss_rate": p["dismiss"].mean(),

@@ -12,9 +12,11 @@ import math
 
 import numpy as np
 import pytest
+from scipy.stats import chi2 as chi_square
+from scipy.stats import norm
 
 from analysis.abreport import events_from_records, read_events, render_table
-from analysis.abstats import Events, chi2_sf, normal_quantile, normal_sf, ratio_by_arm, report, timeseries
+from analysis.abstats import Events, ratio_by_arm, report, srm, timeseries
 from analysis.chart import write_chart
 from cli.main import main
 from tests.absim import Effect, Population
@@ -41,21 +43,42 @@ def _exp(shares=(0.5, 0.5)) -> Experiment:
     return Experiment.from_dict({"name": "t", "arms": [{"name": f"a{i}", "share": s} for i, s in enumerate(shares)]})
 
 
-# ---------------------------------------------------------------- distributions
+# ---------------------------------------------------------------- distributions (scipy.stats), through the report's figures
 
 
 @pytest.mark.parametrize("x, df, p", [(3.841459, 1, 0.05), (5.991465, 2, 0.05), (7.814728, 3, 0.05),
                                       (10.827566, 1, 0.001), (13.815511, 2, 0.001), (16.266236, 3, 0.001),
                                       (124.342113, 100, 0.05), (0.454936, 1, 0.5), (1.0, 4, 0.909796)])
-def test_chi2_sf_matches_tables(x, df, p):
-    assert chi2_sf(x, df) == pytest.approx(p, rel=1e-5)
+def test_srm_p_value_matches_tables(x, df, p):
+    """Users per arm whose chi-square statistic is x (df + 1 equal arms, two of them off by c each way)."""
+    k, n = df + 1, 1_000_000
+    c = math.sqrt(x * n / (2 * k))
+    users = [n / k + c, n / k - c] + [n / k] * (k - 2)
+    out = srm(users, [1 / k] * k)
+    assert out["df"] == df and out["chi2"] == pytest.approx(x, rel=1e-9)
+    assert out["p_value"] == pytest.approx(p, rel=1e-5)
 
 
-def test_normal_functions():
-    assert normal_quantile(0.975) == pytest.approx(1.959963985, abs=1e-8)
-    assert normal_quantile(0.5) == pytest.approx(0.0, abs=1e-10)
-    assert 2 * normal_sf(1.959963985) == pytest.approx(0.05, abs=1e-9)
-    assert normal_sf(-3.0) == pytest.approx(0.998650102, abs=1e-9)
+def _two_arm_events(seed=0, users=400):
+    rng = np.random.default_rng(seed)
+    user = np.repeat(np.arange(users), 3)
+    return Events(user, user % 2, np.arange(len(user), dtype=float),
+                  {"click": (rng.random(len(user)) < 0.3 + 0.05 * (user % 2)).astype(float)})
+
+
+@pytest.mark.parametrize("confidence, z", [(0.95, 1.959963985), (0.99, 2.575829304), (0.5, 0.674489750)])
+def test_intervals_use_the_normal_quantile(confidence, z):
+    r = report(_exp(), _two_arm_events(), confidence=confidence)
+    for arm in r["arms"]:
+        m = arm["metrics"]["ctr"]
+        assert (m["ci"][1] - m["estimate"]) / m["se"] == pytest.approx(z, abs=1e-8)
+    d = r["differences"][0]["metrics"]["ctr"]
+    assert (d["ci"][1] - d["diff"]) / d["se"] == pytest.approx(z, abs=1e-8)
+    # the two-sided p-value of the normal test: 2 P(Z > |d| / se) = erfc(|d| / (se sqrt 2))
+    assert d["p_value"] == pytest.approx(math.erfc(abs(d["diff"]) / d["se"] / math.sqrt(2)), rel=1e-12)
+    assert d["significant"] == (d["p_value"] < 1 - confidence)
+    with pytest.raises(ValueError, match="confidence"):
+        report(_exp(), _two_arm_events(), confidence=1.0)
 
 
 # ---------------------------------------------------------------- exact small cases
@@ -124,17 +147,18 @@ def test_aa_p_values_are_uniform(aa):
     p = np.array([r["differences"][0]["metrics"]["ctr"]["raw"]["p_value"] for r in reports])
     deciles = np.bincount(np.minimum((p * 10).astype(int), 9), minlength=10).astype(float)
     chi2 = float(((deciles - N_AA / 10) ** 2 / (N_AA / 10)).sum())
-    assert chi2_sf(chi2, 9) > 0.001, deciles
+    assert chi_square.sf(chi2, 9) > 0.001, deciles
 
 
 def test_impression_level_analysis_would_fail_the_aa_test(aa):
     """The same A/A data analysed per impression (ignoring users) declares far too many wins."""
     batch, _ = aa
+    z = norm.ppf(0.975)  # 1.96: a 5% two-sided test
     wrong = []
     for e in range(N_AA):
         ev, _ = batch.events(e)
         st = ratio_by_arm(ev.arm, ev.labels["click"], np.ones(len(ev)), 2)
-        wrong.append(abs(st["estimate"][1] - st["estimate"][0]) / math.sqrt(st["var"].sum()) > 1.96)
+        wrong.append(abs(st["estimate"][1] - st["estimate"][0]) / math.sqrt(st["var"].sum()) > z)
     assert np.mean(wrong) > 0.10
 
 

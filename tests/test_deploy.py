@@ -22,7 +22,11 @@ COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 
 
 def env_vars_the_code_reads() -> set[str]:
-    names = set()
+    """The service's variables from its Settings model (each field names its own), and every WATCHNEXT_* name (and
+    REDIS_URL) the rest of the code mentions."""
+    from service.settings import Settings
+
+    names = set(Settings.variables().values())
     for pkg in ("watchnext", "service", "training", "analysis", "simulation", "cli"):
         for p in (ROOT / pkg).rglob("*.py"):
             names |= set(re.findall(r"\b((?:WATCHNEXT_[A-Z_]+)|REDIS_URL)\b", p.read_text()))

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from training.export import random_inputs
-from training.model import RankerTrain, RunningNorm, _drop_experts
+from training.model import RankerTrain, RunningNorm, _drop_experts, upgrade_state_dict
+from watchnext.config import FeatureKind
 
 
 def batch(config, n, seed=0):
@@ -74,6 +75,52 @@ def test_shared_bottom_has_no_gates(small_config):
     assert out["gates"].shape == (8, len(cfg.tasks), 1)
     mmoe, *_ = batch(small_config, 8)
     assert mmoe.ranker.gates is not None and mmoe.ranker.n_experts == small_config.model.experts
+
+
+def test_the_parts_have_their_documented_shapes(small_config):
+    net, x, *_ = batch(small_config, 8)
+    r = net.ranker
+    m = small_config.model
+    T, E, H = len(small_config.tasks), m.experts, m.expert_layers[-1]
+    with torch.no_grad():
+        x0, field = r.shared_input(x)  # SharedInput: (B, D0) and each field's vector
+        assert x0.shape == (8, r.shared_input.out_dim)
+        assert list(field) != [] and set(field) == {f.name for f in small_config.features if f.kind != FeatureKind.NUMERIC}
+        n = len(field)
+        pairs = r.interactions(field)  # Interactions: (B, heads * F(F-1)/2)
+        assert pairs.shape == (8, m.interaction_heads * n * (n - 1) // 2)
+        shared = r.shared(x)  # the shared input: both, concatenated
+        assert shared.shape == (8, r.d_in) and torch.equal(shared, torch.cat([x0, pairs], 1))
+        experts = r.experts(shared)  # ExpertBank: (E, B, H)
+        assert experts.shape == (E, 8, H)
+        gates = r.gates(shared)  # Gates: (B, T, E), a softmax per task
+        assert gates.shape == (8, T, E) and torch.allclose(gates.sum(-1), torch.ones(8, T))
+        raw = r.towers(torch.bmm(gates, experts.transpose(0, 1)).transpose(0, 1))  # TowerBank: (T, B, H) -> (B, T)
+        assert raw.shape == (8, T)
+        assert torch.equal(raw, r.raw(x)[0])
+        assert r.heads(raw).shape == (8, T)  # Heads: label units
+
+
+def test_without_interactions_the_shared_input_is_the_features_alone(small_config):
+    cfg = dataclasses.replace(small_config, model=dataclasses.replace(small_config.model, interactions=False))
+    net, x, *_ = batch(cfg, 4)
+    assert net.ranker.interactions is None and net.ranker.d_in == net.ranker.shared_input.out_dim
+    assert not any("projections" in k for k in net.state_dict())
+    assert torch.equal(net.ranker.shared(x), net.ranker.shared_input(x)[0])
+
+
+def test_the_old_layouts_keys_are_renamed_and_the_new_ones_kept(small_config):
+    net, *_ = batch(small_config, 4)
+    state = net.state_dict()
+    assert list(upgrade_state_dict(state)) == list(state)  # nothing to rename in the new layout
+    old = {"ranker.embeddings.video_id.weight": 1, "ranker.numeric_norm.count": 2, "ranker.projections.hour.weight": 3,
+           "ranker.gates.weight": 4, "ranker.gates.bias": 5, "ranker.target_norm.mean": 6, "ranker.is_binary": 7,
+           "ranker.is_log1p": 8, "ranker.experts.first.weight": 9, "is_binary": 10, "bias.mlp.0.weight": 11}
+    assert upgrade_state_dict(old) == {
+        "ranker.shared_input.embeddings.video_id.weight": 1, "ranker.shared_input.numeric_norm.count": 2,
+        "ranker.interactions.projections.hour.weight": 3, "ranker.gates.linear.weight": 4, "ranker.gates.linear.bias": 5,
+        "ranker.heads.target_norm.mean": 6, "ranker.heads.is_binary": 7, "ranker.heads.is_log1p": 8,
+        "ranker.experts.first.weight": 9, "is_binary": 10, "bias.mlp.0.weight": 11}
 
 
 def test_shallow_tower_moves_binary_logits_only_in_training(small_config):

@@ -41,7 +41,7 @@ def test_cli_refuses_to_promote_a_version_that_does_not_load(trained, models_dir
     assert res.returncode == 2 and res.stdout == ""
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("watchnext: error: version 3 cannot serve: ")
+    assert lines[0].startswith("watchnext: version 3 cannot serve: ")
     assert f"{v3 / 'model.onnx'}: ONNX Runtime cannot load it" in lines[0]
     assert (repo.dir / "serving.json").read_bytes() == state and repo.promoted() == 1
 
@@ -69,7 +69,7 @@ def test_cli_refuses_to_promote_a_version_that_does_not_load(trained, models_dir
     assert json.loads(res.stdout) == {"promoted": 2} and repo.promoted() == 2
     res = cli(models_dir, trained["config_path"], "promote", "two")
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
-        "watchnext: error: VERSION: expected a version number such as 3 (or v3), got 'two'"]
+        "watchnext: VERSION: expected a version number such as 3 (or v3), got 'two'"]
     assert repo.promoted() == 2
 
 

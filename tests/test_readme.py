@@ -106,9 +106,9 @@ ENV_NAMED = re.compile(r"\b(WATCHNEXT_[A-Z0-9_]+|REDIS_URL)\b")
 
 
 def env_vars_the_code_reads() -> set[str]:
-    """Variables read with os.environ / env .get or [...], and every WATCHNEXT_* name (and REDIS_URL) the code
-    mentions: Settings.from_env reads its names from a table."""
-    names: set[str] = set()
+    """The service's variables, from the Settings model (each field names its own), and every other variable the
+    code reads with os.environ / env .get or [...], or mentions (WATCHNEXT_* names and REDIS_URL)."""
+    names: set[str] = set(Settings.variables().values())
     for pkg in ("watchnext", "service", "training", "analysis", "simulation", "cli"):
         for p in sorted((ROOT / pkg).rglob("*.py")):
             text = p.read_text()
@@ -124,20 +124,51 @@ def test_every_environment_variable_is_in_the_settings_section():
     assert not missing, f"environment variables the README's Settings section does not mention: {missing}"
 
 
+def shown_default(value) -> str:
+    """A default as the Settings table writes it: unset, 127.0.0.1, 8000, 0.05, 64."""
+    return "unset" if value is None else format(value, "g") if isinstance(value, float) else str(value)
+
+
 def test_every_service_setting_is_in_the_settings_table():
-    fields = {f.name for f in dataclasses.fields(Settings)}
+    """One row per setting (or one for several, `host`, `port`), naming exactly the field's variable and flag as the
+    Settings model declares them, and starting its default cell with the field's default."""
+    fields = Settings.model_fields
+    variables, flags = Settings.variables(), Settings.flags()
     rows = table_rows(section("### Settings"), "setting")
-    documented = {c for cells in rows for c in codes(cells[0])}
-    missing = sorted(fields - documented)
-    assert not missing, f"Settings fields the README's Settings table does not document: {missing}"
-    stale = sorted(c for c in documented - fields if re.fullmatch(r"[a-z_]+", c))
-    assert not stale, f"the Settings table documents fields Settings does not have: {stale}"
-    # each row's environment and flag cells name only real variables and flags
-    env = env_vars_the_code_reads()
-    flags = {o for _, p in commands() for o in long_options(p)}
+    seen: list[str] = []
     for cells in rows:
-        assert all(c.split(" ")[0] in env for c in codes(cells[1]) if not c.endswith("://")), cells
-        assert all(c in flags for c in codes(cells[2])), cells
+        names = codes(cells[0].split(":")[0])  # the fields the row is about: `host`, `port`: where to listen
+        if not names:  # limits, attribution window, ...: the config's
+            continue
+        stale = [n for n in names if n not in fields]
+        assert not stale, f"the Settings table documents fields Settings does not have: {stale}"
+        seen += names
+        env = [c for c in codes(cells[1]) if not c.endswith("://")]
+        assert env == [variables[n] for n in names if n in variables], (names, env)
+        assert codes(cells[2]) == [flags[n] for n in names if n in flags], (names, codes(cells[2]))
+        shown = cells[3].replace("`", "").removeprefix("./")
+        parts = shown.split(", ", len(names) - 1) if len(names) > 1 else [shown]
+        for n, part in zip(names, parts, strict=True):
+            want = shown_default(fields[n].default)
+            assert re.match(rf"{re.escape(want)}(?![\w.])", part), f"{n}: default {want}, the table says {cells[3]!r}"
+    missing = sorted(set(fields) - set(seen))
+    assert not missing, f"Settings fields the README's Settings table does not document: {missing}"
+    assert len(seen) == len(set(seen)), f"a setting with two rows: {sorted(seen)}"
+
+
+@pytest.mark.parametrize("path", ["watchnext serve", "watchnext up"])
+def test_the_settings_flags_are_the_service_commands_flags(path):
+    """Each flag Settings names is one of serve's and up's, under the name settings_of reads (its dest), passing
+    its text on as given (no default, type or choices of its own: Settings converts, checks and defaults), and
+    its help names the setting's variable."""
+    actions = {o: a for a in dict(commands())[path]._actions for o in a.option_strings}
+    variables = Settings.variables()
+    for name, flag in Settings.flags().items():
+        a = actions[flag]
+        assert a.dest == flag[2:].replace("-", "_"), (flag, a.dest)
+        assert a.default is None and a.type is None and a.choices is None, flag
+        if name in variables:
+            assert f"${variables[name]}" in a.help, (flag, a.help)
 
 
 # ---------------------------------------------------------------- commands and flags

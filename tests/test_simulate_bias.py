@@ -172,5 +172,5 @@ def test_cli_refuses_bad_flags_naming_them(tmp_path, capsys, flags, named):
     rc, _ = run_cli(tmp_path, *flags)
     err = capsys.readouterr().err.strip()
     assert rc == 2
-    assert err.startswith(f"watchnext: error: {named}:") and "\n" not in err
+    assert err.startswith(f"watchnext: {named}:") and "\n" not in err
     assert not (tmp_path / "h.jsonl").exists()

@@ -1,5 +1,7 @@
 """The streaming trainer over files: learning, exact resumption after kill -9, Parquet, incremental runs."""
 
+import hashlib
+import io
 import json
 import os
 import re
@@ -17,7 +19,7 @@ import torch
 
 from tests.helpers import dumps_toml, small_config_text, with_labels, write_small_history
 from training.export import state_digest
-from training.trainer import CheckpointError, Trainer, read_checkpoint, train_files
+from training.trainer import TRAILER, CheckpointError, Trainer, read_checkpoint, train_files
 from watchnext.config import load_config
 from watchnext.encoding import example_schema
 from watchnext.repository import ModelRepository
@@ -154,6 +156,14 @@ def test_bad_lines_are_counted_once_across_a_restart(history_file, tmp_path):
     assert rest.bad_lines == len(BAD) + 1  # each bad line once, though the first run read past some
 
 
+def test_max_examples_is_reached_exactly_and_the_rest_trains_next(history_file, small_config, tmp_path):
+    # 1000 is not a whole number of batches (256): three whole batches and one of 232, then the reading stops
+    first = train_files(small_config, [history_file], tmp_path / "ck.pt", None, fresh=True, max_examples=1000)
+    assert (first.trained_now, first.examples) == (1000, 1000)
+    rest = train_files(small_config, [history_file], tmp_path / "ck.pt", None)
+    assert (rest.trained_now, rest.examples) == (5000, 6000)  # each example once
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_trains_on_the_gpu(history_file, small_config, tmp_path):
@@ -241,7 +251,7 @@ def good_checkpoint(tmp_path_factory, history_file):
 
 
 def _cli_train(args, capsys):
-    from watchnext.cli import main
+    from cli.main import main
 
     code = main(["train", *map(str, args)])
     return code, capsys.readouterr().err
@@ -269,7 +279,7 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(good_checkpoint, history_fi
     models = ["--models", tmp_path / "models", "--no-export"]
     code, err = _cli_train(["--data", history_file, "--config", cfg, "--checkpoint", ck, *models], capsys)
     assert code == 2
-    assert err.startswith(f"watchnext: error: {ck}: {needle}")  # the file named first, then why
+    assert err.startswith(f"watchnext: {ck}: {needle}")  # the file named first, then why
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.rstrip().endswith("delete it or train with --fresh to start a new model")
     # --fresh starts over, and writes a good checkpoint in its place
@@ -288,6 +298,40 @@ def test_resuming_under_another_bias_table_is_refused_in_one_line(good_checkpoin
     res = subprocess.run(train_cmd(history_file, other, tmp_path, "--no-export"), capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 2
-    assert res.stderr == (f"watchnext: error: {ck}: checkpoint was trained under another model shape (bias.dim 8 -> 16); "
+    assert res.stderr == (f"watchnext: {ck}: checkpoint was trained under another model shape (bias.dim 8 -> 16); "
                           "delete it or train with --fresh to start a new model, or point --checkpoint elsewhere\n")
     assert ck.read_bytes() == data  # left as it was
+
+
+# The names of the tensors before the ranker was split into named parts (SharedInput, Interactions, Gates, Heads).
+OLD_NAMES = (
+    ("ranker.shared_input.embeddings.", "ranker.embeddings."),
+    ("ranker.shared_input.numeric_norm.", "ranker.numeric_norm."),
+    ("ranker.interactions.projections.", "ranker.projections."),
+    ("ranker.gates.linear.", "ranker.gates."),
+    ("ranker.heads.target_norm.", "ranker.target_norm."),
+    ("ranker.heads.is_", "ranker.is_"),
+)
+
+
+def _old_name(key):
+    return next((old + key[len(new):] for new, old in OLD_NAMES if key.startswith(new)), key)
+
+
+def test_a_checkpoint_of_the_old_model_layout_resumes_exactly(history_file, small_config, tmp_path):
+    train_files(small_config, [history_file], tmp_path / "new.pt", None, fresh=True, max_examples=1024)
+    blob = read_checkpoint(tmp_path / "new.pt")
+    blob["model"] = {_old_name(k): v for k, v in blob["model"].items()}
+    assert {"ranker.embeddings.video_id.weight", "ranker.numeric_norm.mean", "ranker.projections.video_id.weight",
+            "ranker.gates.weight", "ranker.target_norm.var", "ranker.is_binary"} <= set(blob["model"])
+    buf = io.BytesIO()
+    torch.save(blob, buf)
+    payload = buf.getvalue()
+    (tmp_path / "old.pt").write_bytes(payload + TRAILER + hashlib.sha256(payload).hexdigest().encode() + b"\n")
+    old, new = Trainer.load(tmp_path / "old.pt", small_config), Trainer.load(tmp_path / "new.pt", small_config)
+    assert state_digest(old.net.state_dict()) == state_digest(new.net.state_dict())
+    # the optimisers' states follow the parameters: resuming either trains the rest identically
+    a = train_files(small_config, [history_file], tmp_path / "old.pt", None)
+    b = train_files(small_config, [history_file], tmp_path / "new.pt", None)
+    assert a.trained_now == b.trained_now == 6000 - 1024
+    assert load_ckpt(tmp_path / "old.pt") == load_ckpt(tmp_path / "new.pt")

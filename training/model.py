@@ -1,31 +1,48 @@
 """The MMoE ranker (Ma et al., KDD 2018; Zhao et al., RecSys 2019) and its shallow tower.
 
 `Ranker` is exactly what is exported: encoded features in, every head out in
-its label's units. `RankerTrain` wraps it with the shallow tower (position and
-device bias, training only) and the masked multitask loss.
+its label's units. It is built from named parts, in data-flow order:
 
-Shapes: B batch, T tasks, E experts, D shared input width, H expert output.
+    SharedInput   encoded inputs -> one vector per row (B, D0), and each field's vector
+    Interactions  the F fields' vectors -> their pairwise dot products (B, P), appended
+                  to SharedInput's vector: the shared input x (B, D), D = D0 + P
+    ExpertBank    x -> each expert's output (E, B, H)
+    Gates         x -> one softmax over the experts per task (B, T, E); mixing the
+                  experts by them gives each task's input (T, B, H)
+    TowerBank     (T, B, H) -> one raw output per task (B, T): logits, standardised targets
+    Heads         raw outputs (B, T) -> label units (B, T)
+
+`RankerTrain` wraps it with what only training has: the shallow tower
+(`ShallowTower`: position and device bias), the position as an input with
+`[bias] mode = "feature"` (`PositionFeature`), and the masked multitask loss.
+
+Shapes: B batch, T tasks, E experts, F fields (the features that are not
+numeric), D shared input width, H expert output.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from watchnext.config import POSITION, Config
+from watchnext.config import POSITION, Config, Feature, FeatureKind, TaskKind
 from watchnext.encoding import Encoder
 
 EPS = 1e-6
 EMBEDDING_INIT_STD = 0.15  # measured: 0.05 made learning users' tastes a matter of luck (click AUC 0.778-0.806 over seeds)
+EMBEDDED = (FeatureKind.CATEGORICAL, FeatureKind.CATEGORICAL_LIST)  # the kinds read through an embedding table
 
 
 class RunningNorm(nn.Module):
     """Per-column mean and variance learned from the stream (Chan's parallel update).
 
     Carried by the model as buffers, so the exported graph standardises its own inputs.
+
+    update: x, mask (B, n) -> None; scale, unscale: (B, n) -> (B, n)
     """
 
     def __init__(self, n: int):
@@ -58,10 +75,99 @@ class RunningNorm(nn.Module):
         return z * torch.sqrt(self.var + 1e-4) + self.mean
 
 
-class ExpertBank(nn.Module):
-    """E parallel MLPs over one input: a single matmul, then batched matmuls.
+class SharedInput(nn.Module):
+    """Encoded inputs -> one vector per row: embeddings, pooled lists, scaled numerics and vectors.
 
-    forward: (B, D) -> (E, B, H)
+    Categorical features look up one row of their table, categorical lists take the mean
+    of their ids' rows (id 0, "missing", is a zero row and not counted), numerics are
+    standardised by running statistics (`numeric_norm`) and come with their missing-mask,
+    vectors pass as they are. Features that name the same things (video ids as candidate,
+    query and history) share one table (`table = ...`), so what is learned about a video
+    in one role serves the others.
+
+    forward: {input name: (B,) ids | (B, L) ids | (B, N) numerics | (B, size) vector}
+             -> (B, D0) concatenated in `Encoder.input_specs` order,
+                {field name: (B, d_f)} the vector of each feature that is not numeric
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.cat_names = [f.name for f in config.features_of(FeatureKind.CATEGORICAL)]
+        self.list_names = [f.name for f in config.features_of(FeatureKind.CATEGORICAL_LIST)]
+        self.vec_names = [f.name for f in config.features_of(FeatureKind.VECTOR)]
+        self.n_numeric = len(config.features_of(FeatureKind.NUMERIC))
+        self.table_of = {f.name: f.table or f.name for f in config.features if f.kind in EMBEDDED}
+        self.embeddings = nn.ModuleDict(
+            {
+                f.name: nn.Embedding(f.buckets + 1, f.dim, padding_idx=0, sparse=True)
+                for f in config.features
+                if f.kind in EMBEDDED and f.table is None
+            }
+        )
+        for emb in self.embeddings.values():
+            nn.init.normal_(emb.weight, std=EMBEDDING_INIT_STD)
+            with torch.no_grad():
+                emb.weight[0].zero_()
+        self.numeric_norm = RunningNorm(self.n_numeric)
+        self.out_dim = (
+            sum(f.dim for f in config.features if f.kind in EMBEDDED)
+            + 2 * self.n_numeric
+            + sum(f.size for f in config.features_of(FeatureKind.VECTOR))
+        )
+
+    def forward(self, inputs: Mapping[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        field = {n: self.embeddings[self.table_of[n]](inputs[n]) for n in self.cat_names}  # (B, d_f)
+        for n in self.list_names:
+            ids = inputs[n]  # (B, L)
+            e = self.embeddings[self.table_of[n]](ids)  # (B, L, d); row 0 is zero
+            count = (ids > 0).sum(1, keepdim=True).clamp_min(1).to(e.dtype)  # (B, 1)
+            field[n] = e.sum(1) / count
+        for n in self.vec_names:
+            field[n] = inputs[n]
+        parts = [field[n] for n in self.cat_names + self.list_names]
+        if self.n_numeric:
+            parts.append(self.numeric_norm.scale(inputs["numeric"]))
+            parts.append(inputs["numeric_mask"])
+        parts.extend(field[n] for n in self.vec_names)
+        return torch.cat(parts, dim=1), field
+
+
+class Interactions(nn.Module):
+    """Pairwise dot products between fields (as in DLRM / factorisation machines), in several heads.
+
+    MLPs learn user-by-item products poorly, and different tasks need different products
+    (what a user clicks is not what satisfies them): each field is projected to `heads`
+    vectors of width `dim`, and every pair of fields gives one dot product per head.
+    Only built with `[model] interactions = true`.
+
+    forward: {field name: (B, d_f)} for the F fields -> (B, heads * F(F-1)/2), head-major
+    """
+
+    def __init__(self, fields: list[Feature], heads: int, dim: int):
+        super().__init__()
+        self.field_names = [f.name for f in fields]
+        self.heads, self.dim = heads, dim
+        self.projections = nn.ModuleDict(
+            {f.name: nn.Linear(f.size if f.kind == FeatureKind.VECTOR else f.dim, heads * dim, bias=False) for f in fields}
+        )
+        n = len(fields)
+        rows, cols = torch.triu_indices(n, n, offset=1)
+        self.register_buffer("pair_index", rows * n + cols, persistent=False)  # the pairs i < j of the (F, F) grid
+        self.out_dim = heads * (n * (n - 1) // 2)
+
+    def forward(self, field: Mapping[str, Tensor]) -> Tensor:
+        H, k = self.heads, self.dim
+        f = torch.stack([self.projections[n](field[n]) for n in self.field_names], dim=1)  # (B, F, H*k)
+        B, F = f.shape[0], f.shape[1]
+        f = f.view(B, F, H, k).transpose(1, 2).reshape(B * H, F, k)  # (B*H, F, k)
+        dots = torch.bmm(f, f.transpose(1, 2)).view(B, H, F * F)  # (B, H, F*F)
+        return dots[:, :, self.pair_index].reshape(B, -1)  # (B, H * F(F-1)/2)
+
+
+class ExpertBank(nn.Module):
+    """E parallel MLPs over one input: a single matmul, then batched matmuls; ReLU after every layer.
+
+    forward: x (B, D), offset (B, E*H0) or None -> (E, B, H), H = the last of `layers`
     """
 
     def __init__(self, d_in: int, layers: tuple[int, ...], experts: int):
@@ -88,10 +194,35 @@ class ExpertBank(nn.Module):
         return h
 
 
-class TowerBank(nn.Module):
-    """T towers of the same shape as batched matmuls, each ending in one output.
+class Gates(nn.Module):
+    """One softmax gate per task over the E experts (MMoE), from the shared input.
 
-    forward: (T, B, H) -> (B, T)
+    With `drop` (training), each expert's weight is zeroed with probability `dropout`
+    and the rest renormalised (`_drop_experts`), against gates that settle on one expert.
+
+    forward: x (B, D), offset (B, T*E) or None -> (B, T, E), each (b, t) summing to 1
+    """
+
+    def __init__(self, d_in: int, tasks: int, experts: int, dropout: float):
+        super().__init__()
+        self.tasks, self.experts, self.dropout = tasks, experts, dropout
+        self.linear = nn.Linear(d_in, tasks * experts)
+
+    def forward(self, x: Tensor, offset: Tensor | None = None, drop: bool = False) -> Tensor:
+        """offset (B, T*E), optional: added to the gates' logits (an input that is not in x)."""
+        g = self.linear(x)  # (B, T*E)
+        if offset is not None:
+            g = g + offset
+        gates = torch.softmax(g.view(x.shape[0], self.tasks, self.experts), dim=-1)  # (B, T, E)
+        if drop and self.dropout > 0:
+            gates = _drop_experts(gates, self.dropout)
+        return gates
+
+
+class TowerBank(nn.Module):
+    """T towers of the same shape as batched matmuls, each ending in one output (ReLU between layers).
+
+    forward: (T, B, H) -> (B, T) raw outputs
     """
 
     def __init__(self, tasks: int, d_in: int, layers: tuple[int, ...]):
@@ -115,8 +246,32 @@ class TowerBank(nn.Module):
         return z.squeeze(-1).transpose(0, 1)  # (B, T): squeeze names the unit axis only
 
 
+class Heads(nn.Module):
+    """Raw outputs -> label units: the sigmoid of a binary task's logit; a regression task's
+    standardised output put back in its units by `target_norm` (then expm1 under `log1p`).
+
+    `target_norm` holds the regression targets' running statistics; `RankerTrain` updates
+    them from the labels (and standardises the targets with them for the loss).
+
+    forward: (B, T) -> (B, T)
+    """
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.target_norm = RunningNorm(len(config.tasks))  # used for regression tasks only
+        self.register_buffer("is_binary", torch.tensor([t.kind == TaskKind.BINARY for t in config.tasks]))
+        self.register_buffer("is_log1p", torch.tensor([t.transform == "log1p" for t in config.tasks]))
+
+    def forward(self, raw: Tensor) -> Tensor:
+        reg = self.target_norm.unscale(raw)
+        reg = torch.where(self.is_log1p, (torch.exp(reg) - 1.0).clamp_min(0.0), reg)  # no expm1 in ONNX
+        return torch.where(self.is_binary, torch.sigmoid(raw), reg)
+
+
 class Ranker(nn.Module):
     """Encoded features -> every task's head. This module is what ONNX exports.
+
+    forward: the inputs in `input_names` order -> T tensors (B,), in `task_names` order
 
     Example:
         >>> ranker = Ranker(load_config())
@@ -126,127 +281,78 @@ class Ranker(nn.Module):
     def __init__(self, config: Config):
         super().__init__()
         self.config = config
-        specs = Encoder(config).input_specs()
-        self.input_names = [name for name, _, _ in specs]
+        self.input_names = [name for name, _, _ in Encoder(config).input_specs()]
         self.task_names = [t.name for t in config.tasks]
-        self.cat_names = [f.name for f in config.features_of("categorical")]
-        self.list_names = [f.name for f in config.features_of("categorical_list")]
-        self.vec_names = [f.name for f in config.features_of("vector")]
-        self.n_numeric = len(config.features_of("numeric"))
-        # features that name the same things (video ids as candidate, query and history)
-        # share one table, so what is learned about a video in one role serves the others
-        self.table_of = {
-            f.name: f.table or f.name for f in config.features if f.kind in ("categorical", "categorical_list")
-        }
-        self.embeddings = nn.ModuleDict(
-            {
-                f.name: nn.Embedding(f.buckets + 1, f.dim, padding_idx=0, sparse=True)
-                for f in config.features
-                if f.kind in ("categorical", "categorical_list") and f.table is None
-            }
-        )
-        for emb in self.embeddings.values():
-            nn.init.normal_(emb.weight, std=EMBEDDING_INIT_STD)
-            with torch.no_grad():
-                emb.weight[0].zero_()
-        # Pairwise dot products between fields (as in DLRM / factorisation machines), in
-        # several heads: MLPs learn user-by-item products poorly, and different tasks need
-        # different products (what a user clicks is not what satisfies them).
-        self.interact = config.model.interactions
-        k, H = config.model.interaction_dim, config.model.interaction_heads
-        fields = [f for f in config.features if f.kind != "numeric"]
-        self.field_names = [f.name for f in fields]
-        self.heads_k = (H, k)
-        self.projections = nn.ModuleDict(
-            {f.name: nn.Linear(f.size if f.kind == "vector" else f.dim, H * k, bias=False) for f in fields}
-            if self.interact
-            else {}
-        )
-        n_fields = len(fields)
-        rows, cols = torch.triu_indices(n_fields, n_fields, offset=1)
-        self.register_buffer("pair_index", rows * n_fields + cols, persistent=False)
-        n_pairs = n_fields * (n_fields - 1) // 2
-        self.numeric_norm = RunningNorm(self.n_numeric)
-        T = len(config.tasks)
-        self.target_norm = RunningNorm(T)  # used for regression tasks only
-        self.register_buffer("is_binary", torch.tensor([t.kind == "binary" for t in config.tasks]))
-        self.register_buffer("is_log1p", torch.tensor([t.transform == "log1p" for t in config.tasks]))
-        d_in = (
-            sum(f.dim for f in config.features if f.kind in ("categorical", "categorical_list"))
-            + 2 * self.n_numeric
-            + sum(f.size for f in config.features_of("vector"))
-            + (n_pairs * H if self.interact else 0)
-        )
         m = config.model
+        T = len(config.tasks)
+        # built in this order: it is the order the parameters draw their initial values (and the optimisers' order)
+        self.shared_input = SharedInput(config)
+        fields = [f for f in config.features if f.kind != FeatureKind.NUMERIC]
+        self.interactions = Interactions(fields, m.interaction_heads, m.interaction_dim) if m.interactions else None
+        self.d_in = self.shared_input.out_dim + (self.interactions.out_dim if self.interactions is not None else 0)
         self.mmoe = m.arch == "mmoe"
         self.n_experts = m.experts if self.mmoe else 1
-        self.expert_dropout = m.expert_dropout if self.mmoe else 0.0
-        self.experts = ExpertBank(d_in, m.expert_layers, self.n_experts)
-        self.gates = nn.Linear(d_in, T * self.n_experts) if self.mmoe else None
+        self.experts = ExpertBank(self.d_in, m.expert_layers, self.n_experts)
+        self.gates = Gates(self.d_in, T, self.n_experts, m.expert_dropout) if self.mmoe else None  # shared bottom: none
         self.towers = TowerBank(T, self.experts.out_dim, m.tower_layers)
-        self.d_in = d_in
+        self.heads = Heads(config)
 
-    # ------------------------------------------------------------ pieces
-    def shared_input(self, inputs: dict[str, Tensor]) -> Tensor:
-        """Embeddings, pooled lists, scaled numerics and vectors, concatenated: (B, D)."""
-        field = {n: self.embeddings[self.table_of[n]](inputs[n]) for n in self.cat_names}  # (B, d_f)
-        for n in self.list_names:
-            ids = inputs[n]  # (B, L)
-            e = self.embeddings[self.table_of[n]](ids)  # (B, L, d); row 0 is zero
-            count = (ids > 0).sum(1, keepdim=True).clamp_min(1).to(e.dtype)  # (B, 1)
-            field[n] = e.sum(1) / count
-        for n in self.vec_names:
-            field[n] = inputs[n]
-        parts = [field[n] for n in self.cat_names + self.list_names]
-        if self.n_numeric:
-            parts.append(self.numeric_norm.scale(inputs["numeric"]))
-            parts.append(inputs["numeric_mask"])
-        parts.extend(field[n] for n in self.vec_names)
-        if self.interact:
-            H, k = self.heads_k
-            f = torch.stack([self.projections[n](field[n]) for n in self.field_names], dim=1)  # (B, F, H*k)
-            B, F = f.shape[0], f.shape[1]
-            f = f.view(B, F, H, k).transpose(1, 2).reshape(B * H, F, k)  # (B*H, F, k)
-            dots = torch.bmm(f, f.transpose(1, 2)).view(B, H, F * F)  # (B, H, F*F)
-            parts.append(dots[:, :, self.pair_index].reshape(B, -1))  # (B, H * F(F-1)/2)
-        return torch.cat(parts, dim=1)
+    def shared(self, inputs: Mapping[str, Tensor]) -> Tensor:
+        """The shared input x (B, D): `SharedInput`'s vector, then the `Interactions`' products."""
+        x, field = self.shared_input(inputs)  # (B, D0)
+        if self.interactions is None:
+            return x
+        return torch.cat([x, self.interactions(field)], dim=1)  # (B, D0 + P)
 
     def raw(
-        self, inputs: dict[str, Tensor], train_gates: bool = False, side: tuple[Tensor, Tensor | None] | None = None
+        self, inputs: Mapping[str, Tensor], train_gates: bool = False, side: tuple[Tensor, Tensor | None] | None = None
     ) -> tuple[Tensor, Tensor]:
         """Raw outputs (B, T) (logits; standardised regression targets) and gates (B, T, E).
 
-        `side`: (expert offset, gate offset) of a training-only input (`PositionFeature`); the
-        exported graph has none.
+        `train_gates`: expert dropout on. `side`: (expert offset, gate offset) of a training-only
+        input (`PositionFeature`); the exported graph has none.
         """
-        x = self.shared_input(inputs)  # (B, D)
+        x = self.shared(inputs)  # (B, D)
         experts = self.experts(x, None if side is None else side[0])  # (E, B, H)
-        B = x.shape[0]
         T = len(self.task_names)
-        if self.gates is not None:
-            g = self.gates(x)
-            if side is not None and side[1] is not None:
-                g = g + side[1]
-            gates = torch.softmax(g.view(B, T, self.n_experts), dim=-1)  # (B, T, E)
-            if train_gates and self.expert_dropout > 0:
-                gates = _drop_experts(gates, self.expert_dropout)
-            mixed = torch.bmm(gates, experts.transpose(0, 1))  # (B, T, H)
-            mixed = mixed.transpose(0, 1)  # (T, B, H)
-        else:
-            gates = torch.ones(B, T, 1, device=x.device)
+        if self.gates is None:  # shared bottom: the one expert is every task's input
+            gates = torch.ones(x.shape[0], T, 1, device=x.device)
             mixed = experts.expand(T, -1, -1)  # (T, B, H)
+        else:
+            gates = self.gates(x, None if side is None else side[1], drop=train_gates)  # (B, T, E)
+            mixed = torch.bmm(gates, experts.transpose(0, 1)).transpose(0, 1)  # (B, T, H) -> (T, B, H)
         return self.towers(mixed), gates
-
-    def heads(self, raw: Tensor) -> Tensor:
-        """Raw outputs (B, T) -> label units (B, T)."""
-        reg = self.target_norm.unscale(raw)
-        reg = torch.where(self.is_log1p, (torch.exp(reg) - 1.0).clamp_min(0.0), reg)  # no expm1 in ONNX
-        return torch.where(self.is_binary, torch.sigmoid(raw), reg)
 
     def forward(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         """Inputs in `input_names` order; one (B,) output per task, in `task_names` order."""
         out = self.heads(self.raw(dict(zip(self.input_names, tensors)))[0])  # (B, T)
         return tuple(out[:, j] for j in range(out.shape[1]))
+
+
+# Checkpoints saved before the ranker was split into named parts hold these keys: old -> new
+# (a name ending in "." renames every key under it). `upgrade_state_dict` maps them on load.
+RENAMED_KEYS = (
+    ("ranker.embeddings.", "ranker.shared_input.embeddings."),
+    ("ranker.numeric_norm.", "ranker.shared_input.numeric_norm."),
+    ("ranker.projections.", "ranker.interactions.projections."),
+    ("ranker.gates.weight", "ranker.gates.linear.weight"),
+    ("ranker.gates.bias", "ranker.gates.linear.bias"),
+    ("ranker.target_norm.", "ranker.heads.target_norm."),
+    ("ranker.is_binary", "ranker.heads.is_binary"),
+    ("ranker.is_log1p", "ranker.heads.is_log1p"),
+)
+
+
+def upgrade_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A `RankerTrain` state dict with the keys of the old layout (`RENAMED_KEYS`) renamed; others kept."""
+    out = {}
+    for key, value in state.items():
+        for old, new in RENAMED_KEYS:
+            if key == old or (old.endswith(".") and key.startswith(old)):
+                key = new + key[len(old):]
+                break
+        out[key] = value
+    return out
 
 
 def _drop_experts(gates: Tensor, p: float) -> Tensor:
@@ -346,7 +452,7 @@ class PositionFeature(nn.Module):
         with torch.no_grad():
             self.table.weight[0].zero_()
         self.to_experts = nn.Linear(b.dim, ranker.experts.first.out_features, bias=False)
-        self.to_gates = nn.Linear(b.dim, ranker.gates.out_features, bias=False) if ranker.gates is not None else None
+        self.to_gates = nn.Linear(b.dim, ranker.gates.linear.out_features, bias=False) if ranker.gates is not None else None
 
     def forward(self, position_rows: Tensor) -> tuple[Tensor, Tensor | None]:
         e = self.table(position_rows)  # (B, dim); zero for row 0
@@ -375,6 +481,9 @@ class RankerTrain(nn.Module):
       ascend it, so the tower learns what explains clicks and not what predicts
       relevance. The adversary's loss is added to the returned loss
       (`out["adversary_loss"]`).
+
+    forward: inputs {name: tensor} (as `Ranker`'s), labels (B, T), mask (B, T), position (B,)
+             -> loss (), out {name: tensor} (see `forward`)
     """
 
     def __init__(self, config: Config):
@@ -389,7 +498,7 @@ class RankerTrain(nn.Module):
         self.adversary = nn.Linear(b.hidden, len(self.bias_idx)) if has_tower and b.gradient_reversal > 0 else None
         self.position_feature = PositionFeature(config, self.ranker) if b.mode == "feature" else None
         self.register_buffer("loss_weight", torch.tensor([t.loss_weight for t in tasks]))
-        self.register_buffer("is_binary", torch.tensor([t.kind == "binary" for t in tasks]))
+        self.register_buffer("is_binary", torch.tensor([t.kind == TaskKind.BINARY for t in tasks]))
         self.register_buffer("is_log1p", torch.tensor([t.transform == "log1p" for t in tasks]))
         self.register_buffer("bias_index", torch.tensor(self.bias_idx, dtype=torch.long), persistent=False)
         self.given = [(i, config.task_index(t.given)) for i, t in enumerate(tasks) if t.given]
@@ -433,8 +542,8 @@ class RankerTrain(nn.Module):
         """
         r = self.ranker
         b = self.config.bias
-        if train and r.n_numeric:  # features only: no label reaches the scores early
-            r.numeric_norm.update(inputs["numeric"], inputs["numeric_mask"])
+        if train and r.shared_input.n_numeric:  # features only: no label reaches the scores early
+            r.shared_input.numeric_norm.update(inputs["numeric"], inputs["numeric_mask"])
         tmask = self.task_mask(labels, mask)
         target = torch.where(self.is_log1p, torch.log1p(labels.clamp_min(0)), labels)  # (B, T)
         rows = self.position_rows(position, train) if (self.bias is not None or self.position_feature is not None) else None
@@ -443,7 +552,7 @@ class RankerTrain(nn.Module):
         with torch.no_grad():  # scored before the labels move the target statistics
             heads = r.heads(r.raw(inputs)[0]) if side is not None else r.heads(raw)  # serving: position missing
         if train:
-            r.target_norm.update(target, tmask * (~self.is_binary).to(tmask.dtype))
+            r.heads.target_norm.update(target, tmask * (~self.is_binary).to(tmask.dtype))
         logits = full_logits = raw
         extra: dict[str, Tensor] = {}
         adv_loss = None
@@ -459,7 +568,7 @@ class RankerTrain(nn.Module):
                 guess = self.adversary(reverse_grad(hidden, b.gradient_reversal))  # (B, T_bias)
                 adv_loss = ((guess - raw[:, self.bias_index].detach()) ** 2).mean()
                 extra["adversary_loss"] = adv_loss.detach()
-        scaled_target = r.target_norm.scale(target)
+        scaled_target = r.heads.target_norm.scale(target)
         bce = F.binary_cross_entropy_with_logits(logits, labels.clamp(0, 1) if bce_target is None else bce_target,
                                                  reduction="none")
         se = (raw - scaled_target) ** 2

@@ -17,6 +17,7 @@ or one saved under another `Config.checkpoint_hash`, is refused with one line.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
 import json
@@ -27,18 +28,19 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
-from watchnext.config import Config, ConfigError, config_from_dict
+from watchnext.config import Config, ConfigError, TaskKind, config_from_dict
+from watchnext.errors import WatchnextError
 from watchnext.examples import Chunk, Decoder, ExampleFiles, Position
 from watchnext.repository import ModelRepository, atomic_write
 from watchnext.runtime import usable_cpus
 
 from .export import publish
-from .model import RankerTrain
+from .model import RankerTrain, upgrade_state_dict
 from .progressive import ProgressiveMetrics
 from .propensity import Examination, SwapCounts, curve_examination, ipw_weights, unbiased_target
 
@@ -48,7 +50,7 @@ TRAILER_LEN = len(TRAILER) + 64 + 1
 START_OVER = "delete it or train with --fresh to start a new model"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WatchnextError):
     """A checkpoint that cannot be used or written; the message names the file (the CLI prints one line)."""
 
 
@@ -101,7 +103,7 @@ class Trainer:
         if tc.ipw == "curve":
             self._exam = curve_examination(tc.ipw_curve, floor=1.0 / tc.ipw_clip)
         if tc.ipw != "none" and self.click is None:
-            raise ConfigError(f"{config.path}: trainer.ipw: needs a binary task without `given` (a click) to weight")
+            raise ConfigError(f"{config.path}: trainer.ipw", "needs a binary task without `given` (a click) to weight")
 
     # ------------------------------------------------------------ one batch
     def tensors(self, chunk: Chunk) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,7 +213,7 @@ class Trainer:
         """Raise naming `what` (a file, a repository) when a parameter or statistic holds NaN/Inf."""
         bad = nonfinite(self.net.state_dict())
         if bad:
-            raise CheckpointError(f"{what}: refused: the model holds NaN/Inf in {', '.join(bad[:5])}"
+            raise CheckpointError(what, f"refused: the model holds NaN/Inf in {', '.join(bad[:5])}"
                                   + (f" and {len(bad) - 5} more" if len(bad) > 5 else ""))
 
     # ------------------------------------------------------------ checkpoints
@@ -222,7 +224,7 @@ class Trainer:
         self.state.explore_counts = self.swaps.state()
         blob = {
             "format": FORMAT,
-            "config": self.config.to_dict(),
+            "config": builtin(self.config.to_dict()),
             "config_hash": self.config.hash,
             "checkpoint_hash": self.config.checkpoint_hash,
             "model": self.net.state_dict(),
@@ -245,14 +247,14 @@ class Trainer:
             saved = config_from_dict(blob["config"], str(path))
             if config is not None and config.checkpoint_hash != saved.checkpoint_hash:
                 raise CheckpointError(
-                    f"{path}: checkpoint was trained under another model shape ({shape_diff(saved, config)}); "
+                    str(path), f"checkpoint was trained under another model shape ({shape_diff(saved, config)}); "
                     f"{START_OVER}, or point --checkpoint elsewhere"
                 )
             bad = nonfinite(blob["model"])
             if bad:
-                raise CheckpointError(f"{path}: the checkpoint holds NaN/Inf in {', '.join(bad[:5])}; {START_OVER}")
+                raise CheckpointError(str(path), f"the checkpoint holds NaN/Inf in {', '.join(bad[:5])}; {START_OVER}")
             t = cls(config or saved, device)
-            t.net.load_state_dict(blob["model"])
+            t.net.load_state_dict(upgrade_state_dict(blob["model"]))  # a checkpoint of the old layout too
             t.opt_dense.load_state_dict(blob["opt_dense"])
             t.opt_sparse.load_state_dict(blob["opt_sparse"])
             t.state = TrainState(**blob["state"])
@@ -264,7 +266,7 @@ class Trainer:
         except (CheckpointError, ConfigError):
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
-            raise CheckpointError(f"{path}: checkpoint does not fit this trainer ({type(e).__name__}: "
+            raise CheckpointError(str(path), f"checkpoint does not fit this trainer ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0][:200] if str(e) else ''}); {START_OVER}") from None
         return t
 
@@ -296,9 +298,21 @@ class Trainer:
 def click_task(config: Config) -> int | None:
     """The index of the click task: the first binary task that is not `given` another (None when there is none)."""
     for i, t in enumerate(config.tasks):
-        if t.kind == "binary" and t.given is None:
+        if t.kind == TaskKind.BINARY and t.given is None:
             return i
     return None
+
+
+def builtin(x: Any) -> Any:
+    """`x` (dicts, lists, tuples) with each enum member (the config's kinds) as its value: a checkpoint then holds
+    only builtin types and tensors, and unpickles without watchnext's classes."""
+    if isinstance(x, enum.Enum):
+        return x.value
+    if isinstance(x, dict):
+        return {k: builtin(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(builtin(v) for v in x)
+    return x
 
 
 def nonfinite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -312,21 +326,21 @@ def read_checkpoint(path: Path) -> dict:
     try:
         data = Path(path).read_bytes()
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read the checkpoint: {e.strerror or e}") from None
+        raise CheckpointError(str(path), f"cannot read the checkpoint: {e.strerror or e}") from None
     if not data:
-        raise CheckpointError(f"{path}: the checkpoint is empty; {START_OVER}")
+        raise CheckpointError(str(path), f"the checkpoint is empty; {START_OVER}")
     payload, end = data[:-TRAILER_LEN], data[-TRAILER_LEN:]
     if len(data) < TRAILER_LEN or not end.startswith(TRAILER) or not end.endswith(b"\n"):
-        raise CheckpointError(f"{path}: not a whole watchnext checkpoint (no checksum at its end: truncated, "
+        raise CheckpointError(str(path), f"not a whole watchnext checkpoint (no checksum at its end: truncated, "
                               f"damaged, from an older version, or another kind of file); {START_OVER}")
     if hashlib.sha256(payload).hexdigest().encode() != end[len(TRAILER):-1]:
-        raise CheckpointError(f"{path}: the checkpoint is damaged (its sha256 does not match its content); {START_OVER}")
+        raise CheckpointError(str(path), f"the checkpoint is damaged (its sha256 does not match its content); {START_OVER}")
     try:
         blob = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
     except Exception as e:  # the checksum matched, so the writer was not ours
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}); {START_OVER}") from None
+        raise CheckpointError(str(path), f"cannot read the checkpoint ({type(e).__name__}); {START_OVER}") from None
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not a watchnext checkpoint of format {FORMAT}; {START_OVER}")
+        raise CheckpointError(str(path), f"not a watchnext checkpoint of format {FORMAT}; {START_OVER}")
     return blob
 
 
@@ -417,15 +431,18 @@ def train_files(
     """Train once over `paths` in order, resuming from `checkpoint` when it holds these files.
 
     A checkpoint from other files continues training the same model on the new
-    files (incremental training); `fresh` starts a new model.
+    files (incremental training); `fresh` starts a new model. `max_examples` caps
+    this run's trained examples (see `file_batches`). `on_progress(read bytes, total
+    bytes, report)` is called after each chunk read (report {}) and with each progress
+    report, which is also appended to `metrics_file` as a JSON line.
     """
+    # ---- setup: the model, where the files stand, the reader
     checkpoint = Path(checkpoint)
     files = [str(Path(p).resolve()) for p in paths]
     trainer = Trainer.load(checkpoint, config, device) if checkpoint.is_file() and not fresh else Trainer(config, device)
     st = trainer.state
-    src = st.source
-    if src.get("kind") == "files" and src.get("paths") == files:
-        start = Position(**src["position"])
+    if st.source.get("kind") == "files" and st.source.get("paths") == files:
+        start = Position(**st.source["position"])
     else:
         start = Position()
         st.source = {"kind": "files", "paths": files, "position": start.to_dict()}
@@ -434,77 +451,116 @@ def train_files(
     decoder.bad.count = st.bad_lines
     reader = ExampleFiles(files, decoder, start)
     total = reader.total_bytes()
-    bs = config.trainer.batch_size
     tc = config.trainer
+    limit = None if max_examples is None else st.examples + max_examples  # in the model's trained examples
     t0 = time.perf_counter()
     trained_now = 0
     last_ckpt_ex, last_ckpt_t = st.examples, time.monotonic()
     last_report = st.examples
     mfile = open(metrics_file, "a") if metrics_file else None
-
-    def commit(batch: Chunk) -> None:
-        st.source["position"] = batch.end().to_dict()
-
-    def emit(final: bool = False) -> dict:
-        rep = {"examples": st.examples, "bad_lines": decoder.bad.count, "skipped_batches": st.skipped_batches,
-               **trainer.metrics.report()}
-        rep["examples_per_s"] = round(trained_now / max(time.perf_counter() - t0, 1e-9), 1)
-        if final:
-            rep["final"] = True
-        if mfile:
-            mfile.write(json.dumps(rep) + "\n")
-            mfile.flush()
-        return rep
-
-    def checkpoint_now() -> None:
-        nonlocal last_ckpt_ex, last_ckpt_t
-        st.bad_lines = decoder.bad.settled(Position(**st.source["position"]))
-        trainer.save(checkpoint)
-        last_ckpt_ex, last_ckpt_t = st.examples, time.monotonic()
-
-    def train(batch: Chunk) -> None:
-        nonlocal trained_now
-        ids = np.stack([batch.file_index, batch.line], axis=1)
-        if trainer.step(batch, ids) is not None:
-            trained_now += len(batch)
-        commit(batch)  # a skipped batch is passed over, never tried again
-
-    leftover: Chunk | None = None
-    read_bytes = 0
     try:
-        for chunk, consumed in prefetch(iter(reader)):
-            read_bytes = consumed
-            buf = chunk if leftover is None else Chunk.concat([leftover, chunk])
-            n_full = len(buf) // bs * bs
-            if max_examples is not None:
-                n_full = min(n_full, max(0, (max_examples - trained_now) // bs * bs))
-            for s in range(0, n_full, bs):
-                train(buf.take(slice(s, s + bs)))
-                if st.examples - last_ckpt_ex >= tc.checkpoint_every_examples or (
-                    time.monotonic() - last_ckpt_t >= tc.checkpoint_interval_s
-                ):
-                    checkpoint_now()
-                if st.examples - last_report >= tc.report_every_examples:
-                    last_report = st.examples
-                    rep = emit()
-                    if on_progress:
-                        on_progress(read_bytes, total, rep)
-            leftover = buf.take(slice(n_full, len(buf))) if n_full < len(buf) else None
-            if on_progress:
-                on_progress(read_bytes, total, {})
-            if max_examples is not None and trained_now >= max_examples:
-                leftover = None
-                break
-        if leftover is not None and len(leftover):
-            train(leftover)
-        checkpoint_now()
-        rep = emit(final=True)
+        # ---- the loop: one batch at a time, in the files' order
+        for batch, read_bytes, tail in file_batches(reader, tc.batch_size, st, limit):
+            if batch is None:  # a chunk was read and cut into batches
+                if on_progress:
+                    on_progress(read_bytes, total, {})
+                continue
+            # step: score the batch (progressive validation), then train on it; None: not finite, skipped
+            ids = np.stack([batch.file_index, batch.line], axis=1)
+            if trainer.step(batch, ids) is not None:
+                trained_now += len(batch)
+            st.source["position"] = batch.end().to_dict()  # a skipped batch is passed over, never tried again
+            if tail:  # the rows after the last whole batch: the final checkpoint and report follow
+                continue
+            # checkpoint, every `checkpoint_every_examples` or `checkpoint_interval_s`
+            if (st.examples - last_ckpt_ex >= tc.checkpoint_every_examples
+                    or time.monotonic() - last_ckpt_t >= tc.checkpoint_interval_s):
+                save_checkpoint(trainer, decoder, checkpoint)
+                last_ckpt_ex, last_ckpt_t = st.examples, time.monotonic()
+            # progress report, every `report_every_examples`
+            if st.examples - last_report >= tc.report_every_examples:
+                last_report = st.examples
+                rep = progress_report(trainer, decoder, trained_now, t0)
+                write_line(mfile, rep)
+                if on_progress:
+                    on_progress(read_bytes, total, rep)
+
+        # ---- the end: checkpoint, final report, export
+        save_checkpoint(trainer, decoder, checkpoint)
+        rep = progress_report(trainer, decoder, trained_now, t0, final=True)
+        write_line(mfile, rep)
         version = None
         if repo is not None and trained_now > 0:
             version = trainer.export(repo, promote=promote)
-            checkpoint_now()  # remembers the parent version
+            save_checkpoint(trainer, decoder, checkpoint)  # remembers the parent version
         return RunResult(st.examples, trained_now, time.perf_counter() - t0, rep, version, decoder.bad.count,
                          decoder.bad.first, st.skipped_batches)
     finally:
         if mfile:
             mfile.close()
+
+
+def file_batches(
+    reader: ExampleFiles, size: int, state: TrainState, limit: int | None = None
+) -> Iterator[tuple[Chunk | None, int, bool]]:
+    """The reader's chunks (read in a background thread) cut into batches of `size` rows.
+
+    Yields (batch, bytes read so far, tail):
+
+    * (batch, n, False) for each whole batch; rows short of a whole batch wait for the next chunk;
+    * (None, n, False) after each chunk;
+    * (rows, n, True) last: the rows left at the end (fewer than `size`; none if no row is left), or the
+      partial batch that reaches `limit`.
+
+    `limit`: the model's trained examples (`state.examples`, read before each chunk is
+    cut, so it counts every batch yielded before) to stop at: whole batches while they
+    fit under it, then one partial batch of the room left; the reading then stops, and
+    the rows after it are read again by the next run (the checkpoint's position is the
+    last trained row's).
+    """
+    leftover: Chunk | None = None
+    read_bytes = 0
+    for chunk, read_bytes in prefetch(iter(reader)):
+        buf = chunk if leftover is None else Chunk.concat([leftover, chunk])
+        n_full = len(buf) // size * size
+        if limit is not None:
+            n_full = min(n_full, max(0, (limit - state.examples) // size * size))
+        room = None if limit is None else limit - state.examples - n_full  # read before these batches train
+        for s in range(0, n_full, size):
+            yield buf.take(slice(s, s + size)), read_bytes, False
+        if room is not None and 0 < room <= len(buf) - n_full:  # the last, partial batch that reaches the limit
+            yield buf.take(slice(n_full, n_full + room)), read_bytes, True
+            return
+        leftover = buf.take(slice(n_full, len(buf))) if n_full < len(buf) else None
+        yield None, read_bytes, False
+        if limit is not None and state.examples >= limit:
+            return
+    if leftover is not None and len(leftover):
+        yield leftover, read_bytes, True
+
+
+def save_checkpoint(trainer: Trainer, decoder: Decoder, path: Path) -> None:
+    """`trainer.save(path)`, recording the bad lines up to the trained position (those read past it are met again
+    on resuming, and counted then)."""
+    st = trainer.state
+    st.bad_lines = decoder.bad.settled(Position(**st.source["position"]))
+    trainer.save(path)
+
+
+def progress_report(trainer: Trainer, decoder: Decoder, trained_now: int, t0: float, final: bool = False) -> dict:
+    """One progress report: examples, bad lines, skipped batches, the progressive metrics, and the speed of this
+    run (`trained_now` examples since `t0`, its `time.perf_counter()` at the start)."""
+    st = trainer.state
+    rep = {"examples": st.examples, "bad_lines": decoder.bad.count, "skipped_batches": st.skipped_batches,
+           **trainer.metrics.report()}
+    rep["examples_per_s"] = round(trained_now / max(time.perf_counter() - t0, 1e-9), 1)
+    if final:
+        rep["final"] = True
+    return rep
+
+
+def write_line(file: IO[str] | None, rep: dict) -> None:
+    """Append `rep` to the metrics file (if any) as one JSON line, flushed."""
+    if file:
+        file.write(json.dumps(rep) + "\n")
+        file.flush()

@@ -9,6 +9,7 @@ the file, the key and the reason::
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import math
@@ -19,9 +20,29 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .errors import WatchnextError
+
 SOURCES = ("user", "query", "context", "candidate")
-FEATURE_KINDS = ("categorical", "categorical_list", "numeric", "vector")
-TASK_KINDS = ("binary", "regression")
+
+
+class FeatureKind(enum.StrEnum):
+    """What a feature's value is; a member equals its plain string ("categorical")."""
+
+    CATEGORICAL = "categorical"  # one hashed id -> one embedding row
+    CATEGORICAL_LIST = "categorical_list"  # up to max_len hashed ids -> their mean embedding
+    NUMERIC = "numeric"  # one float, transformed and standardised
+    VECTOR = "vector"  # `size` floats (a precomputed embedding)
+
+
+class TaskKind(enum.StrEnum):
+    """What a task's label is; a member equals its plain string ("binary")."""
+
+    BINARY = "binary"
+    REGRESSION = "regression"
+
+
+FEATURE_KINDS = tuple(FeatureKind)
+TASK_KINDS = tuple(TaskKind)
 TASK_GROUPS = ("engagement", "satisfaction")
 TRANSFORMS = ("none", "log1p")
 ARCHS = ("mmoe", "shared_bottom")
@@ -39,15 +60,16 @@ REGRESSION_LIMIT = 1e7  # default bound of a regression label (seconds, counts, 
 DEFAULT_CONFIG_NAME = "watchnext.toml"
 
 
-class ConfigError(ValueError):
-    """A config file that cannot be used; the message names file, key and reason."""
+class ConfigError(WatchnextError):
+    """A config file that cannot be used: `field` names the file and the key ("watchnext.toml: features[3].kind"),
+    `reason` why."""
 
 
 @dataclass(frozen=True)
 class Feature:
     name: str
     source: str
-    kind: str
+    kind: FeatureKind
     buckets: int = 0  # categorical, categorical_list: hashed rows (row 0 is "missing")
     table: str | None = None  # share the embedding table of this categorical feature (same ids)
     dim: int = 0  # categorical, categorical_list: embedding width
@@ -60,7 +82,7 @@ class Feature:
 @dataclass(frozen=True)
 class Task:
     name: str
-    kind: str
+    kind: TaskKind
     group: str
     loss_weight: float = 1.0
     transform: str = "none"  # regression only
@@ -260,7 +282,7 @@ class _Section:
 
     def fail(self, reason: str, key: str | None = None) -> None:
         loc = f"{self.where}.{key}" if key and self.where else (key or self.where or "<top>")
-        raise ConfigError(f"{self.path}: {loc}: {reason}")
+        raise ConfigError(f"{self.path}: {loc}", reason)
 
     def get(self, key: str, typ: type | tuple[type, ...], default: Any = ..., choices: tuple | None = None) -> Any:
         self.used.add(key)
@@ -316,7 +338,7 @@ def _parse_feature(path: str, i: int, raw: Any) -> Feature:
     name = s.get("name", str)
     s.where = f"features[{i}] ({name})"
     source = s.get("source", str, choices=SOURCES)
-    kind = s.get("kind", str, choices=FEATURE_KINDS)
+    kind = FeatureKind(s.get("kind", str, choices=FEATURE_KINDS))
     kw: dict[str, Any] = {}
     if kind in ("categorical", "categorical_list"):
         kw["table"] = s.get("table", str, None)
@@ -338,7 +360,7 @@ def _parse_task(path: str, i: int, raw: Any) -> Task:
     s = _Section(path, f"tasks[{i}]", raw)
     name = s.get("name", str)
     s.where = f"tasks[{i}] ({name})"
-    kind = s.get("kind", str, choices=TASK_KINDS)
+    kind = TaskKind(s.get("kind", str, choices=TASK_KINDS))
     group = s.get("group", str, choices=TASK_GROUPS)
     loss_weight = s.positive("loss_weight", 1.0, float, zero_ok=True)
     transform = s.get("transform", str, "none", TRANSFORMS)
@@ -531,20 +553,23 @@ def _check_bias(b: _Section, bias: Bias, by_name: dict[str, Feature]) -> None:
 
 
 def _parse_weights(path: str, where: str, weights: dict, tasks: tuple[Task, ...]) -> dict[str, float]:
+    """`path` "": weights that are not from a config file, named by `where` alone."""
     names = {t.name for t in tasks}
     out = {}
     for k, v in weights.items():
+        key = f"{path}: {where}.{k}" if path else f"{where}.{k}"
         if k not in names:
-            raise ConfigError(f"{path}: {where}.{k}: not a task (tasks: {', '.join(sorted(names))})")
+            raise ConfigError(key, f"not a task (tasks: {', '.join(sorted(names))})")
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ConfigError(f"{path}: {where}.{k}: expected a finite number, got {v!r}")
+            raise ConfigError(key, f"expected a finite number, got {v!r}")
         out[k] = float(v)
     return out
 
 
 def parse_weights(weights: Mapping[str, Any], config: Config, where: str = "weights") -> dict[str, float]:
-    """Validate score weights given at run time (an experiment arm)."""
-    return _parse_weights(config.path, where, dict(weights), config.tasks)
+    """Validate score weights given at run time (an experiment arm): a ConfigError's field is `where`.KEY (they
+    are not the config file's)."""
+    return _parse_weights("", where, dict(weights), config.tasks)
 
 
 def _resolve_tables(path: str, features: tuple[Feature, ...]) -> tuple[Feature, ...]:
@@ -555,11 +580,11 @@ def _resolve_tables(path: str, features: tuple[Feature, ...]) -> tuple[Feature, 
             owner = by_name.get(f.table)
             where = f"{path}: features[{i}] ({f.name}).table"
             if owner is None or owner.kind != "categorical" or owner.table is not None:
-                raise ConfigError(f"{where}: {f.table!r} must be a categorical feature with a table of its own")
+                raise ConfigError(where, f"{f.table!r} must be a categorical feature with a table of its own")
             for key in ("buckets", "dim"):
                 mine = getattr(f, key)
                 if mine and mine != getattr(owner, key):
-                    raise ConfigError(f"{where}: shares {f.table!r}, whose {key} is {getattr(owner, key)}, not {mine}")
+                    raise ConfigError(where, f"shares {f.table!r}, whose {key} is {getattr(owner, key)}, not {mine}")
             f = replace(f, buckets=owner.buckets, dim=owner.dim)
         out.append(f)
     return tuple(out)
@@ -569,9 +594,9 @@ def _check_names(path: str, where: str, names: list[str]) -> None:
     seen = set()
     for i, n in enumerate(names):
         if not n or not all(c.isalnum() or c == "_" for c in n):
-            raise ConfigError(f"{path}: {where}[{i}].name: use letters, digits and '_', got {n!r}")
+            raise ConfigError(f"{path}: {where}[{i}].name", f"use letters, digits and '_', got {n!r}")
         if n in seen:
-            raise ConfigError(f"{path}: {where}[{i}].name: {n!r} appears twice")
+            raise ConfigError(f"{path}: {where}[{i}].name", f"{n!r} appears twice")
         seen.add(n)
 
 
@@ -587,11 +612,11 @@ def load_config(path: str | os.PathLike | None = None, env: Mapping[str, str] | 
     try:
         text = p.read_text()
     except OSError as e:
-        raise ConfigError(f"{p}: cannot read config: {e.strerror or e}") from None
+        raise ConfigError(str(p), f"cannot read config: {e.strerror or e}") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+        raise ConfigError(str(p), f"not valid TOML: {e}") from None
     return parse_config(data, str(p))
 
 

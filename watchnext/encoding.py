@@ -129,32 +129,34 @@ def example_schema(config: Config) -> pa.Schema:
 
 @dataclass
 class Problems:
-    """Rows that failed a check, each with a reason naming the field."""
+    """Rows that failed a check, each check with the field it names ("candidate.video_views") and why."""
 
     n: int
-    checks: list[tuple[np.ndarray, str]] = field(default_factory=list)
+    checks: list[tuple[np.ndarray, str, str]] = field(default_factory=list)
 
-    def add(self, rows: np.ndarray, reason: str) -> None:
+    def add(self, rows: np.ndarray, field: str, reason: str) -> None:
         rows = np.asarray(rows, dtype=bool)
         if rows.any():
-            self.checks.append((rows, reason))
+            self.checks.append((rows, field, reason))
 
     @property
     def bad(self) -> np.ndarray:
         out = np.zeros(self.n, dtype=bool)
-        for rows, _ in self.checks:
+        for rows, _, _ in self.checks:
             out |= rows
         return out
 
     def reasons(self, row: int) -> list[str]:
-        return [r for rows, r in self.checks if rows[row]]
+        """Every check `row` failed, as "field: reason"."""
+        return [f"{f}: {r}" for rows, f, r in self.checks if rows[row]]
 
-    def first(self) -> tuple[int, str] | None:
+    def first(self) -> tuple[int, str, str] | None:
+        """(row, field, reason): the first bad row and the first check it failed; None when every row is good."""
         bad = self.bad
         if not bad.any():
             return None
         row = int(np.argmax(bad))
-        return row, "; ".join(self.reasons(row))
+        return next((row, f, r) for rows, f, r in self.checks if rows[row])
 
 
 # ------------------------------------------------------------------ encoder
@@ -298,10 +300,10 @@ class Encoder:
         if above is not None:
             ok &= above
         if not np.array_equal(ok, present):  # something to report (rare): each check names its rows
-            problems.add(present & ~finite, f"{where}: must be a finite number")
-            problems.add(present & finite & ~fits, f"{where}: outside the float32 range")
+            problems.add(present & ~finite, where, "must be a finite number")
+            problems.add(present & finite & ~fits, where, "outside the float32 range")
             if above is not None:
-                problems.add(present & ~above & ~np.isnan(v), f"{where}: must be > -1 for transform log1p")
+                problems.add(present & ~above & ~np.isnan(v), where, "must be > -1 for transform log1p")
         j = self.numeric_col[f.name]
         with np.errstate(invalid="ignore", divide="ignore"):
             t = _transform(np.where(ok, v, 0.0), f.transform)
@@ -313,7 +315,7 @@ class Encoder:
         lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
         lengths = np.where(null, 0, lengths).astype(np.int64)
         wrong = ~null & (lengths != f.size)
-        problems.add(wrong, f"{where}: expected {f.size} numbers")
+        problems.add(wrong, where, f"expected {f.size} numbers")
         flat64 = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float64)
         if not wrong.any():
             rows = np.flatnonzero(~null)
@@ -326,7 +328,7 @@ class Encoder:
         if unfit.any():
             badv = np.zeros(len(null), bool)
             badv[rows[unfit.any(axis=1)]] = True
-            problems.add(badv, f"{where}: must hold finite float32 numbers")
+            problems.add(badv, where, "must hold finite float32 numbers")
             keep = ~unfit.any(axis=1)
             rows, values = rows[keep], values[keep]
         out.values[f.name][rows] = values
@@ -392,7 +394,7 @@ class Encoder:
             null = section_null | (np.asarray(col.is_null()) if col.null_count else False)
             known = ~null
             for rows, reason in label_problems(t, v, known):
-                problems.add(rows, f"labels.{t.name}: {reason}")
+                problems.add(rows, f"labels.{t.name}", reason)
                 known = known & ~rows  # a refused row is dropped; never cast to float32
             values[:, j] = np.where(known, v, 0.0)
             mask[:, j] = known

@@ -40,7 +40,7 @@ import redis
 
 from .config import Config
 from .encoding import SECTIONS, Columns, Encoder, Problems, section_type
-from .examples import clean_section
+from .examples import DataError, clean_section
 
 PREFIX = "wn:f:"
 CHANGES = "wn:f:changes"
@@ -114,16 +114,16 @@ class RowLayout:
 
 def encode_entities(encoder: Encoder, layout: RowLayout, items: Sequence[dict[str, Any]],
                     where: Sequence[str] | None = None) -> np.ndarray:
-    """Encoded rows of cleaned entity sections (the key feature included). Raises ValueError naming the first
-    bad value (prefixed with where[i] when given)."""
+    """Encoded rows of cleaned entity sections (the key feature included). Raises DataError naming the field of
+    the first bad value ("candidate.video_views", after where[i] when given: "candidate 'v3': candidate.video_views")."""
     n = len(items)
     problems = Problems(n)
     arr = pa.array(list(items), type=section_type(encoder.config, layout.source))
     cols = encoder.encode_columns(layout.source, arr, n, problems)
     bad = problems.first()
     if bad is not None:
-        row, reason = bad
-        raise ValueError(f"{where[row]}: {reason}" if where is not None else reason)
+        row, field, reason = bad
+        raise DataError(f"{where[row]}: {field}" if where is not None else field, reason)
     return layout.pack(cols)
 
 
@@ -131,7 +131,7 @@ def write_entities(client: redis.Redis, config: Config, source: str, entities: d
                    batch: int = 5000, encoder: Encoder | None = None) -> int:
     """Write entities of one source ({id: features}, features as in a request section) to the store: their
     encoded rows, their JSON and a change entry per batch, each batch in one MULTI/EXEC. An entry replaces
-    what the store held for that id. Raises ValueError naming the id and the field of a bad value."""
+    what the store held for that id. Raises DataError naming the id and the field of a bad value."""
     if source not in STORE_SOURCES:
         raise ValueError(f"source: expected one of {', '.join(STORE_SOURCES)}, got {source!r}")
     kf = key_feature(config, source)
@@ -157,8 +157,8 @@ def write_entities(client: redis.Redis, config: Config, source: str, entities: d
 # ---------------------------------------------------------------- loading files
 
 
-def entities_of(obj: dict, config: Config, where: str) -> Iterable[tuple[str, str, dict]]:
-    """(source, id, features) found in one input line.
+def entities_of(obj: dict, config: Config) -> Iterable[tuple[str, str, dict]]:
+    """(source, id, features) found in one input line; DataError naming the field of the line at fault.
 
     A line is either an entity record ``{"source": "candidate", "id": "v3", "features": {...}}``
     or an example / rank-request-shaped object whose sections carry their own ids.
@@ -166,12 +166,12 @@ def entities_of(obj: dict, config: Config, where: str) -> Iterable[tuple[str, st
     if "source" in obj and "features" in obj:
         src, ent = obj.get("source"), obj.get("id")
         if src not in STORE_SOURCES:
-            raise ValueError(f"{where}: source: expected one of {', '.join(STORE_SOURCES)}, got {src!r}")
+            raise DataError("source", f"expected one of {', '.join(STORE_SOURCES)}, got {src!r}")
         if not isinstance(ent, (str, int)) or isinstance(ent, bool) or ent == "":
-            raise ValueError(f"{where}: id: expected a non-empty string id, got {ent!r}")
+            raise DataError("id", f"expected a non-empty string id, got {ent!r}")
         feats = obj.get("features")
         if not isinstance(feats, dict):
-            raise ValueError(f"{where}: features: expected an object")
+            raise DataError("features", "expected an object")
         yield src, str(ent), clean_section(feats, config, src)
         return
     sections = [(s, obj.get(s)) for s in SECTIONS if s in STORE_SOURCES]
@@ -192,33 +192,36 @@ def load_file(client: redis.Redis, config: Config, path: str | Path, batch: int 
     """Write the entities of a JSON-lines file to the store. An entity's fields merge over the
     file's lines (later lines win); its entry replaces what the store held for it.
 
-    Raises ValueError naming FILE:LINE and the field on a bad line.
+    Raises DataError naming FILE:LINE and the field on a bad line ("entities.jsonl:3: candidate.video_views").
     """
     encoder = Encoder(config)
     layouts = {s: RowLayout(encoder, s) for s in STORE_SOURCES if key_feature(config, s) is not None}
     merged: dict[str, dict[str, dict]] = {s: {} for s in layouts}
     lines = 0
-    with open(path, encoding="utf-8", errors="strict") as fh:
-        for ln, line in enumerate(fh, 1):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        for ln, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             where = f"{path}:{ln}"
             try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(where, f"not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+                raise DataError(where, f"not valid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object")
+                raise DataError(where, "expected a JSON object")
             try:
-                for src, ent, feats in entities_of(obj, config, where):
+                for src, ent, feats in entities_of(obj, config):
                     if src not in layouts:
                         continue
                     kf = key_feature(config, src)
                     encode_entities(encoder, layouts[src], [{**feats, kf: ent}])  # checks it: names the field
                     merged[src].setdefault(ent, {}).update(feats)
-            except ValueError as e:
-                msg = str(e)
-                raise ValueError(msg if msg.startswith(str(path)) else f"{where}: {msg}") from None
+            except DataError as e:
+                raise DataError(f"{where}: {e.field}" if e.field else where, e.reason) from None
             lines += 1
     counts = {s: write_entities(client, config, s, merged[s], batch, encoder) for s in merged}
     return {"lines": lines, "entities": sum(counts.values()), **counts}

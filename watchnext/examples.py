@@ -28,14 +28,17 @@ import pyarrow.json as pj
 
 from .config import Config
 from .encoding import SECTIONS, Encoder, Labels, Problems, example_schema, fnv1a_strings
+from .errors import WatchnextError
 
 BLOCK_BYTES = 4 << 20
 PARQUET_ROWS = 65_536
 MAX_REPORTED = 20  # bad lines kept with their reason; the rest are only counted
 
 
-class DataError(ValueError):
-    """Input that stops the run; the message starts with FILE:LINE."""
+class DataError(WatchnextError, ValueError):
+    """Input that cannot be used: `field` names the file and line ("history.jsonl:12"), the file, or the field
+    of a record ("candidate.video_views", "labels.click"); `reason` says why. Also a ValueError: the line-by-line
+    parser catches it for a bad line."""
 
 
 @dataclass
@@ -174,7 +177,7 @@ class Decoder:
                 keep.append(i)
             except json.JSONDecodeError as ex:
                 self.reject(name, ln, f"not valid JSON ({ex.msg} at column {ex.colno})")
-            except ValueError as ex:
+            except DataError as ex:
                 self.reject(name, ln, str(ex))
         keep_idx = np.asarray(keep, dtype=np.int64)
         return pa.Table.from_pylist(rows, schema=self.schema), lines[keep_idx], row_end[keep_idx]
@@ -182,7 +185,7 @@ class Decoder:
     def reject(self, name: str, line: int, reason: str) -> None:
         where = f"{name} entry {self.line_names[line - 1]}" if self.line_names else f"{name}:{line}"
         if self.on_bad_line == "stop":
-            raise DataError(f"{where}: {reason} (set trainer.on_bad_line = \"skip\" to skip bad lines)")
+            raise DataError(where, f"{reason} (set trainer.on_bad_line = \"skip\" to skip bad lines)")
         self.bad.add(where, reason, (self.file_index, line))
 
     # --- encoding --------------------------------------------------------
@@ -199,11 +202,11 @@ class Decoder:
         ts_col = table.column("ts")
         ts = ts_col.to_numpy().astype(np.float64) if n else np.zeros(0)
         ts_null = np.asarray(ts_col.is_null()) if ts_col.null_count else np.zeros(n, bool)
-        problems.add(ts_null, "ts: is required (Unix seconds)")
-        problems.add(~ts_null & ~np.isfinite(ts), "ts: must be a finite number")
+        problems.add(ts_null, "ts", "is required (Unix seconds)")
+        problems.add(~ts_null & ~np.isfinite(ts), "ts", "must be a finite number")
         pos_col = table.column("position")
         position = pos_col.fill_null(-1).to_numpy().astype(np.int64) if n else np.zeros(0, np.int64)
-        problems.add(position < -1, "position: must be >= 0")
+        problems.add(position < -1, "position", "must be >= 0")
         position[position < 0] = -1
         propensity, explore_rank = _exploration(table, n, problems)
         # time order, among rows that are otherwise fine
@@ -211,7 +214,7 @@ class Decoder:
             bad = problems.bad
             okts = np.where(bad, -np.inf, ts)
             before = np.maximum.accumulate(np.concatenate([[self.last_ts], okts]))[:-1]
-            problems.add(~bad & (ts < before), "ts: goes backwards (examples must be in time order)")
+            problems.add(~bad & (ts < before), "ts", "goes backwards (examples must be in time order)")
         bad = problems.bad
         if bad.any():
             for row in np.flatnonzero(bad).tolist():  # only bad rows: few, each needs its reason
@@ -248,16 +251,16 @@ def _exploration(table: pa.Table, n: int, problems: Problems) -> tuple[np.ndarra
     else:
         propensity = col.fill_null(1.0).to_numpy().astype(np.float64)
         with np.errstate(invalid="ignore"):
-            problems.add(~np.isfinite(propensity), "propensity: must be a finite number")
+            problems.add(~np.isfinite(propensity), "propensity", "must be a finite number")
             problems.add(np.isfinite(propensity) & ~((propensity > 0) & (propensity <= 1)),
-                         "propensity: must be in (0, 1] (the probability of being shown at this position)")
+                         "propensity", "must be in (0, 1] (the probability of being shown at this position)")
     col = _column(table, "explore")
     if col is None or not n or col.null_count == n:
         return propensity, np.full(n, -1, np.int64)
     rank = pc.struct_field(col, "rank").fill_null(-1).to_numpy().astype(np.int64)
     has = np.asarray(col.is_valid()) & np.asarray(pc.struct_field(col, "rank").is_valid())
-    problems.add(np.asarray(col.is_valid()) & ~has, "explore.rank: is required when explore is given")
-    problems.add(has & (rank < 0), "explore.rank: must be >= 0")
+    problems.add(np.asarray(col.is_valid()) & ~has, "explore.rank", "is required when explore is given")
+    problems.add(has & (rank < 0), "explore.rank", "must be >= 0")
     rank[~has | (rank < 0)] = -1
     return propensity, rank
 
@@ -266,9 +269,9 @@ def _exploration(table: pa.Table, n: int, problems: Problems) -> tuple[np.ndarra
 
 
 def clean_example(obj: Any, config: Config) -> dict:
-    """Check types of one parsed example, coercing ids to strings. Raises ValueError naming the field."""
+    """Check types of one parsed example, coercing ids to strings. Raises DataError naming the field."""
     if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+        raise DataError("", f"expected a JSON object, got {type(obj).__name__}")
     out: dict[str, Any] = {"ts": _number(obj.get("ts"), "ts"), "request_id": obj.get("request_id")}
     if out["request_id"] is not None:
         out["request_id"] = _ident(out["request_id"], "request_id")
@@ -278,11 +281,11 @@ def clean_example(obj: Any, config: Config) -> dict:
             out[s] = None
             continue
         if not isinstance(sec, dict):
-            raise ValueError(f"{s}: expected an object, got {type(sec).__name__}")
+            raise DataError(s, f"expected an object, got {type(sec).__name__}")
         out[s] = clean_section(sec, config, s)
     pos = obj.get("position")
     if pos is not None and (isinstance(pos, bool) or not isinstance(pos, int)):
-        raise ValueError(f"position: expected an integer, got {pos!r}")
+        raise DataError("position", f"expected an integer, got {pos!r}")
     out["position"] = pos
     prop = obj.get("propensity")
     if prop is not None:
@@ -291,7 +294,7 @@ def clean_example(obj: Any, config: Config) -> dict:
     out["explore"] = _explore(obj.get("explore"))
     labels = obj.get("labels")
     if labels is not None and not isinstance(labels, dict):
-        raise ValueError(f"labels: expected an object, got {type(labels).__name__}")
+        raise DataError("labels", f"expected an object, got {type(labels).__name__}")
     out["labels"] = {t.name: _number((labels or {}).get(t.name), f"labels.{t.name}", allow_bool=True) for t in config.tasks}
     return out
 
@@ -300,16 +303,17 @@ def _explore(v: Any) -> dict | None:
     if v is None:
         return None
     if not isinstance(v, dict):
-        raise ValueError(f"explore: expected an object, got {type(v).__name__}")
+        raise DataError("explore", f"expected an object, got {type(v).__name__}")
     r = v.get("rank")
     if r is not None and (isinstance(r, bool) or not isinstance(r, int)):
-        raise ValueError(f"explore.rank: expected an integer, got {r!r}")
+        raise DataError("explore.rank", f"expected an integer, got {r!r}")
     if r is not None and not 0 <= r < 2**63:
-        raise ValueError(f"explore.rank: must be >= 0, got {r}")
+        raise DataError("explore.rank", f"must be >= 0, got {r}")
     return {"rank": r}
 
 
 def clean_section(sec: dict, config: Config, source: str) -> dict:
+    """One section's features, type-checked (ids as strings); DataError naming `source`.FEATURE."""
     out: dict[str, Any] = {}
     for f in config.features:
         if f.source != source or sec.get(f.name) is None:
@@ -319,13 +323,13 @@ def clean_section(sec: dict, config: Config, source: str) -> dict:
             out[f.name] = _ident(v, where)
         elif f.kind == "categorical_list":
             if not isinstance(v, list):
-                raise ValueError(f"{where}: expected a list of ids, got {type(v).__name__}")
+                raise DataError(where, f"expected a list of ids, got {type(v).__name__}")
             out[f.name] = [_ident(x, where) for x in v]
         elif f.kind == "numeric":
             out[f.name] = _number(v, where)
         else:
             if not isinstance(v, list):
-                raise ValueError(f"{where}: expected a list of {f.size} numbers, got {type(v).__name__}")
+                raise DataError(where, f"expected a list of {f.size} numbers, got {type(v).__name__}")
             out[f.name] = [_number(x, where) for x in v]
     return out
 
@@ -335,7 +339,7 @@ def _ident(v: Any, where: str) -> str:
         return v
     if isinstance(v, int) and not isinstance(v, bool):
         return str(v)
-    raise ValueError(f"{where}: expected a string or integer id, got {type(v).__name__} {v!r}")
+    raise DataError(where, f"expected a string or integer id, got {type(v).__name__} {v!r}")
 
 
 def _number(v: Any, where: str, allow_bool: bool = False) -> float | None:
@@ -344,13 +348,13 @@ def _number(v: Any, where: str, allow_bool: bool = False) -> float | None:
     if isinstance(v, bool):
         if allow_bool:
             return float(v)
-        raise ValueError(f"{where}: expected a number, got {v!r}")
+        raise DataError(where, f"expected a number, got {v!r}")
     if not isinstance(v, (int, float)):
-        raise ValueError(f"{where}: expected a number, got {type(v).__name__} {v!r}")
+        raise DataError(where, f"expected a number, got {type(v).__name__} {v!r}")
     try:
         return float(v)
     except OverflowError:  # an integer past float64
-        raise ValueError(f"{where}: outside the float64 range") from None  # NaN / inf are caught by the encoder's checks, with the others
+        raise DataError(where, "outside the float64 range") from None  # NaN / inf are caught by the encoder's checks, with the others
 
 
 # ---------------------------------------------------------------- files
@@ -364,7 +368,7 @@ class ExampleFiles:
         self.paths = [Path(p) for p in paths]
         for p in self.paths:
             if not p.is_file():
-                raise DataError(f"{p}: no such file")
+                raise DataError(str(p), "no such file")
         self.decoder = decoder
         self.start = start or Position()
         self.block_bytes = block_bytes
@@ -407,7 +411,10 @@ class ExampleFiles:
     def _parquet(self, p: Path, i: int, start: Position):
         import pyarrow.parquet as pq
 
-        pf = pq.ParquetFile(p)
+        try:
+            pf = pq.ParquetFile(p)
+        except (pa.ArrowInvalid, OSError) as e:
+            raise DataError(str(p), f"not a readable Parquet file: {e}") from None
         size, total_rows = p.stat().st_size, max(pf.metadata.num_rows, 1)
         names = set(pf.schema_arrow.names)
         cols = [n for n in self.decoder.schema.names if n in names]
@@ -433,7 +440,7 @@ def _conform(table: pa.Table, schema: pa.Schema, p: Path) -> pa.Table:
             try:
                 cols.append(table.column(f.name).cast(f.type, safe=True))
             except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-                raise DataError(f"{p}: column {f.name!r}: cannot read as {f.type}: {e}") from None
+                raise DataError(f"{p}: column {f.name!r}", f"cannot read as {f.type}: {e}") from None
         else:
             cols.append(pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(cols, schema=schema)

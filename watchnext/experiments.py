@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .encoding import fnv1a, fnv1a_strings
+from .errors import WatchnextError
 
 if TYPE_CHECKING:
     from .config import Config
@@ -62,12 +63,8 @@ _LOG_FLOAT64_MAX = math.log(float(np.finfo(np.float64).max))
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
-class ExperimentError(ValueError):
+class ExperimentError(WatchnextError):
     """An experiment definition that cannot be used; `field` names the offending key (e.g. arms[1].share)."""
-
-    def __init__(self, field: str, reason: str):
-        super().__init__(f"{field}: {reason}")
-        self.field, self.reason = field, reason
 
 
 # ---------------------------------------------------------------- hashing
@@ -358,11 +355,8 @@ def _weights(where: str, weights: Mapping[str, Any], config: Config | None) -> d
 
     try:
         out = parse_weights(out, config, where)
-    except ConfigError as e:
-        # parse_weights names the config file first; here the field is the request's
-        msg = str(e).removeprefix(f"{config.path}: ")
-        key, _, reason = msg.partition(": ")
-        raise ExperimentError(key, reason) from None
+    except ConfigError as e:  # its field is `where`.TASK: the request's
+        raise ExperimentError(e.field, e.reason) from None
     if config.score.combine == "multiplicative":
         _product_bound(where, out, config)
     return out

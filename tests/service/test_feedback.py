@@ -63,9 +63,9 @@ def test_feedback_joins_and_window_close_emits_labelled_examples(trained, server
     r = client.post("/v1/feedback", json={"request_id": req["request_id"], "item_id": served[0], "labels": {"click": 1}})
     assert r.json()["dropped"][0]["reason"] == "the attribution window of this impression has closed"
     m = server.service.metrics
-    assert (m.feedback.get("accepted"), m.feedback.get("expired"), m.feedback.get("unknown"),
-            m.feedback.get("unknown_item")) == (3, 1, 1, 1)
-    assert m.examples.get() == 3
+    assert [m.value("watchnext_feedback_total", result=r) for r in ("accepted", "expired", "unknown", "unknown_item")] \
+        == [3, 1, 1, 1]
+    assert m.value("watchnext_examples_emitted_total") == 3
 
 
 @pytest.mark.parametrize("body,field", [
@@ -175,8 +175,9 @@ def test_online_features_fill_what_the_request_leaves_out(trained, server, clien
     # user, query and candidates read from Redis once, by the first id-only request; the later ones were answered by
     # the process's cache (the mixed request: user, query and its 5 candidates sent by id; the changed one: all 12),
     # and the full request asked for nothing
-    assert m.feature_hits.get() == 1 + 1 + 10 and m.feature_cache_hits.get() == (1 + 1 + 5) + (1 + 1 + 10)
-    assert m.feature_misses.get("outage") == 0
+    assert m.value("watchnext_feature_store_hits_total") == 1 + 1 + 10
+    assert m.value("watchnext_feature_cache_hits_total") == (1 + 1 + 5) + (1 + 1 + 10)
+    assert m.value("watchnext_feature_store_misses_total", reason="outage") == 0
 
 
 def test_features_load_names_a_bad_line(trained, redis_url, tmp_path):

@@ -18,6 +18,7 @@ from service.impressions import ImpressionLog
 from service.observability import Metrics
 from tests.helpers import stream_examples, wait_for
 from tests.service.fixtures import live_service
+from tests.service.prom import nonzero
 from tests.service.traffic import rank_requests
 from watchnext.config import load_config
 from watchnext.redis_embed import free_port, start_embedded
@@ -93,7 +94,7 @@ def test_one_request_id_for_two_users_is_two_impressions(trained, server, client
     by = {(e["user"]["user_id"], e["candidate"]["video_id"]): e["labels"]["click"] for e in examples}
     assert by[(b["user"]["user_id"], got_b[0])] == 1.0
     assert all(v == 0.0 for (u, v_id), v in by.items() if (u, v_id) != (b["user"]["user_id"], got_b[0]))
-    assert server.service.metrics.feedback.get("ambiguous") == 1
+    assert server.service.metrics.value("watchnext_feedback_total", result="ambiguous") == 1
 
 
 def _impressions(config, n: int, items: int, ts: float) -> list[dict]:
@@ -119,7 +120,8 @@ def test_an_impression_that_cannot_be_stored_is_dropped_alone(trained, redis_url
     for imp in imps:
         log.add(imp)
     assert log.flush() == 19
-    assert (m.impressions_logged.get(), m.impressions_dropped.get("invalid"), log.backlog()) == (19, 1, 0)
+    assert (m.value("watchnext_impressions_logged_total"), m.value("watchnext_impressions_dropped_total", reason="invalid"),
+            log.backlog()) == (19, 1, 0)
     r = redis.Redis.from_url(redis_url)
     assert r.zcard("wn:imp:due") == 19
     log.client.close()
@@ -137,8 +139,8 @@ def test_rank_with_a_lone_surrogate_is_refused_and_the_next_flush_is_whole(train
     for req in reqs[2:]:
         assert client.post("/v1/rank", json=req).status_code == 200
     m = server.service.metrics
-    assert wait_for(lambda: m.impressions_logged.get() == 2, 5)
-    assert m.impressions_dropped.values == {}
+    assert wait_for(lambda: m.value("watchnext_impressions_logged_total") == 2, 5)
+    assert not nonzero(m, "watchnext_impressions_dropped_total")
 
 
 def test_buffer_is_bounded_in_bytes_while_redis_is_away(trained, models_dir, tmp_path):
@@ -157,11 +159,11 @@ def test_buffer_is_bounded_in_bytes_while_redis_is_away(trained, models_dir, tmp
                     assert c.post("/v1/rank", json=req).status_code == 200
                     peak = max(peak, log.buf_bytes)
             assert 0 < peak <= bound_mb * (1 << 20)
-            shed = m.impressions_dropped.get("buffer_full")
+            shed = m.value("watchnext_impressions_dropped_total", reason="buffer_full")
             assert shed > 0 and log.backlog() + shed == len(reqs)
             rs = start_embedded(tmp_path / "r2", port=port, appendonly=False)
             assert wait_for(lambda: log.backlog() == 0, 10)
-            assert m.impressions_logged.get() + shed == len(reqs)  # every impression written or counted as shed
+            assert m.value("watchnext_impressions_logged_total") + shed == len(reqs)  # every impression written or counted as shed
             assert redis.Redis.from_url(rs.url).zcard("wn:imp:due") + len(stream_examples(rs.url)) // 10 > 0
     finally:
         rs.stop()
@@ -315,12 +317,12 @@ def test_an_error_reply_keeps_the_batch_and_it_is_written_later(trained, redis_u
             raise AssertionError("the write did not fail")
         except ConnectionError as e:
             assert "maxmemory" in str(e)
-        assert (log.backlog(), len(log.pending), m.impressions_logged.get()) == (5, 5, 0)
+        assert (log.backlog(), len(log.pending), m.value("watchnext_impressions_logged_total")) == (5, 5, 0)
     finally:
         r.config_set("maxmemory", 0)
         r.config_set("maxmemory-policy", policy)
     assert log.flush() == 5 and log.pending == {} and r.zcard("wn:imp:due") == 5
-    assert m.impressions_dropped.values == {}
+    assert not nonzero(m, "watchnext_impressions_dropped_total")
     r.close()
     log.client.close()
 

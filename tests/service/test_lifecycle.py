@@ -94,7 +94,7 @@ def test_mismatched_or_corrupt_versions_are_refused_and_the_current_one_keeps_se
     refused = client.get("/v1/models").json()["refused"]
     assert "checksum does not match" in refused["4"]
     time.sleep(0.5)  # several polls: refused once, not reloaded each time
-    assert server.service.metrics.model_refused.get() == 2
+    assert server.service.metrics.value("watchnext_model_refused_total") == 2
     assert client.get("/readyz").json()["model_version"] == "2"
     r = client.post("/v1/rank", json={"candidates": [{"video_id": "v1"}]})
     assert r.status_code == 200 and r.json()["model_version"] == "2"
@@ -158,7 +158,7 @@ def test_promotion_storm_fails_no_request_and_every_response_names_its_version(t
         assert np.allclose([it["score"] for it in body["items"]], scores, rtol=1e-6)
         seen.add(body["model_version"])
     assert seen == {"1", "2"}
-    assert server.service.metrics.model_swaps.get() >= swaps // 2
+    assert server.service.metrics.value("watchnext_model_swaps_total") >= swaps // 2
 
 
 def test_a_worker_started_on_a_corrupt_promoted_version_serves_the_last_good_one(trained, models_dir, redis_url, capfd):
@@ -181,9 +181,9 @@ def test_a_worker_started_on_a_corrupt_promoted_version_serves_the_last_good_one
         models = c.get("/v1/models").json()
         assert models["promoted"] == 3 and models["loaded"]["version"] == 1
         assert list(models["refused"]) == ["3"] and models["serving_fallback"] == fb
-        assert srv.service.metrics.model_refused.get() == 1
+        assert srv.service.metrics.value("watchnext_model_refused_total") == 1
         time.sleep(0.5)  # several polls: the refusal is not repeated, the fallback keeps serving
-        assert srv.service.metrics.model_refused.get() == 1 and c.get("/readyz").json()["model_version"] == "1"
+        assert srv.service.metrics.value("watchnext_model_refused_total") == 1 and c.get("/readyz").json()["model_version"] == "1"
 
         repo.promote(2)  # a loadable promotion ends the fallback
         wait_version(c, 2, timeout=5)

@@ -12,6 +12,7 @@ import redis
 
 from tests.helpers import wait_for
 from tests.service.fixtures import live_service
+from tests.service.prom import sample
 from tests.service.traffic import rank_requests
 from watchnext.config import load_config
 from watchnext.entities import load_file
@@ -71,8 +72,8 @@ def test_redis_outage_degrades_and_recovers(trained, models_dir, tmp_path):
             for t in threads:
                 t.start()
             assert wait_for(lambda: len(answers) == len(warm), 20)
-            hits_before = m.feature_hits.get()
-            assert hits_before > 0 and m.feature_misses.get("outage") == 0
+            hits_before = m.value("watchnext_feature_store_hits_total")
+            assert hits_before > 0 and m.value("watchnext_feature_store_misses_total", reason="outage") == 0
 
             server.proc.kill()  # SIGKILL: no goodbye
             server.proc.wait()
@@ -84,14 +85,14 @@ def test_redis_outage_degrades_and_recovers(trained, models_dir, tmp_path):
                 time.sleep(1.0)
                 ready = c.get("/readyz")
                 assert ready.status_code == 200 and ready.json()["redis"] is False and ready.json()["degraded"] is True
-                assert "watchnext_redis_up 0" in c.get("/metrics").text
+                assert sample(c.get("/metrics").text, "watchnext_redis_up") == 0
             # every id of those requests that no warm request had named is a miss, counted
             seen = {(s, b[s][k]) for b in warm for s, k in (("user", "user_id"), ("query", "query_video_id"))}
             seen |= {("candidate", c["video_id"]) for b in warm for c in b["candidates"]}
             unseen = sum((s, b[s][k]) not in seen for b in cold[:10] for s, k in (("user", "user_id"),
                                                                                   ("query", "query_video_id")))
             unseen += sum(("candidate", c["video_id"]) not in seen for b in cold[:10] for c in b["candidates"])
-            assert unseen > 20 and m.feature_misses.get("outage") == unseen
+            assert unseen > 20 and m.value("watchnext_feature_store_misses_total", reason="outage") == unseen
             backlog_during = srv.service.log.backlog()
             assert backlog_during > 0  # impressions wait in the buffer
 
@@ -100,15 +101,15 @@ def test_redis_outage_degrades_and_recovers(trained, models_dir, tmp_path):
             t_back = time.monotonic()
             with httpx.Client(base_url=srv.url) as c:  # the store answers again: new ids are read from it
                 def store_back() -> bool:
-                    before = m.feature_hits.get()
+                    before = m.value("watchnext_feature_store_hits_total")
                     c.post("/v1/rank", json=cold[10 + int(before) % 10])
-                    return m.feature_hits.get() > before
+                    return m.value("watchnext_feature_store_hits_total") > before
                 assert wait_for(store_back, 10), "online features did not come back"
             stop.set()
             for t in threads:
                 t.join(30)
             assert wait_for(lambda: srv.service.log.backlog() == 0, 5), "the impression buffer did not drain"
-            logged = m.impressions_logged.get()
+            logged = m.value("watchnext_impressions_logged_total")
             with httpx.Client(base_url=srv.url) as c:
                 assert c.get("/readyz").json()["redis"] is True
         during = [r for r in results if t_kill <= r[0] <= t_back]

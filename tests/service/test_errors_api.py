@@ -1,0 +1,62 @@
+"""The service's one error handler, over a real uvicorn: every error answer is {"error": {"field", "reason"}}; an
+unexpected exception is a 500 naming "service" (nothing of it in the body) with its traceback in the log."""
+
+from __future__ import annotations
+
+import json
+
+from tests.service.traffic import rank_requests
+
+
+def _requests_total(client, endpoint: str, status: str) -> float:
+    """watchnext_requests_total{endpoint, status} from /metrics (0 when absent)."""
+    for line in client.get("/metrics").text.splitlines():
+        if (line.startswith("watchnext_requests_total{") and f'endpoint="{endpoint}"' in line
+                and f'status="{status}"' in line):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_an_unexpected_exception_is_a_500_naming_the_service_and_its_traceback_is_logged(
+        trained, server, client, monkeypatch, capfd):
+    req = rank_requests(trained["history"], 1, top_k=3)[0]
+    assert client.post("/v1/rank", json=req).status_code == 200
+    secret = "the ranker's state went bad at 0x5eed"
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError(secret)
+
+    monkeypatch.setattr(server.service.ranker, "rank", broken)
+    capfd.readouterr()
+    r = client.post("/v1/rank", json=req)
+    assert r.status_code == 500 and r.headers["content-type"] == "application/json"
+    err = r.json()["error"]
+    assert set(err) == {"field", "reason"} and err["field"] == "service" and "internal error" in err["reason"]
+    for leak in (secret, "ZeroDivisionError", "Traceback", "broken"):  # nothing of the exception in the body
+        assert leak not in r.text
+    err_text = capfd.readouterr().err
+    logged = [json.loads(ln) for ln in err_text.splitlines() if '"internal_error"' in ln]
+    assert len(logged) == 1, err_text
+    assert "Exception in ASGI application" not in err_text  # answered here: uvicorn neither logs it again nor
+    # closes the connection (the requests below reuse it)
+    line = logged[0]
+    assert line["level"] == "error" and line["path"] == "/v1/rank" and line["method"] == "POST"
+    assert line["error"] == "ZeroDivisionError"
+    assert line["exc"].startswith("Traceback (most recent call last):") and "in broken" in line["exc"]
+    assert f"ZeroDivisionError: {secret}" in line["exc"]
+    assert _requests_total(client, "/v1/rank", "500") == 1
+    # the service goes on serving
+    monkeypatch.undo()
+    assert client.post("/v1/rank", json=req).status_code == 200
+
+
+def test_framework_errors_have_the_same_shape(client):
+    r = client.get("/v1/nothing-here")
+    assert r.status_code == 404 and r.json() == {"error": {"field": "path", "reason": "Not Found"}}
+    r = client.get("/v1/rank")
+    assert r.status_code == 405 and r.json() == {"error": {"field": "method", "reason": "Method Not Allowed"}}
+    assert r.headers["allow"] == "POST"
+    r = client.post("/v1/models/three/promote")  # the path's version is not an integer: FastAPI's validation
+    assert r.status_code == 422 and r.json()["error"]["field"] == "version"
+    r = client.get("/v1/experiments/-bad-name")
+    assert r.status_code == 422 and r.json()["error"]["field"] == "name"
