@@ -1,5 +1,6 @@
 # The two commands a newcomer needs: `make run` and `make test`.
 PY ?= python3
+PORT ?= 8000
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -19,11 +20,12 @@ install: $(STAMP)
 # the whole local stack: Redis, the ranking service, the continuous trainer
 # (on an empty models/ it first trains a version on simulated history); Ctrl-C stops it
 run: $(STAMP)
-	$(BIN)/watchnext up --demo 60
+	$(BIN)/watchnext up --demo 60 --port $(PORT)
 
 test: $(STAMP)
 	$(BIN)/ruff check watchnext training service analysis simulation cli tests bench
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)

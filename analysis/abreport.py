@@ -1,7 +1,7 @@
 """The A/B report's inputs and outputs: event logs in, a terminal table out (the chart: analysis.chart).
 
 An event log is JSON lines, one labelled impression each: the training example
-of CONTRACT §2 plus the experiment, the arm and the version that served it::
+of docs/examples.md plus the experiment, the arm and the version that served it::
 
     {"ts": 1767225600.5, "experiment": "sat", "arm": "satisfaction", "model_version": 7,
      "user": {"user_id": "u17"}, "labels": {"click": 1, "watch_time": 81.0, "like": null}}

@@ -1,4 +1,4 @@
-"""`watchnext compare` and `watchnext ab ...` (CONTRACT §4), registered into cli.main.
+"""`watchnext compare` and `watchnext ab ...` (docs/configuration.md), registered into cli.main.
 
 `ab report` works offline from an event log. Actions that talk to a running
 service (`ab create`, `ab stop`, ...) are added by appending a function to
@@ -25,7 +25,7 @@ def register(sub) -> None:
 
 
 def _compare(sub) -> None:
-    from cli.main import EPILOG, common
+    from cli.main import EPILOG, common, json_flag
 
     p = sub.add_parser(
         "compare",
@@ -43,12 +43,13 @@ def _compare(sub) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="bootstrap seed (default 0)")
     p.add_argument("--confidence", type=float, default=0.95, metavar="C", help="interval level (default 0.95)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    json_flag(p)
     p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args) -> int:
     from analysis.compare import compare
-    from cli.main import CliError, config_of, repo_of, version_arg
+    from cli.main import CliError, config_of, repo_of, show, version_arg
 
     for f in args.data:
         if not Path(f).is_file():
@@ -61,7 +62,7 @@ def cmd_compare(args) -> int:
     repo = repo_of(args, config)
     a, b = version_arg(repo, args.a, "A"), version_arg(repo, args.b, "B")
     out = compare(config, repo, a, b, args.data, args.bootstrap, args.seed, args.confidence, args.device)
-    print(json.dumps(out, indent=2))
+    show(out, args, "compare_table")
     return 0
 
 

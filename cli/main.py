@@ -1,4 +1,4 @@
-"""The `watchnext` command (CONTRACT §4). Every subcommand has --help.
+"""The `watchnext` command (docs/configuration.md). Every subcommand has --help.
 
 Torch is imported only by the subcommands that train, so `watchnext serve`
 runs on onnxruntime alone.
@@ -31,12 +31,12 @@ class CliError(WatchnextError):
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A WatchnextError (the user can act on it) is one line `watchnext: field: reason` and exit
     status 2; anything else escaping a command is a bug: its traceback, a line saying so, and exit status 70."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EX_USER
-    try:
+    try:  # from the first import on: a Ctrl-C at any moment is one line, never a traceback
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help()
+            return EX_USER
         return int(args.func(args) or 0)
     except WatchnextError as e:
         print(f"watchnext: {e.field}: {e.reason}" if e.field else f"watchnext: {e.reason}", file=sys.stderr)
@@ -57,12 +57,22 @@ def main(argv: list[str] | None = None) -> int:
         return EX_SOFTWARE
 
 
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("watchnext")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="watchnext",
         description="Multitask (MMoE) ranking for 'what video to watch next': train, export, serve, compare.",
         epilog=EPILOG,
     )
+    p.add_argument("--version", action="version", version=f"watchnext {package_version()}")
     sub = p.add_subparsers(title="commands", metavar="COMMAND")
     _train(sub)
     _evaluate(sub)
@@ -125,6 +135,9 @@ def _train(sub) -> None:
     p.add_argument("--device", metavar="DEV", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--arch", choices=["mmoe", "shared_bottom"], help="override [model] arch")
     p.add_argument("--max-examples", type=int, metavar="N", help="stop after N examples (files)")
+    p.add_argument("--max-bad-share", type=float, default=0.01, metavar="F",
+                   help="files: exit with an error when more than this share of the lines read were skipped as "
+                   "bad (default 0.01); the model still keeps what it trained")
     p.add_argument("--consumer", metavar="NAME", help="stream consumer name (default: host name)")
     p.add_argument("--idle-exit", type=float, metavar="S", help="stream: exit after S seconds without entries")
     p.set_defaults(func=cmd_train)
@@ -191,6 +204,13 @@ def cmd_train(args) -> int:
         "metrics": res.report,
     }
     print(json.dumps(out, indent=2))
+    read = res.trained_now + res.bad_now
+    if res.bad_now and res.bad_now > args.max_bad_share * read and res.commonest_bad is not None:
+        n, where = res.commonest_bad
+        raise CliError("", f"skipped {res.bad_now:,} of the {read:,} lines read ({res.bad_now / read:.1%}; "
+                       f"--max-bad-share {args.max_bad_share:g}); the commonest reason ({n:,} lines), first at {where}. "
+                       "Fix the file, or check that it was made for this config (--config); --fresh starts a new "
+                       "model, --checkpoint PATH continues another")
     if res.trained_now == 0:
         print("watchnext: nothing new to train on in these files (already trained; --fresh starts over)", file=sys.stderr)
     return 0
@@ -218,9 +238,10 @@ def _evaluate(sub) -> None:
         epilog=EPILOG,
     )
     common(p)
-    p.add_argument("--model", required=True, metavar="VERSION", help="version number, or 'serving'")
+    p.add_argument("--model", required=True, metavar="VERSION", help="version number (3 or v3), 'serving' or 'latest'")
     p.add_argument("--data", required=True, nargs="+", metavar="FILE")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    json_flag(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -231,9 +252,10 @@ def version_arg(repo: ModelRepository, v: str, name: str = "--model") -> int:
         if s is None:
             raise CliError(str(repo.dir), "the model repository is empty: train one with `watchnext train --data FILE`")
         return s
-    if not v.isdigit():
-        raise CliError(name, f"expected a version number, 'serving' or 'latest', got {v!r}")
-    return int(v)
+    digits = v[1:] if v[:1] in ("v", "V") else v  # 3 or v3, as the service and `models list` write it
+    if not digits.isdigit():
+        raise CliError(name, f"expected a version number (3 or v3), 'serving' or 'latest', got {v!r}")
+    return int(digits)
 
 
 def cmd_evaluate(args) -> int:
@@ -242,8 +264,22 @@ def cmd_evaluate(args) -> int:
     config = config_of(args)
     repo = repo_of(args, config)
     version = version_arg(repo, args.model)
-    print(json.dumps(evaluate(config, repo, version, args.data, args.device), indent=2))
+    show(evaluate(config, repo, version, args.data, args.device), args, "evaluation_table")
     return 0
+
+
+def show(rep: dict, args, table: str) -> None:
+    """A table on a terminal (analysis.tables.<table>), JSON with --json or when the output is not a terminal."""
+    if getattr(args, "json", False) or not sys.stdout.isatty():
+        print(json.dumps(rep, indent=2))
+    else:
+        from analysis import tables
+
+        print(getattr(tables, table)(rep))
+
+
+def json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="JSON (the default when the output is not a terminal)")
 
 
 # ---------------------------------------------------------------- models
@@ -254,6 +290,7 @@ def _models(sub) -> None:
     msub = p.add_subparsers(title="actions", metavar="ACTION")
     ls = msub.add_parser("list", help="versions with their metrics; which one serves")
     common(ls)
+    json_flag(ls)
     ls.set_defaults(func=cmd_models_list)
     pr = msub.add_parser("promote", help="make VERSION the one the service serves, once it loads and runs",
                          description="Load VERSION with ONNX Runtime (CPU) and run it on batches of absent features, "
@@ -271,7 +308,7 @@ def _models(sub) -> None:
 
 def cmd_models_list(args) -> int:
     config = config_of(args)
-    print(json.dumps(models_summary(repo_of(args, config)), indent=2))
+    show(models_summary(repo_of(args, config)), args, "models_table")
     return 0
 
 
@@ -356,7 +393,8 @@ def _simulate(sub) -> None:
         "per click, dismiss rate and mean rating of what it showed, next to the realised values.",
         epilog="Only loopback URLs are accepted: simulated feedback becomes training data.",
     )
-    t.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
+    t.add_argument("--url", default=os.environ.get("WATCHNEXT_URL"), required=not os.environ.get("WATCHNEXT_URL"),
+                   help="the service, e.g. http://127.0.0.1:8000 (default $WATCHNEXT_URL)")
     t.add_argument("--users", type=int, default=100, metavar="N", help="users of the world who send requests (default 100)")
     t.add_argument("--duration", type=float, default=60.0, metavar="S", help="seconds of traffic (default 60)")
     t.add_argument("--concurrency", type=int, default=4, metavar="C", help="clients sending at once (default 4)")

@@ -160,12 +160,32 @@ def run_server(settings, deps=None) -> None:
         raise SystemExit(128 + signal.SIGTERM)
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse a port another program holds, before any work (Redis, a bootstrap, loading a model)."""
+    import socket
+
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a closing socket is no obstacle
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise CliError("--port", f"cannot listen on {host}:{port} ({e.strerror}): another program holds it; "
+                           "choose another port with --port N (make run PORT=N)") from None
+
+
 def cmd_serve(args) -> int:
-    from watchnext.redis_embed import start_embedded
+    from watchnext.redis_embed import running_embedded, start_embedded
 
     settings = settings_of(args)
+    check_port(settings.host, settings.port)
     exit_on_sigterm()
     embedded = None
+    if settings.redis_url is None and (url := running_embedded(REDIS_DIR)):
+        settings = settings.with_(redis_url=url)
+        print(f"watchnext: REDIS_URL is not set: using the embedded redis-server running on {REDIS_DIR}/ at {url}",
+              file=sys.stderr)
     if settings.redis_url is None:
         embedded = start_embedded(REDIS_DIR)
         settings = settings.with_(redis_url=embedded.url)
@@ -208,6 +228,7 @@ def cmd_up(args) -> int:
     if args.bootstrap_examples <= 0:
         raise CliError("--bootstrap-examples", f"must be > 0, got {args.bootstrap_examples}")
     settings = settings_of(args)
+    check_port(settings.host, settings.port)
     exit_on_sigterm()
     return run_stack(args, settings)
 
@@ -240,12 +261,15 @@ def cmd_features_load(args) -> int:
 
     from cli.main import config_of
     from watchnext.entities import load_file
-    from watchnext.redis_embed import start_embedded
+    from watchnext.redis_embed import running_embedded, start_embedded
 
     if not Path(args.file).is_file():
         raise CliError(args.file, "no such file")
     config = config_of(args)
     url, embedded = os.environ.get("REDIS_URL"), None
+    if not url and (url := running_embedded(REDIS_DIR)):
+        print(f"watchnext: REDIS_URL is not set: writing to the embedded redis-server running on {REDIS_DIR}/ "
+              f"at {url}", file=sys.stderr)
     if not url:
         embedded = start_embedded(REDIS_DIR)
         url = embedded.url

@@ -87,9 +87,11 @@ def example_request(history: Path | None, item_id: str | None) -> dict:
 
 def run_stack(args, settings: Settings) -> int:
     from cli.serve import run_server
-    from watchnext.redis_embed import start_embedded
+    from watchnext.redis_embed import running_embedded, start_embedded
 
     embedded = None
+    if settings.redis_url is None and (running := running_embedded(DATA / "redis")):
+        settings = settings.with_(redis_url=running)  # `watchnext serve` started it on the same data
     if settings.redis_url is None:
         embedded = start_embedded(DATA / "redis")
         settings = settings.with_(redis_url=embedded.url)
@@ -129,8 +131,9 @@ def run_stack(args, settings: Settings) -> int:
         req = example_request(history, deps.config.item_id)
         say(f"service: {url}   (docs {url}/docs, metrics {url}/metrics)")
         say(f"admin token: {settings.admin_token}{token_note}")
-        say(f"for other shells: export REDIS_URL={settings.redis_url}")
-        print("\nTry:\n  curl -s " + f"{url}/v1/rank -H 'content-type: application/json' -d '{json.dumps(req)}'\n",
+        print(f"\nFor other shells (the commands read these):\n  export WATCHNEXT_URL={url} "
+              f"WATCHNEXT_ADMIN_TOKEN={settings.admin_token} REDIS_URL={settings.redis_url}\n"
+              "\nTry:\n  curl -s " + f"{url}/v1/rank -H 'content-type: application/json' -d '{json.dumps(req)}'\n",
               file=sys.stderr, flush=True)
         if getattr(args, "demo", 0):
             threading.Thread(target=run_demo, args=(url, settings.admin_token, deps.config, args.demo, env),

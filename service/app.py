@@ -1,6 +1,6 @@
 """The FastAPI app factory: `create_app(settings, deps)`. Nothing is created at import time.
 
-Endpoints (CONTRACT §3): POST /v1/rank, POST /v1/feedback, GET /v1/models,
+Endpoints (docs/api.md): POST /v1/rank, POST /v1/feedback, GET /v1/models,
 POST /v1/models/{version}/promote and POST /v1/models/rollback (admin token),
 PUT/GET/DELETE /v1/experiments/{name} (admin token to change), GET /v1/experiments,
 GET /v1/experiments/{name}/report, GET /healthz, GET /readyz, GET /metrics.
@@ -38,6 +38,7 @@ from .schema import (
     FeedbackResponse,
     RankResponse,
     errors,
+    feedback_example,
     feedback_request_schema,
     json_body,
     rank_body,
@@ -194,6 +195,23 @@ class AnswerBugs:
             await response(scope, receive, send)
 
 
+def offline_docs(app: FastAPI) -> None:
+    """/docs: Swagger UI from the swagger-ui-bundle package's files, served here (FastAPI's default loads them
+    from a CDN: a blank page on a machine without internet)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title="watchnext API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+
+
 def create_app(settings: Settings, deps: Deps) -> FastAPI:
     """Build the app around `deps`; the lifespan starts the model poller and the impression threads."""
     setup_logging(settings.log_level)
@@ -208,9 +226,10 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         finally:
             await anyio.to_thread.run_sync(svc.stop)  # flushes the impression buffer
 
-    app = FastAPI(title="watchnext", version="1", lifespan=lifespan,
+    app = FastAPI(title="watchnext", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Ranks candidate videos with a multitask (MMoE) model; closes the loop to the trainer.")
     app.state.service = svc
+    offline_docs(app)
 
     # ------------------------------------------------------------ errors
     async def error_answer(request: Request, exc: Exception) -> Response:
@@ -282,7 +301,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         return resp
 
     # ------------------------------------------------------------ feedback
-    @app.post("/v1/feedback", response_model=None, openapi_extra=json_body(feedback_request_schema(config, MAX_EVENTS)),
+    @app.post("/v1/feedback", response_model=None, openapi_extra=json_body(feedback_request_schema(config, MAX_EVENTS), feedback_example(config)),
               responses={200: {"model": FeedbackResponse}, **errors(400, 408, 413, 422, 503)},
               summary="Record what the user did with served items (one event or a list)")
     async def feedback(request: Request) -> Response:
@@ -442,7 +461,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         triton = svc.models.triton
         problem = await anyio.to_thread.run_sync(svc.models.backend_problem, cur) if triton is not None else None
         ready = cur is not None and problem is None
-        body = {
+        body: dict[str, Any] = {
             "ready": ready,
             "model_version": str(cur.version) if cur else None,
             "provider": cur.provider if cur else None,

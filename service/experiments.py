@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pyarrow as pa
@@ -134,7 +134,7 @@ class Experiments:
 
     def __init__(self, config: Config, url: str, models: ModelManager):
         self.config, self.models = config, models
-        self.client = redis_client(url)
+        self.client = redis_client(url)  # replies are bytes (see redis_client): hence the casts
         self.live: LiveExperiment | None = None
         self.lock = threading.Lock()  # one apply at a time (poll thread and API)
         self._put = self.client.register_script(_PUT_LUA)
@@ -185,7 +185,7 @@ class Experiments:
                 arms=[{"name": a.name, "share": a.share, "version": a.version} for a in exp.arms])
 
     def refresh(self) -> None:
-        raw = self.client.get(LIVE)
+        raw = cast(bytes | None, self.client.get(LIVE))
         try:
             self.apply(raw)
         except ExperimentError as e:
@@ -242,7 +242,7 @@ class Experiments:
             return None
 
     def stored(self, name: str) -> dict[str, Any]:
-        raw = self.client.hget(DEFS, name)
+        raw = cast(bytes | None, self.client.hget(DEFS, name))
         if raw is None:
             raise NotFound("name", f"no experiment {name!r}")
         got = self._read(name, raw)
@@ -285,7 +285,7 @@ class Experiments:
 
     def delete(self, name: str) -> dict[str, Any]:
         """Stop `name` (its definition and events are kept); an entry that cannot be read is removed."""
-        raw = self.client.hget(DEFS, name)
+        raw = cast(bytes | None, self.client.hget(DEFS, name))
         if raw is None:
             raise NotFound("name", f"no experiment {name!r}")
         stored = self._read(name, raw)
@@ -300,13 +300,13 @@ class Experiments:
 
     def list(self) -> list[dict[str, Any]]:
         """Every readable experiment, by name."""
-        entries = sorted(self.client.hgetall(DEFS).items())
+        entries = sorted(cast(dict[bytes, bytes], self.client.hgetall(DEFS)).items())
         read = [self._read(name.decode(errors="replace"), raw) for name, raw in entries]
         return [view(s) for s in read if s is not None]
 
     def legacy_events(self, name: str) -> bytes:
         """Closed impressions an earlier version kept under wn:exp:ev:<name> (nothing writes there now)."""
-        return b"\n".join(self.client.lrange(_legacy_events_key(name), 0, -1))
+        return b"\n".join(cast(list[bytes], self.client.lrange(_legacy_events_key(name), 0, -1)))
 
     def events(self, name: str) -> bytes:
         """The experiment's closed impressions as JSON lines (under either key scheme)."""

@@ -31,6 +31,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 import orjson
@@ -49,6 +50,10 @@ REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
 SHARES = {"candidate": 0.5, "user": 0.25, "query": 0.25}  # of the cache's bytes
 ENTRY_OVERHEAD = 300  # bytes per cached entry beside its row and JSON text: the dict entry, the id, the JSON object, slots (measured: bench/serve_latency.py)
 RECENT_LIMIT = 200_000  # ids remembered as changed while a fetch was in flight (see EntityCache.put)
+# A change-stream entry as these clients read it: (entry id, fields). The clients are made without
+# decode_responses, so every reply is bytes; redis-py types replies as `bytes | str` (either setting), and
+# the casts below say which.
+_StreamEntry = tuple[bytes, dict[bytes, bytes]]
 
 
 @dataclass
@@ -71,7 +76,7 @@ class EntityCache:
         self.capacity = max(64, budget_bytes // self.entry_bytes)
         # calloc: pages are touched only as entries arrive
         self.cols = {name: np.zeros((self.capacity, *layout.dtype[name].shape), layout.dtype[name].base)
-                     for name in layout.dtype.names}
+                     for name in _names(layout.dtype)}
         self.raw = np.full(self.capacity, b"", object)
         self.ids = np.full(self.capacity, None, object)
         self.used = np.zeros(self.capacity, np.int64)  # the tick of each slot's last use
@@ -217,14 +222,15 @@ class OnlineFeatures:
         self.layouts = {s: RowLayout(encoder, s) for s in STORE_SOURCES if self.keys[s] is not None}
         self.caches = {s: EntityCache(lay, int(cache_bytes * SHARES[s])) for s, lay in self.layouts.items()}
         self.absent_rows = {s: lay.pack(encoder.absent(s, 1)) for s, lay in self.layouts.items()}
-        self.absent_fields = {s: {name: np.ascontiguousarray(r[name]) for name in r.dtype.names}
+        self.absent_fields = {s: {name: np.ascontiguousarray(r[name]) for name in _names(r.dtype)}
                               for s, r in self.absent_rows.items()}
         self.backoff_s = backoff_s
         self.url = url
-        self.client = None
+        self.client: redis.Redis | None = None
         if url:
             t = timeout_ms / 1000
-            # no retries: a slow or absent Redis must cost a request one timeout at most
+            # no retries: a slow or absent Redis must cost a request one timeout at most. No decode_responses:
+            # replies are bytes (see _StreamEntry)
             self.client = redis.Redis.from_url(url, socket_timeout=t, socket_connect_timeout=t,
                                                retry=Retry(NoBackoff(), 0))
         self._down_until = 0.0
@@ -293,6 +299,7 @@ class OnlineFeatures:
 
     def _read(self, names: dict[str, list[str]]) -> list[list]:
         """Both hashes of every source's ids, pipelined: one round trip. [rows, JSON, rows, JSON, ...]"""
+        assert self.client is not None  # fetch asks only with a client
         pipe = self.client.pipeline(transaction=False)
         for s, ids in names.items():
             pipe.hmget(self.layouts[s].rows_key, ids)
@@ -302,7 +309,9 @@ class OnlineFeatures:
     def stored(self, plan: Plan, source: str) -> Stored:
         """The entries of one source's ids: from the cache, and those `fetch` read (absent where neither)."""
         cols = plan.cols[source]
-        return Stored(self.layouts[source].columns(cols), cols["present"].any(axis=1), plan.raw[source])
+        # (n, F) flags: any(axis=1) is (n,), never the scalar numpy's types allow for
+        found = cast(np.ndarray, cols["present"].any(axis=1))
+        return Stored(self.layouts[source].columns(cols), found, plan.raw[source])
 
     def _decode(self, source: str, packed: list, raw: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows of one HMGET reply; an entry that is absent, of the wrong width or fails the checks reads as
@@ -350,15 +359,18 @@ class OnlineFeatures:
 
     def _follow(self) -> None:
         block_ms = 1000
+        assert self.url is not None  # start() follows only with a url
         client = redis.Redis.from_url(self.url, socket_timeout=block_ms / 1000 + 5, socket_connect_timeout=2,
                                       retry=Retry(NoBackoff(), 0))
         last: str | None = None
         while not self._stop.is_set():
             try:
                 if last is None:  # from now on; the cache is empty or was filled by reads after this point
-                    top = client.xrevrange(CHANGES, count=1)
+                    top = cast("list[_StreamEntry]", client.xrevrange(CHANGES, count=1))
                     last = top[0][0].decode() if top else "0-0"
-                got = client.xread({CHANGES: last}, count=200, block=block_ms)
+                # RESP2: [stream key, entries] per stream read; None when the block times out
+                got = cast("list[tuple[bytes, list[_StreamEntry]]] | None",
+                           client.xread({CHANGES: last}, count=200, block=block_ms))
                 for _key, entries in got or []:
                     for eid, fields in entries:
                         self._apply(client, fields)
@@ -377,7 +389,7 @@ class OnlineFeatures:
     def _resume(self, client: redis.Redis, last: str | None, error: Exception) -> str | None:
         """After losing Redis: go on from `last` if the stream still holds what followed it, else empty the caches."""
         try:
-            first = client.xrange(CHANGES, count=1)
+            first = cast("list[_StreamEntry]", client.xrange(CHANGES, count=1))
         except REDIS_ERRORS:
             return last
         if last is not None and first and _id_tuple(first[0][0].decode()) > _id_tuple(last):
@@ -388,7 +400,7 @@ class OnlineFeatures:
             return None
         return last
 
-    def _apply(self, client: redis.Redis, fields: dict) -> None:
+    def _apply(self, client: redis.Redis, fields: dict[bytes, bytes]) -> None:
         source = fields.get(b"source", b"").decode(errors="replace")
         if source not in self.caches:
             return
@@ -433,6 +445,12 @@ def _bytes_array(values: list) -> np.ndarray:
     out[:] = values
     out[out == None] = b""  # noqa: E711 (element-wise)
     return out
+
+
+def _names(dtype: np.dtype) -> tuple[str, ...]:
+    """A structured dtype's field names (numpy's types allow None: a plain dtype has none)."""
+    assert dtype.names is not None
+    return dtype.names
 
 
 def _id_tuple(eid: str) -> tuple[int, int]:

@@ -40,7 +40,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis
@@ -218,6 +218,8 @@ def approx_bytes(imp: dict[str, Any]) -> int:
 
 
 def redis_client(url: str, timeout_s: float = 2.0) -> redis.Redis:
+    """The impression log's and the experiments' client. Without decode_responses: every reply is bytes, where
+    redis-py's types say `bytes | str` (they cover either setting); the `cast`s on its replies say bytes."""
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=min(timeout_s, 1.0),
                                 retry=Retry(NoBackoff(), 0))
 
@@ -314,7 +316,8 @@ class ImpressionLog:
     def _take(self) -> list[tuple[str, int, Any]]:
         """The oldest buffered entries, up to FLUSH_BYTES (at least one)."""
         with self._buf_lock:
-            out, size = [], 0
+            out: list[tuple[str, int, Any]] = []
+            size = 0
             while self.buf and (not out or size + self.buf[0][1] <= FLUSH_BYTES):
                 e = self.buf.popleft()
                 size += e[1]
@@ -372,7 +375,7 @@ class ImpressionLog:
     def _record(self, imp: dict[str, Any]) -> _Record:
         rid = imp["request_id"]
         due = imp["ts"] + self.window
-        shared = {k: imp.get(k) for k in ("ts", "request_id", "user", "query", "context", "experiment", "arm",
+        shared: dict[str, Any] = {k: imp.get(k) for k in ("ts", "request_id", "user", "query", "context", "experiment", "arm",
                                           "model_version")}
         for k in ("user", "query", "context"):  # sections the store filled are merged here, off the request's path
             if hasattr(shared[k], "resolve"):
@@ -478,7 +481,7 @@ class ImpressionLog:
             per.append((first, t, exs))
         per.sort(key=lambda p: p[0])
         group: list[str] = []
-        lines: list[dict] = []
+        lines: list[tuple[str, dict]] = []
         size = 0
         for _, t, exs in per:
             blobs = [json.dumps(e, separators=(",", ":")) for e in exs]
@@ -486,8 +489,8 @@ class ImpressionLog:
             if group and size + n > COMMIT_BYTES:
                 yield group, lines
                 group, lines, size = [], [], 0
-            for e in exs:  # after the blobs: the token goes to the report's events, not to the stream
-                e["_token"] = t
+            for ex in exs:  # after the blobs: the token goes to the report's events, not to the stream
+                ex["_token"] = t
             group.append(t)
             lines += list(zip(blobs, exs))
             size += n
@@ -548,7 +551,7 @@ class ImpressionLog:
                     gone.add(t)
                 lines += self.experiment_events(exs).get(name, [])
         if gone:
-            for batch in self.client.lrange(key, len(closed), -1):
+            for batch in cast(list[bytes], self.client.lrange(key, len(closed), -1)):
                 lines += [ln for ln in batch.split(b"\n") if ln and json.loads(ln).get("t") in gone]
         return b"\n".join(lines)
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from watchnext.scoring import weight_vector
 from .errors import Unavailable
 from .inference import InferenceSession
 from .observability import Metrics, log
+
+if TYPE_CHECKING:
+    from .triton import TritonBackend  # imported where used: it needs tritonclient
 
 logger = logging.getLogger("watchnext.service.models")
 WARM_BATCHES = (1, 64, 512)
@@ -73,11 +76,12 @@ class ModelManager:
         self.config, self.repo, self.metrics = config, repo, metrics
         self.device, self.threads = device, threads
         self.backend = backend
-        self.triton = None  # TritonBackend when backend == "triton" (imports tritonclient)
+        self.triton: TritonBackend | None = None  # when backend == "triton" (imports tritonclient)
         if backend == "triton":
             from .triton import TritonBackend
 
-            self.triton = TritonBackend(triton_url, on_failure=self.wake)  # Settings checked the url
+            assert triton_url is not None, "Settings requires triton_url with the triton backend"
+            self.triton = TritonBackend(triton_url, on_failure=self.wake)
         self.encoder = Encoder(config)
         self.current: LoadedModel | None = None
         self.refused: dict[int, tuple[str, str]] = {}  # version -> (file stamp, reason)
@@ -98,6 +102,7 @@ class ModelManager:
     def _triton_session(self, version: int):
         from .triton import TritonError
 
+        assert self.triton is not None  # passed to load_version only with the triton backend
         try:
             session = self.triton.session(self.repo.name, version)
         except TritonError as e:

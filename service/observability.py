@@ -222,7 +222,7 @@ class StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is now (test runners swap it), not the one at set-up."""
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self):
         return sys.stderr
 
     @stream.setter

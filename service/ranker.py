@@ -138,6 +138,7 @@ class Ranker:
         uid = shared["user"].get(self.keys["user"]) if live is not None and self.keys["user"] else None
         if uid is None:
             return CONTROL, None, model, model.weights
+        assert live is not None  # uid is None without a live experiment
         a, model, weights = live.route(str(uid), model)
         return a.name, live.exp.name, model, weights
 

@@ -105,7 +105,8 @@ def _ids_type(config: Config) -> type | None:
     if config.item_id is None:
         return None
     candidate = msgspec.defstruct("IdOnly", [(config.item_id, str)], forbid_unknown_fields=True, gc=False)
-    return msgspec.defstruct("RankIds", [("candidates", list[candidate]), *_HEAD])
+    # a struct built at run time: mypy takes `list[candidate]` for a type expression naming a variable
+    return msgspec.defstruct("RankIds", [("candidates", list[candidate]), *_HEAD])  # type: ignore[valid-type]
 
 
 def _head_type() -> type:
@@ -146,10 +147,12 @@ class RequestCodec:
         self.candidate_type = section_type(config, "candidate")
         self.candidate_features = [f for f in config.features if f.source == "candidate"]
         self.known = {s: frozenset(f.name for f in config.features if f.source == s) for s in (*SHARED, "candidate")}
-        self.json_decoder = msgspec.json.Decoder(_request_type(config))
+        # the request types are built from the config at run time: what they decode is Any to the type checker
+        self.json_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_request_type(config))
         ids_type = _ids_type(config)
-        self.ids_decoder = msgspec.json.Decoder(ids_type) if ids_type is not None else None
-        self.head_decoder = msgspec.json.Decoder(_head_type())
+        self.ids_decoder: msgspec.json.Decoder[Any] | None = (
+            msgspec.json.Decoder(ids_type) if ids_type is not None else None)
+        self.head_decoder: msgspec.json.Decoder[Any] = msgspec.json.Decoder(_head_type())
         self._id_of = operator.itemgetter(self.item_id) if self.item_id else None
         self._id_attr = operator.attrgetter(self.item_id) if self.item_id else None
 
@@ -164,6 +167,7 @@ class RequestCodec:
         req = self._ids_only(body)
         only_ids = req is not None
         if only_ids:
+            assert self._id_attr is not None  # ids_decoder, and so a request of ids only, needs an [item] id
             cands, ids = req.candidates, list(map(self._id_attr, req.candidates))
         else:
             req = _decode(self.json_decoder, body)
@@ -281,7 +285,8 @@ class RequestCodec:
         request_id = str(rid) if rid is not None else uuid.uuid4().hex
         if len(request_id) > MAX_REQUEST_ID:
             raise BadRequest("request_id", f"must be 1 to {MAX_REQUEST_ID} characters, got {len(request_id)}")
-        shared, unknown = {}, 0
+        shared: dict[str, dict[str, Any]] = {}
+        unknown = 0
         for s in SHARED:
             sec = getattr(req, s)
             if sec is None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from watchnext.config import Config, Feature
+from watchnext.entities import key_feature
 
 from .request import MAX_REQUEST_ID
 
@@ -62,7 +63,7 @@ def rank_request_schema(config: Config) -> dict[str, Any]:
 
 
 def feedback_event_schema(config: Config) -> dict[str, Any]:
-    labels = {}
+    labels: dict[str, dict[str, Any]] = {}  # each task's JSON Schema
     for t in config.tasks:
         if t.kind == "binary":
             labels[t.name] = {"anyOf": [{"enum": [0, 1]}, {"type": "boolean"}, {"type": "null"}]}
@@ -84,14 +85,35 @@ def feedback_request_schema(config: Config, max_events: int) -> dict[str, Any]:
     return {"anyOf": [ev, {"type": "array", "items": ev, "minItems": 1, "maxItems": max_events}]}
 
 
-def json_body(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+def json_body(schema: dict[str, Any], example: Any = None) -> dict[str, Any]:
+    content: dict[str, Any] = {"schema": schema}
+    if example is not None:
+        content["example"] = example
+    return {"requestBody": {"required": True, "content": {"application/json": content}}}
+
+
+def rank_example(config: Config) -> dict[str, Any]:
+    """The production request: the user, the query video and the candidates by id (features from the store)."""
+    ids = {s: key_feature(config, s) for s in ("user", "query", "candidate")}
+    body: dict[str, Any] = {"request_id": "r-81"}
+    if ids["user"]:
+        body["user"] = {ids["user"]: "u17"}
+    if ids["query"]:
+        body["query"] = {ids["query"]: "v9"}
+    body["candidates"] = [{ids["candidate"]: v} for v in ("v3", "v12", "v40")] if ids["candidate"] else []
+    body["top_k"] = 2
+    return body
+
+
+def feedback_example(config: Config) -> dict[str, Any]:
+    binary = [t.name for t in config.tasks if t.kind == "binary"]
+    return {"request_id": "r-81", "item_id": "v12", "labels": {binary[0]: 1} if binary else {}}
 
 
 def rank_body(config: Config) -> dict[str, Any]:
     """The rank request: JSON, or an Arrow IPC stream (one row per candidate, the rest as JSON in the schema's
     metadata under `request`; see docs/online-features.md)."""
-    body = json_body(rank_request_schema(config))
+    body = json_body(rank_request_schema(config), rank_example(config))
     body["requestBody"]["content"]["application/vnd.apache.arrow.stream"] = {
         "schema": {"type": "string", "format": "binary",
                    "description": "an Arrow IPC stream: a column per candidate feature, a row per candidate; "
@@ -119,6 +141,10 @@ class RankedItem(BaseModel):
 
 
 class RankResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "request_id": "r-81", "model_version": "3", "arm": "control", "experiment": None,
+        "items": [{"id": "v12", "score": 0.93, "heads": {"click": 0.41, "watch_time": 95.2, "like": 0.52}},
+                  {"id": "v3", "score": 0.71, "heads": {"click": 0.33, "watch_time": 60.1, "like": 0.40}}]}]})
     request_id: str
     model_version: str
     arm: str
@@ -134,6 +160,8 @@ class Dropped(BaseModel):
 
 
 class FeedbackResponse(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "accepted": 1, "dropped": [{"index": 1, "request_id": "r-80", "item_id": "v5", "reason": "unknown request"}]}]})
     accepted: int
     dropped: list[Dropped]
 

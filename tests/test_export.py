@@ -103,6 +103,11 @@ def test_promote_and_rollback(tmp_path):
     assert repo.triton_versions() == [2, 3]
     assert repo.rollback()["promoted"] == 2
     assert repo.serving() == 2 and repo.triton_versions() == [2, 3]
+    assert repo.rollback()["promoted"] == 1  # rollbacks walk back through the promotions, never toggle
+    with pytest.raises(RepositoryError, match="no earlier promoted version"):
+        repo.rollback()
+    repo.promote(3)  # a promotion after rollbacks: the next rollback returns to 1
+    assert repo.rollback()["promoted"] == 1
     with pytest.raises(RepositoryError, match="no version 9"):
         repo.promote(9)
     repo2 = ModelRepository(tmp_path, "other")

@@ -1,6 +1,8 @@
-"""The README documents every setting: each config key the parser accepts, each environment variable the code reads,
-each command with each of its flags. The lists are derived from the code, so a new key, variable or flag fails here,
-naming what the README does not mention, until it is documented (and a documented one the code dropped fails too)."""
+"""The docs document every setting: each config key the parser accepts (docs/configuration.md), each environment
+variable the code reads (docs/operations.md), each command with each of its flags (docs/configuration.md). The lists
+are derived from the code, so a new key, variable or flag fails here, naming what the docs do not mention, until it
+is documented (and a documented one the code dropped fails too). The README and the docs link only to files in the
+repository, and the README stays short."""
 
 from __future__ import annotations
 
@@ -18,16 +20,19 @@ from watchnext.config import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = {"configuration": (ROOT / "docs" / "configuration.md").read_text(),
+        "operations": (ROOT / "docs" / "operations.md").read_text()}
 CODE = re.compile(r"`([^`]+)`")
 OUTSIDE_CODE_PIPE = re.compile(r"\|(?=(?:[^`]*`[^`]*`)*[^`]*$)")  # a cell border: a | not inside `code`
 
 
-def section(title: str) -> str:
-    """The text under a heading, up to the next heading of the same or a higher level."""
+def section(title: str, doc: str = "configuration") -> str:
+    """The text under a heading of docs/<doc>.md, up to the next heading of the same or a higher level."""
     level = len(title) - len(title.lstrip("#"))
-    m = re.search(rf"^{re.escape(title)}\s*$", README, re.M)
-    assert m, f"README has no {title!r} heading"
-    rest = README[m.end():]
+    text = DOCS[doc]
+    m = re.search(rf"^{re.escape(title)}\s*$", text, re.M)
+    assert m, f"docs/{doc}.md has no {title!r} heading"
+    rest = text[m.end():]
     nxt = re.search(rf"^#{{1,{level}}} ", rest, re.M)
     return rest[: nxt.start() if nxt else len(rest)]
 
@@ -80,7 +85,7 @@ def config_keys_the_parser_reads(monkeypatch) -> dict[str, set[str]]:
 def documented_config_keys() -> dict[str, set[str]]:
     doc: dict[str, set[str]] = {}
     current = None
-    for cells in table_rows(section("## Configuration"), "section | key"):
+    for cells in table_rows(section("# Configuration"), "section | key"):
         if cells[0]:
             current = cells[0].strip("`")
         assert current, f"a row before any section: {cells}"
@@ -119,7 +124,7 @@ def env_vars_the_code_reads() -> set[str]:
 def test_every_environment_variable_is_in_the_settings_section():
     names = env_vars_the_code_reads()
     assert {"WATCHNEXT_CONFIG", "WATCHNEXT_MODELS", "REDIS_URL", "WATCHNEXT_ADMIN_TOKEN", "WATCHNEXT_URL"} <= names
-    documented = set(codes(section("### Settings")))
+    documented = set(codes(section("## Settings", "operations")))
     missing = sorted(names - documented)
     assert not missing, f"environment variables the README's Settings section does not mention: {missing}"
 
@@ -134,7 +139,7 @@ def test_every_service_setting_is_in_the_settings_table():
     Settings model declares them, and starting its default cell with the field's default."""
     fields = Settings.model_fields
     variables, flags = Settings.variables(), Settings.flags()
-    rows = table_rows(section("### Settings"), "setting")
+    rows = table_rows(section("## Settings", "operations"), "setting")
     seen: list[str] = []
     for cells in rows:
         names = codes(cells[0].split(":")[0])  # the fields the row is about: `host`, `port`: where to listen
@@ -197,7 +202,7 @@ def positionals(parser: argparse.ArgumentParser) -> int:
 def documented_commands() -> dict[str, tuple[int, set[str]]]:
     """command path -> (positional arguments shown, flags listed), from the Commands table."""
     out = {}
-    for cells in table_rows(section("### Commands"), "command | flags"):
+    for cells in table_rows(section("## Commands"), "command | flags"):
         (usage,) = codes(cells[0])
         words = usage.split()
         path = " ".join(w for w in words if re.fullmatch(r"[a-z-]+", w))
@@ -226,3 +231,14 @@ def test_the_commands_table_lists_only_real_commands():
     assert len(real) >= 15
     stale = sorted(set(documented_commands()) - real)
     assert not stale, f"the README's Commands table has rows for commands that do not exist: {stale}"
+
+
+def test_the_readme_is_short_and_every_link_stays_in_the_repository():
+    assert README.count("\n") <= 250
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        text = path.read_text()
+        assert "CONTRACT" not in text and "../shared" not in text, f"{path.name} points outside the repository"
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if target.startswith(("http://", "https://")):
+                continue
+            assert (path.parent / target).exists(), f"{path.name} links to {target}, which does not exist"

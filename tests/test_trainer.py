@@ -335,3 +335,135 @@ def test_a_checkpoint_of_the_old_model_layout_resumes_exactly(history_file, smal
     b = train_files(small_config, [history_file], tmp_path / "new.pt", None)
     assert a.trained_now == b.trained_now == 6000 - 1024
     assert load_ckpt(tmp_path / "old.pt") == load_ckpt(tmp_path / "new.pt")
+
+
+# ---------------------------------------------------------------- runs that did not do what was asked
+
+
+def _with_bad_ts(history, path, every: int):
+    lines = history.read_text().splitlines()
+    for i in range(0, len(lines), every):
+        lines[i] = lines[i].replace('"ts":', '"ts":"x","was":', 1)  # ts not a number
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("every, code", [(20, 2), (400, 0)])  # 5% of the lines bad: refused; 0.25%: trained
+def test_a_run_that_skips_more_than_its_share_of_lines_exits_non_zero(history_file, small_config_path, tmp_path,
+                                                                       capsys, every, code):
+    data = _with_bad_ts(history_file, tmp_path / "bad.jsonl", every)
+    got, err = _cli_train(["--data", data, "--config", small_config_path, "--checkpoint", tmp_path / "ck.pt",
+                           "--models", tmp_path / "models"], capsys)
+    assert got == code, err
+    bad = len(range(0, 6000, every))
+    if code:
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"watchnext: skipped {bad:,} of the 6,000 lines read (")
+        assert f"first at {data}:1: ts:" in last and "--fresh" in last and "--config" in last
+    else:
+        assert "skipped" not in err
+
+
+def test_a_file_older_than_the_checkpoint_is_refused_before_it_is_read(history_file, small_config_path, tmp_path,
+                                                                        capsys):
+    lines = history_file.read_text().splitlines(keepends=True)
+    early, late = tmp_path / "early.jsonl", tmp_path / "late.jsonl"
+    early.write_text("".join(lines[:3000]))
+    late.write_text("".join(lines[3000:]))
+    base = ["--config", small_config_path, "--checkpoint", tmp_path / "ck.pt", "--models", tmp_path / "models"]
+    assert _cli_train(["--data", late, *base], capsys)[0] == 0
+    before = (tmp_path / "ck.pt").read_bytes()
+    code, err = _cli_train(["--data", early, *base], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"watchnext: {tmp_path / 'ck.pt'}: its model has trained up to ts ")
+    assert f"{early.resolve()} starts before it" in err and "--fresh" in err
+    assert (tmp_path / "ck.pt").read_bytes() == before  # untouched
+    assert _cli_train(["--data", early, *base, "--fresh"], capsys)[0] == 0
+
+
+# ---------------------------------------------------------------- any valid config trains
+
+SHAPES = {
+    # Ma et al.'s synthetic benchmark: one 100-float vector, two regression tasks; no id, no [item], no [bias]
+    "dense-only": """
+[[features]]
+name = "x"
+source = "candidate"
+kind = "vector"
+size = 100
+[[tasks]]
+name = "y1"
+kind = "regression"
+group = "engagement"
+[[tasks]]
+name = "y2"
+kind = "regression"
+group = "satisfaction"
+[model]
+experts = 3
+expert_layers = [32]
+tower_layers = [16]
+[trainer]
+batch_size = 64
+learning_rate = 0.01
+""",
+    # one binary task on one id and one number, no [item], no [bias]
+    "one-task": """
+[[features]]
+name = "video_id"
+source = "candidate"
+kind = "categorical"
+buckets = 1000
+dim = 8
+[[features]]
+name = "x"
+source = "candidate"
+kind = "numeric"
+[[tasks]]
+name = "y1"
+kind = "binary"
+group = "engagement"
+[model]
+expert_layers = [16]
+tower_layers = [8]
+[trainer]
+batch_size = 128
+""",
+}
+
+
+def _shape_data(path, shape: str, n: int = 4000):
+    rng = np.random.default_rng(7)
+    rows = []
+    for i in range(n):
+        x = rng.normal(size=100)
+        if shape == "dense-only":
+            line = {"candidate": {"x": np.round(x, 4).tolist()},
+                    "labels": {"y1": float(x[:10].sum()), "y2": float(np.sin(x[:5]).sum())}}
+        else:
+            vid = int(rng.integers(0, 50))
+            line = {"candidate": {"video_id": f"v{vid}", "x": float(x[0])},
+                    "labels": {"y1": float(rng.random() < (0.8 if vid < 25 else 0.2))}}
+        rows.append(json.dumps({"ts": 1000.0 + i, "request_id": f"r{i}", **line}))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_every_valid_config_shape_trains_exports_and_evaluates(shape, tmp_path):
+    from analysis.evaluate import evaluate
+
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(SHAPES[shape])
+    config = load_config(cfg_path)
+    data = _shape_data(tmp_path / "d.jsonl", shape)
+    repo = ModelRepository(tmp_path / "m", config.model.name)
+    res = train_files(config, [data], tmp_path / "ck.pt", repo, fresh=True)
+    assert (res.examples, res.bad_lines, res.version) == (4000, 0, 1)
+    metrics = evaluate(config, repo, 1, [str(data)], device="cpu")["tasks"]
+    if shape == "dense-only":  # learned: below the labels' own spread (y1's is sqrt(10), y2's about 1.5)
+        assert metrics["y1"]["rmse"] < 1.0 and metrics["y2"]["rmse"] < 0.8, metrics
+    else:
+        assert metrics["y1"]["auc"] > 0.75, metrics
+    again = train_files(config, [data], tmp_path / "ck.pt", None)  # resumes from its checkpoint
+    assert again.trained_now == 0 and again.examples == 4000

@@ -1,4 +1,4 @@
-"""ONNX export of the Ranker into the model repository (CONTRACT §5).
+"""ONNX export of the Ranker into the model repository (docs/training.md).
 
 The exported graph is `Ranker.forward`: encoded features in (dynamic batch
 axis), one output per task in its label's units. The shallow tower is not in

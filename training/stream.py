@@ -1,7 +1,7 @@
 """The continuous worker: train on the Redis training stream, export as it goes.
 
 Each stream entry has one field, `example`: one labelled example as JSON
-(CONTRACT §2), written by the service when an impression's attribution window
+(docs/examples.md), written by the service when an impression's attribution window
 closes. The worker reads through a consumer group and keeps these promises:
 
 * an entry is acknowledged only once a checkpoint holds it, so a crash loses

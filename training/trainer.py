@@ -35,7 +35,7 @@ import torch
 
 from watchnext.config import Config, ConfigError, TaskKind, config_from_dict
 from watchnext.errors import WatchnextError
-from watchnext.examples import Chunk, Decoder, ExampleFiles, Position
+from watchnext.examples import Chunk, Decoder, ExampleFiles, Position, first_ts
 from watchnext.repository import ModelRepository, atomic_write
 from watchnext.runtime import usable_cpus
 
@@ -90,7 +90,8 @@ class Trainer:
         dense = [p for p in self.net.parameters() if id(p) not in sparse_ids]
         tc = config.trainer
         self.opt_dense = torch.optim.Adam(dense, lr=tc.learning_rate, weight_decay=tc.weight_decay)
-        self.opt_sparse = torch.optim.SparseAdam(sparse, lr=tc.embedding_learning_rate)
+        # a config without id features (numbers and vectors only) has no embedding table: no sparse optimiser
+        self.opt_sparse = torch.optim.SparseAdam(sparse, lr=tc.embedding_learning_rate) if sparse else None
         self.state = TrainState()
         self.metrics = ProgressiveMetrics(config, tc.eval_window, self.net.ranker.n_experts)
         self.names = self.net.ranker.input_names
@@ -106,6 +107,11 @@ class Trainer:
             raise ConfigError(f"{config.path}: trainer.ipw", "needs a binary task without `given` (a click) to weight")
 
     # ------------------------------------------------------------ one batch
+    def zero_grad(self) -> None:
+        self.opt_dense.zero_grad(set_to_none=True)
+        if self.opt_sparse is not None:
+            self.opt_sparse.zero_grad(set_to_none=True)
+
     def tensors(self, chunk: Chunk) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.device
         inputs = {k: torch.from_numpy(chunk.inputs[k]).to(dev, non_blocking=True) for k in self.names}
@@ -127,21 +133,20 @@ class Trainer:
         weight, bce_target = self.ipw_terms(chunk, labels)
         stats = [b.detach().clone() for b in self.net.buffers()]  # the forward pass moves running statistics
         loss, out = self.net(inputs, labels, mask, position, train=True, weight=weight, bce_target=bce_target)
-        self.opt_dense.zero_grad(set_to_none=True)
-        self.opt_sparse.zero_grad(set_to_none=True)
+        self.zero_grad()
         loss.backward()
         s = self.state
         if not self._finite(loss):
             with torch.no_grad():
                 for b, kept in zip(self.net.buffers(), stats):
                     b.copy_(kept)
-            self.opt_dense.zero_grad(set_to_none=True)
-            self.opt_sparse.zero_grad(set_to_none=True)
+            self.zero_grad()
             s.skipped_batches += 1
             s.skipped_examples += len(chunk)
             return None
         self.opt_dense.step()
-        self.opt_sparse.step()
+        if self.opt_sparse is not None:
+            self.opt_sparse.step()
         self.metrics.add(
             out["heads"].cpu().numpy(),
             out["full"].cpu().numpy(),
@@ -229,7 +234,7 @@ class Trainer:
             "checkpoint_hash": self.config.checkpoint_hash,
             "model": self.net.state_dict(),
             "opt_dense": self.opt_dense.state_dict(),
-            "opt_sparse": self.opt_sparse.state_dict(),
+            "opt_sparse": self.opt_sparse.state_dict() if self.opt_sparse is not None else None,
             "state": asdict(self.state),
             "rng": torch.get_rng_state(),
             "metrics": {k: getattr(self.metrics, k) for k in ("heads", "full", "labels", "mask", "gates", "filled", "ptr", "seen")},
@@ -256,7 +261,8 @@ class Trainer:
             t = cls(config or saved, device)
             t.net.load_state_dict(upgrade_state_dict(blob["model"]))  # a checkpoint of the old layout too
             t.opt_dense.load_state_dict(blob["opt_dense"])
-            t.opt_sparse.load_state_dict(blob["opt_sparse"])
+            if t.opt_sparse is not None:
+                t.opt_sparse.load_state_dict(blob["opt_sparse"])
             t.state = TrainState(**blob["state"])
             if t.state.explore_counts:
                 t.swaps = SwapCounts.from_state(t.state.explore_counts)
@@ -413,6 +419,8 @@ class RunResult:
     bad_lines: int
     bad_samples: list[str]
     skipped_batches: int = 0  # loss or gradients not finite: not trained on (counted over the model's life)
+    bad_now: int = 0  # lines this run skipped
+    commonest_bad: tuple[int, str] | None = None  # this run's commonest kind of skip: (how many, "FILE:LINE: why")
 
 
 def train_files(
@@ -444,11 +452,18 @@ def train_files(
     if st.source.get("kind") == "files" and st.source.get("paths") == files:
         start = Position(**st.source["position"])
     else:
+        first = first_ts(files[0]) if files else None
+        if first is not None and first < st.last_ts:  # every line up to the checkpoint's last would be skipped
+            raise CheckpointError(
+                str(checkpoint), f"its model has trained up to ts {st.last_ts:.3f}, and {files[0]} starts before it "
+                f"(ts {first:.3f}): examples must come in time order, so those lines would be skipped; train it as a "
+                "new model with --fresh, or continue another model with --checkpoint PATH")
         start = Position()
         st.source = {"kind": "files", "paths": files, "position": start.to_dict()}
     decoder = Decoder(config)
     decoder.last_ts = st.last_ts
     decoder.bad.count = st.bad_lines
+    bad_before = st.bad_lines
     reader = ExampleFiles(files, decoder, start)
     total = reader.total_bytes()
     tc = config.trainer
@@ -494,7 +509,8 @@ def train_files(
             version = trainer.export(repo, promote=promote)
             save_checkpoint(trainer, decoder, checkpoint)  # remembers the parent version
         return RunResult(st.examples, trained_now, time.perf_counter() - t0, rep, version, decoder.bad.count,
-                         decoder.bad.first, st.skipped_batches)
+                         decoder.bad.first, st.skipped_batches, decoder.bad.count - bad_before,
+                         decoder.bad.commonest())
     finally:
         if mfile:
             mfile.close()

@@ -1,4 +1,4 @@
-"""The one config file (CONTRACT §1), parsed into typed, validated objects.
+"""The one config file (docs/configuration.md), parsed into typed, validated objects.
 
 The trainer, the exporter and the service all read the same file, so training
 and serving cannot disagree about a feature. A bad file fails at start with
@@ -636,14 +636,14 @@ def _ipw_curve(tr: _Section) -> tuple[float, ...]:
 
 def config_from_dict(d: Mapping[str, Any], path: str = "<checkpoint>") -> Config:
     """Rebuild a Config from `Config.to_dict()` output (checkpoints, metadata)."""
-    d = json.loads(json.dumps(d))  # deep copy, lists for tuples
-    d["features"] = [{k: v for k, v in f.items() if _keep(f, k) and v is not None} for f in d["features"]]
-    d["tasks"] = [{k: v for k, v in t.items() if v is not None} for t in d["tasks"]]
-    if d.get("item_id") is not None:
-        d["item"] = {"id": d.pop("item_id")}
+    c: dict[str, Any] = json.loads(json.dumps(d))  # deep copy (the caller's mapping is left alone), lists for tuples
+    c["features"] = [{k: v for k, v in f.items() if _keep(f, k) and v is not None} for f in c["features"]]
+    c["tasks"] = [{k: v for k, v in t.items() if v is not None} for t in c["tasks"]]
+    if c.get("item_id") is not None:
+        c["item"] = {"id": c.pop("item_id")}
     else:
-        d.pop("item_id", None)
-    return parse_config(d, path)
+        c.pop("item_id", None)
+    return parse_config(c, path)
 
 
 _FEATURE_FIELDS = {

@@ -108,7 +108,7 @@ def section_type(config: Config, source: str) -> pa.StructType:
 
 
 def example_schema(config: Config) -> pa.Schema:
-    """The Arrow schema of one example line (CONTRACT §2)."""
+    """The Arrow schema of one example line (docs/examples.md)."""
     return pa.schema(
         [
             ("ts", pa.float64()),

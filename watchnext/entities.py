@@ -6,7 +6,7 @@ the same `Encoder` the trainer uses), as a fixed-width row of a numpy
 structured type, so a batch of entries becomes model columns with one
 `np.frombuffer`, never a JSON parse per entity. Beside it the entity's features
 as JSON, which the service logs with the impressions it serves (training
-examples carry raw values, CONTRACT §2).
+examples carry raw values, docs/examples.md).
 
 Redis layout (entity ids are hash fields, never key names)::
 
@@ -31,7 +31,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import orjson
@@ -96,7 +96,8 @@ class RowLayout:
     def check(self, rows: np.ndarray) -> np.ndarray:
         """(n,) bool: rows a well-behaved writer could have written (flags 0/1, ids within their table, finite
         numbers, absent values at their defaults). Stored bytes are not trusted: the others are dropped."""
-        ok = (rows["present"] <= 1).all(axis=1)
+        # (n, F) flags: all(axis=1) is (n,), never the scalar numpy's types allow for
+        ok = cast(np.ndarray, (rows["present"] <= 1).all(axis=1))
         absent = self.encoder.absent(self.source, 1)
         for j, f in enumerate(self.features):
             v, p = rows[f.name], rows["present"][:, j].astype(bool)
@@ -218,6 +219,7 @@ def load_file(client: redis.Redis, config: Config, path: str | Path, batch: int 
                     if src not in layouts:
                         continue
                     kf = key_feature(config, src)
+                    assert kf is not None  # layouts holds only the sources with a key feature
                     encode_entities(encoder, layouts[src], [{**feats, kf: ent}])  # checks it: names the field
                     merged[src].setdefault(ent, {}).update(feats)
             except DataError as e:

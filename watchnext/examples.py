@@ -1,4 +1,4 @@
-"""Reading labelled examples (CONTRACT §2) in time order, in bounded memory.
+"""Reading labelled examples (docs/examples.md) in time order, in bounded memory.
 
 JSON lines are read in blocks of a few MB. A clean block is parsed by Arrow's
 C++ JSON reader straight into columns; a block Arrow refuses (a malformed line,
@@ -15,6 +15,7 @@ import io
 import json
 import math
 import os
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .errors import WatchnextError
 
 BLOCK_BYTES = 4 << 20
 PARQUET_ROWS = 65_536
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 MAX_REPORTED = 20  # bad lines kept with their reason; the rest are only counted
 
 
@@ -65,6 +67,8 @@ class BadLines:
     count: int = 0
     first: list[str] = field(default_factory=list)
     pending: list[tuple[int, int]] = field(default_factory=list)
+    # each kind of reason (its text with the numbers taken out): how many, and the first place it was met
+    kinds: dict[str, list] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # the reader thread adds
 
     def add(self, where: str, reason: str, at: tuple[int, int] | None = None) -> None:
@@ -74,6 +78,16 @@ class BadLines:
                 self.pending.append(at)
             if len(self.first) < MAX_REPORTED:
                 self.first.append(f"{where}: {reason}")
+            kind = _NUMBER.sub("#", reason)[:200]
+            if kind in self.kinds:
+                self.kinds[kind][0] += 1
+            elif len(self.kinds) < 100:
+                self.kinds[kind] = [1, f"{where}: {reason}"]
+
+    def commonest(self) -> tuple[int, str] | None:
+        """(how many, the first place with its reason) of the commonest kind of skip, or None."""
+        with self.lock:
+            return max(((n, first) for n, first in self.kinds.values()), default=None, key=lambda x: x[0])
 
     def settled(self, position: Position) -> int:
         """The count up to `position` (what a checkpoint there may record); forgets older skips."""
@@ -444,6 +458,31 @@ def _conform(table: pa.Table, schema: pa.Schema, p: Path) -> pa.Table:
         else:
             cols.append(pa.nulls(table.num_rows, f.type))
     return pa.Table.from_arrays(cols, schema=schema)
+
+
+def first_ts(path: str | os.PathLike) -> float | None:
+    """The `ts` of a file's first example (its first non-blank line, or row), without reading the rest; None
+    when there is none or it is not a finite number (the reader then reports that line itself)."""
+    p = Path(path)
+    value: Any = None
+    if is_parquet(p):
+        import pyarrow.parquet as pq
+
+        f = pq.ParquetFile(p)
+        if f.metadata.num_rows and "ts" in f.schema_arrow.names:
+            col = f.read_row_group(0, columns=["ts"]).column("ts")
+            value = col[0].as_py() if len(col) else None
+    else:
+        with open(p, "rb") as fh:
+            for line in fh:
+                if line.strip():
+                    try:
+                        value = json.loads(line).get("ts")
+                    except (ValueError, AttributeError):
+                        return None
+                    break
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
 
 
 def is_parquet(p: Path) -> bool:

@@ -34,13 +34,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from numpy.typing import ArrayLike
 
 from .encoding import fnv1a, fnv1a_strings
 from .errors import WatchnextError
@@ -122,14 +123,14 @@ def bucket_of(salt: str, user_id: str | int) -> int:
     return _fmix64_int(fnv1a(f"{salt}:{user_id}")) % BUCKETS
 
 
-def bucket_edges(shares: Sequence[float]) -> np.ndarray:
+def bucket_edges(shares: ArrayLike) -> np.ndarray:
     """Exclusive upper bucket of each arm: (A,) int64, the last one is BUCKETS."""
     edges = np.round(np.cumsum(np.asarray(shares, np.float64)) * BUCKETS).astype(np.int64)
     edges[-1] = BUCKETS
     return edges
 
 
-def assign(salt: str, user_ids: Any, shares: Sequence[float]) -> np.ndarray:
+def assign(salt: str, user_ids: Any, shares: ArrayLike) -> np.ndarray:
     """Arm index of each user: (n,) ids -> (n,) int64 in [0, len(shares))."""
     return np.searchsorted(bucket_edges(shares), buckets(salt, user_ids), side="right").astype(np.int64)
 

@@ -47,6 +47,12 @@ class EmbeddedRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
+        marker = self.dir / URL_FILE
+        try:
+            if marker.read_text().strip() == self.url:
+                marker.unlink()
+        except OSError:
+            pass
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -56,6 +62,26 @@ class EmbeddedRedis:
                 self.proc.wait(5)
         if self.owns_dir:
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+URL_FILE = "watchnext-redis.url"  # in a kept data directory: the URL of the server running on it
+
+
+def running_embedded(data_dir: str | os.PathLike) -> str | None:
+    """The URL of the embedded redis-server already running on `data_dir` (started by `watchnext up` or
+    `serve`), or None: a second command attaches to it rather than starting a server of its own."""
+    try:
+        url = (Path(data_dir) / URL_FILE).read_text().strip()
+    except OSError:
+        return None
+    client = redis.Redis.from_url(url, socket_connect_timeout=0.5, socket_timeout=0.5)
+    try:
+        client.ping()
+        return url
+    except redis.exceptions.RedisError:
+        return None  # the server ended without removing its marker (kill -9): start a new one
+    finally:
+        client.close()
 
 
 def redis_server_binary() -> str:
@@ -76,6 +102,9 @@ def start_embedded(data_dir: str | os.PathLike | None = None, port: int | None =
     owns = data_dir is None
     d = Path(data_dir or tempfile.mkdtemp(prefix="watchnext-redis-"))
     d.mkdir(parents=True, exist_ok=True)
+    if not owns and (running := running_embedded(d)):  # two servers on one append-only file would corrupt it
+        raise RedisStartError(str(d), f"an embedded redis-server already runs on this data at {running}; "
+                              f"set REDIS_URL={running} to use it")
     port = port or free_port()
     cmd = [
         redis_server_binary(),
@@ -107,15 +136,18 @@ def start_embedded(data_dir: str | os.PathLike | None = None, port: int | None =
                 raise RedisStartError("", "the embedded redis-server did not answer within 15 s") from None
             time.sleep(0.05)
     client.close()
+    if not owns:
+        (d / URL_FILE).write_text(server.url + "\n")
     atexit.register(server.stop)
     return server
 
 
 def connect(env: Mapping[str, str] | None = None, data_dir: str | os.PathLike | None = None,
             **kwargs) -> tuple[redis.Redis, EmbeddedRedis | None]:
-    """A client for $REDIS_URL, or for a newly started embedded server (returned too, to stop)."""
+    """A client for $REDIS_URL, else for the embedded server already running on `data_dir`, else for a newly
+    started one (returned too, to stop)."""
     env = os.environ if env is None else env
-    url = env.get("REDIS_URL")
+    url = env.get("REDIS_URL") or (running_embedded(data_dir) if data_dir is not None else None)
     server = None
     if not url:
         server = start_embedded(data_dir)

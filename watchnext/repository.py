@@ -1,4 +1,4 @@
-"""The model repository (CONTRACT §5), laid out like Triton's.
+"""The model repository (docs/training.md), laid out like Triton's.
 
     models/<name>/config.pbtxt        Triton model config (its version policy follows promotion)
     models/<name>/<version>/model.onnx
@@ -122,11 +122,11 @@ class ModelRepository:
         return [v for v in dict.fromkeys(order) if v != refused]
 
     def rollback_target(self) -> int:
-        """The version `rollback` would promote: the one promoted before the current one."""
+        """The version `rollback` would promote: the one promoted before the current one. Rollbacks walk back
+        (promote 1, 2, 3; rollback: 2; rollback: 1), never toggle between two versions."""
         st = self.state()
         current = st.get("promoted")
-        previous = [h["version"] for h in st.get("history") or [] if h["version"] != current]
-        previous = [v for v in previous if v in self.versions()]
+        previous = [v for v in promotion_stack(st.get("history") or []) if v != current and v in self.versions()]
         if not previous:
             raise RepositoryError("", f"model {self.name!r}: no earlier promoted version to roll back to")
         return previous[-1]
@@ -233,7 +233,8 @@ def models_summary(repo: ModelRepository) -> dict:
         promoted, serving = repo.promoted(), repo.serving()
     except RepositoryError as e:
         state_error, promoted = str(e), None
-        serving = (repo.versions() or [None])[-1]
+        versions = repo.versions()
+        serving = versions[-1] if versions else None
     out = []
     for v in repo.versions():
         try:
@@ -256,6 +257,22 @@ def models_summary(repo: ModelRepository) -> dict:
     if state_error is not None:
         summary["state_error"] = state_error
     return summary
+
+
+def promotion_stack(history: list[dict[str, Any]]) -> list[int]:
+    """The promotions still in force, oldest first, replayed from serving.json's history: a promotion pushes its
+    version, a rollback pops back to its target."""
+    stack: list[int] = []
+    for h in history:
+        v = h["version"]
+        if "rollback_from" in h:
+            while stack and stack[-1] != v:
+                stack.pop()
+            if not stack:
+                stack.append(v)
+        elif not stack or stack[-1] != v:
+            stack.append(v)
+    return stack
 
 
 def read_json_object(path: Path, fix: str = "") -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""The manually tuned weighted combination of the heads (CONTRACT §1 [score])."""
+"""The manually tuned weighted combination of the heads (docs/configuration.md, [score])."""
 
 from __future__ import annotations
 

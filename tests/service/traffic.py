@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def rank_requests(history: Path, n: int, top_k: int | None = None) -> list[dict]:
-    """The first `n` slates of a history file as rank requests (CONTRACT §3)."""
+    """The first `n` slates of a history file as rank requests (docs/api.md)."""
     out: list[dict] = []
     with open(history) as fh:
         rows = (json.loads(line) for line in fh)
