@@ -76,3 +76,23 @@ def test_up_bootstraps_serves_and_stops_cleanly(tmp_path, stop):
     assert alive == [], f"children left running after {stop}"
     text = (tmp_path / "up.log").read_text()
     assert '"event": "service_stopped", "unwritten_impressions": 0' in text and "[up] stopped" in text
+
+
+@pytest.mark.parametrize("command", ["up", "serve"])
+def test_a_busy_port_stops_it_at_once_naming_the_port(tmp_path, command):
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "WATCHNEXT_ADMIN_TOKEN")}
+        env["PYTHONPATH"] = ROOT
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "watchnext", command, "--port", str(port)], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+        took = time.monotonic() - t0
+    assert r.returncode == 2 and took < 5, (took, r.stderr)
+    assert r.stderr == (f"watchnext: --port: cannot listen on 127.0.0.1:{port} (Address already in use): another "
+                        "program holds it; choose another port with --port N (make run PORT=N)\n")
+    assert not (tmp_path / "data").exists()  # no Redis started, nothing bootstrapped
