@@ -299,7 +299,8 @@ def timeseries(experiment: Experiment, events: Events, points: int = 24, confide
     if not len(events):
         return {"ts": [], "metrics": {}, "arms": experiment.arm_names()}
     t = np.linspace(events.ts.min(), events.ts.max(), points + 1)[1:]
-    out: dict[str, Any] = {"ts": t.tolist(), "arms": experiment.arm_names(), "titles": {}, "metrics": {}}
+    out: dict[str, Any] = {"ts": t.tolist(), "start": float(events.ts.min()), "confidence": confidence,
+                           "arms": experiment.arm_names(), "titles": {}, "metrics": {}}
     series = {m.name: {"estimate": np.full((A, points), np.nan), "lo": np.full((A, points), np.nan),
                        "hi": np.full((A, points), np.nan)}
               for m in metrics if m.label in events.labels and not np.isnan(events.labels[m.label]).all()}

@@ -212,8 +212,9 @@ def _up(sub) -> None:
         epilog=EPILOG,
     )
     server_flags(p)
-    p.add_argument("--bootstrap-examples", type=int, default=100_000, metavar="N",
-                   help="simulated examples to train the first version on, when the repository is empty (default 100000)")
+    p.add_argument("--bootstrap-examples", type=int, default=200_000, metavar="N",
+                   help="simulated examples to train the first version on, when the repository is empty (default "
+                   "200000: enough for version 1 to beat showing the candidates unranked)")
     p.add_argument("--checkpoint", metavar="PATH", help="the continuous trainer's checkpoint (default checkpoints/<model>.pt)")
     p.add_argument("--no-trainer", action="store_true", help="do not start the continuous trainer")
     p.add_argument("--demo", type=float, default=0, metavar="S",

@@ -23,6 +23,8 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from cli.main import CliError
 from service.settings import Settings, build_deps
 from watchnext.repository import RepositoryError
@@ -46,10 +48,34 @@ def bootstrap(config_args: list[str], examples: int, checkpoint: str) -> Path:
         subprocess.run(watchnext_cmd("simulate", "history", "--out", str(history), "--examples", str(examples)),
                        check=True, stdout=subprocess.DEVNULL)
     say("training a first version on it (watchnext train --data ... --fresh --promote)")
-    subprocess.run(watchnext_cmd("train", "--data", str(history), "--fresh", "--promote", *config_args,
-                                 "--checkpoint", checkpoint),
-                   check=True, stdout=subprocess.DEVNULL)
+    done = subprocess.run(watchnext_cmd("train", "--data", str(history), "--fresh", "--promote", *config_args,
+                                        "--checkpoint", checkpoint),
+                          check=True, stdout=subprocess.PIPE, text=True)
+    try:
+        tasks = json.loads(done.stdout)["metrics"]["tasks"]
+        aucs = ", ".join(f"{name} {t['auc']:.3f}" for name, t in tasks.items() if t.get("auc") is not None)
+        say(f"version 1: progressive AUC on the last examples it trained on: {aucs} (0.5 is a coin, 1.0 a perfect "
+            f"ranking; {truth_auc(history)})")
+    except (ValueError, KeyError, TypeError):
+        pass  # the summary is a courtesy: the version is there either way
     return history
+
+
+def truth_auc(history: Path, last: int = 100_000) -> str:
+    """What good looks like here: the click AUC of the simulated world's own probabilities on the same examples."""
+    from watchnext.metrics import auc
+
+    with open(history, "rb") as fh:
+        lines = fh.readlines()[-last:]
+    truth, click = [], []
+    for line in lines:
+        row = json.loads(line)
+        if row.get("labels", {}).get("click") is not None and "truth" in row:
+            truth.append(row["truth"]["click"])
+            click.append(row["labels"]["click"])
+    if not truth:
+        return "no truth in the history to compare with"
+    return f"the world's true click probabilities score {auc(np.asarray(click), np.asarray(truth)):.3f}"
 
 
 def load_features(history: Path, deps, redis_url: str) -> None:

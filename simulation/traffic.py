@@ -397,7 +397,9 @@ def render_summary(s: dict[str, Any]) -> str:
         + (f"; latency p50 {s['latency_ms']['p50']:.1f} ms, p99 {s['latency_ms']['p99']:.1f} ms" if s["latency_ms"] else ""),
         f"feedback events: {fb.get('accepted', 0):,} accepted, {dropped:,} not"
         + "".join(f"; {k} {v:,}" for k, v in fb.items() if k != "accepted"),
-        "true = the world's expected outcome of each item in the slot it was shown in; realised = what users did",
+        "true = the world's expected outcome of each item in the slot it was shown in; realised = what users did; "
+        "candidate order = the expected outcome had the candidates been shown unranked, in the order candidate "
+        "generation gave them (the baseline a ranking must beat)",
     ]
     cols = [(f"{a['experiment']}: " if a["experiment"] else "") + f"{a['arm']} (v{a['model_version']})"
             for a in s["arms"]] + ["candidate order"]

@@ -303,3 +303,12 @@ def test_ab_report_command(population, tmp_path, capsys):
         assert msg in capsys.readouterr().err
     assert main(["ab", "report", "nothing", "--events", str(log), "--arms", "a=0.5,b=0.5"]) == 2
     assert "no events of experiment 'nothing'" in capsys.readouterr().err
+
+
+def test_the_chart_reads_in_the_experiments_own_time_unit_and_draws_no_empty_panel():
+    from analysis.chart import panels, time_unit
+
+    assert [time_unit(s)[1] for s in (60, 3600, 86400, 30 * 86400)] == ["seconds", "minutes", "hours", "days"]
+    series = {"metrics": {"ctr": {"estimate": [[None, 0.1], [None, 0.2]]},
+                          "rating": {"estimate": [[None, None], [None, None]]}}}
+    assert panels(series) == ["ctr"]
