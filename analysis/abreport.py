@@ -167,7 +167,7 @@ def render_table(rep: dict[str, Any]) -> str:
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     lines.append(f"* p < {1 - rep['confidence']:.2g} (two-sided)")
-    lines.append(f"columns: each arm's rate per impression (clicks, likes, dismissals; watch seconds; survey rating "
-                 f"per answer) ± the half-width of its {conf}% interval, computed over users; then each arm's "
+    lines.append(f"columns: each arm's estimate of the metric (per impression, per click or per answer, as named) "
+                 f"± the half-width of its {conf}% interval, computed over users; then each arm's "
                  f"difference from {arms[0]['name']}: [{conf}% interval], relative change, p-value")
     return "\n".join(lines)

@@ -50,7 +50,7 @@ def write_chart(series: dict[str, Any], path: str | Path, title: str = "") -> Pa
             (line,) = ax.plot(since / scale, est, label=f"{arm}", lw=1.6)
             ax.fill_between(since / scale, lo, hi, color=line.get_color(), alpha=0.2, lw=0,
                             label=f"{arm}: {level} interval")
-        ax.set_title(f"{series.get('titles', {}).get(name, name)} (per impression, cumulative)", fontsize=10)
+        ax.set_title(f"{series.get('titles', {}).get(name, name)} (cumulative)", fontsize=10)
         ax.set_xlabel(f"{unit} since the experiment's first event")
         ax.grid(alpha=0.3)
         if k == 0:
