@@ -158,14 +158,28 @@ def cmd_train(args) -> int:
 
         return run_stream_cli(config, repo, ckpt, args, metrics_file)
 
+    from training import distributed
     from training.trainer import pick_device, train_files
 
     for f in args.data:
         if not Path(f).is_file():
             raise CliError(f, f"no such file (make one with: watchnext simulate history --out {f})")
     device = pick_device(args.device)
+    if distributed.world_size_from_env() > 1:  # under torchrun: one model over all the ranks (docs/distributed.md)
+        device = distributed.init_from_env(device)
+        try:
+            return _train_files_cli(args, config, repo, ckpt, metrics_file, device, train_files)
+        finally:
+            distributed.shutdown()
+    return _train_files_cli(args, config, repo, ckpt, metrics_file, device, train_files)
+
+
+def _train_files_cli(args, config, repo, ckpt, metrics_file, device, train_files) -> int:
+    from training import distributed
+
+    lead = not distributed.active() or distributed.dist.get_rank() == 0  # data-parallel: rank 0 reports
     total = sum(Path(f).stat().st_size for f in args.data)
-    bar = progress_bar(total, f"train {config.model.arch} on {device}")
+    bar = progress_bar(total, f"train {config.model.arch} on {device}") if lead else None
     shown = [0]
 
     def on_progress(done: int, total: int, rep: dict) -> None:
@@ -191,6 +205,8 @@ def cmd_train(args) -> int:
     )
     if bar is not None:
         bar.close()
+    if not lead:
+        return 0
     out = {
         "examples": res.examples,
         "trained_this_run": res.trained_now,

@@ -185,4 +185,4 @@ def test_commands_refuse_bad_input_as_user_errors(tmp_path, capsys, small_config
     data.write_text("not json\n")
     assert main(["evaluate", "--config", str(small_config_path), "--models", str(tmp_path / "m"),
                  "--model", "x", "--data", str(data)]) == 2
-    assert capsys.readouterr().err == "watchnext: --model: expected a version number, 'serving' or 'latest', got 'x'\n"
+    assert capsys.readouterr().err == "watchnext: --model: expected a version number (3 or v3), 'serving' or 'latest', got 'x'\n"

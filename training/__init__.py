@@ -6,4 +6,5 @@
     propensity   examination propensities from randomised logging; IPW
     export       ONNX export into the model repository
     stream       the continuous worker on the Redis training stream
+    distributed  one model on several processes (torchrun): row shares, gradient reduction
 """

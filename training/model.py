@@ -207,6 +207,7 @@ class Gates(nn.Module):
         super().__init__()
         self.tasks, self.experts, self.dropout = tasks, experts, dropout
         self.linear = nn.Linear(d_in, tasks * experts)
+        self.shard = None  # data-parallel training: the step's rows over the ranks (`RankerTrain.set_shard`)
 
     def forward(self, x: Tensor, offset: Tensor | None = None, drop: bool = False) -> Tensor:
         """offset (B, T*E), optional: added to the gates' logits (an input that is not in x)."""
@@ -215,7 +216,7 @@ class Gates(nn.Module):
             g = g + offset
         gates = torch.softmax(g.view(x.shape[0], self.tasks, self.experts), dim=-1)  # (B, T, E)
         if drop and self.dropout > 0:
-            gates = _drop_experts(gates, self.dropout)
+            gates = _drop_experts(gates, self.dropout, self.shard)
         return gates
 
 
@@ -355,9 +356,10 @@ def upgrade_state_dict(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _drop_experts(gates: Tensor, p: float) -> Tensor:
+def _drop_experts(gates: Tensor, p: float, shard=None) -> Tensor:
     """Zero each expert's weight with probability p and renormalise (against gate polarisation)."""
-    keep = (torch.rand_like(gates) >= p).to(gates.dtype)
+    draw = torch.rand_like(gates) if shard is None else shard.rand(gates.shape, gates.device, gates.dtype)
+    keep = (draw >= p).to(gates.dtype)
     none_left = keep.sum(-1, keepdim=True) == 0
     keep = torch.where(none_left, torch.ones_like(keep), keep)
     g = gates * keep
@@ -502,6 +504,18 @@ class RankerTrain(nn.Module):
         self.register_buffer("is_log1p", torch.tensor([t.transform == "log1p" for t in tasks]))
         self.register_buffer("bias_index", torch.tensor(self.bias_idx, dtype=torch.long), persistent=False)
         self.given = [(i, config.task_index(t.given)) for i, t in enumerate(tasks) if t.given]
+        self.shard = None  # data-parallel training only (training/distributed.py): see `set_shard`
+
+    def set_shard(self, shard) -> None:
+        """Data-parallel training (`training.distributed.RowShard`, None: one process): this rank holds rows
+        [offset, offset + n) of a global batch; the loss's label counts, the running statistics and the dropout
+        draws are then those of the global batch, so the ranks' gradients sum to the one-process gradient."""
+        self.shard = shard
+        if self.ranker.gates is not None:
+            self.ranker.gates.shard = shard
+
+    def _rand(self, shape: tuple[int, ...] | torch.Size, device: torch.device) -> Tensor:
+        return torch.rand(shape, device=device) if self.shard is None else self.shard.rand(shape, device)
 
     def task_mask(self, labels: Tensor, mask: Tensor) -> Tensor:
         """Where each task's label counts: known, and its `given` task is positive. (B, T)"""
@@ -515,7 +529,7 @@ class RankerTrain(nn.Module):
         rows = torch.where(position < 0, torch.zeros_like(position), position.clamp(max=self.config.bias.max_position) + 1)
         p = self.config.bias.dropout
         if train and p > 0:
-            hide = torch.rand(rows.shape, device=rows.device) < p
+            hide = self._rand(rows.shape, rows.device) < p
             rows = torch.where(hide, torch.zeros_like(rows), rows)
         return rows
 
@@ -542,8 +556,12 @@ class RankerTrain(nn.Module):
         """
         r = self.ranker
         b = self.config.bias
+        sh = self.shard
         if train and r.shared_input.n_numeric:  # features only: no label reaches the scores early
-            r.shared_input.numeric_norm.update(inputs["numeric"], inputs["numeric_mask"])
+            if sh is None:
+                r.shared_input.numeric_norm.update(inputs["numeric"], inputs["numeric_mask"])
+            else:
+                r.shared_input.numeric_norm.update(*sh.numeric)  # the global batch's rows
         tmask = self.task_mask(labels, mask)
         target = torch.where(self.is_log1p, torch.log1p(labels.clamp_min(0)), labels)  # (B, T)
         rows = self.position_rows(position, train) if (self.bias is not None or self.position_feature is not None) else None
@@ -552,7 +570,11 @@ class RankerTrain(nn.Module):
         with torch.no_grad():  # scored before the labels move the target statistics
             heads = r.heads(r.raw(inputs)[0]) if side is not None else r.heads(raw)  # serving: position missing
         if train:
-            r.heads.target_norm.update(target, tmask * (~self.is_binary).to(tmask.dtype))
+            reg_mask = tmask * (~self.is_binary).to(tmask.dtype)
+            if sh is None:
+                r.heads.target_norm.update(target, reg_mask)
+            else:
+                r.heads.target_norm.update(*sh.targets)
         logits = full_logits = raw
         extra: dict[str, Tensor] = {}
         adv_loss = None
@@ -560,13 +582,14 @@ class RankerTrain(nn.Module):
             bias_logits, hidden = self.bias(rows, inputs)  # (B, T_bias), (B, hidden)
             full_logits = raw.index_add(1, self.bias_index, bias_logits.detach())
             if train and b.observation_dropout > 0:
-                keep = (torch.rand(bias_logits.shape[0], 1, device=raw.device) >= b.observation_dropout)
+                keep = (self._rand((bias_logits.shape[0], 1), raw.device) >= b.observation_dropout)
                 bias_logits = bias_logits * keep.to(bias_logits.dtype)
             logits = raw.index_add(1, self.bias_index, bias_logits)
             extra["bias_logits"] = bias_logits
             if self.adversary is not None:
                 guess = self.adversary(reverse_grad(hidden, b.gradient_reversal))  # (B, T_bias)
-                adv_loss = ((guess - raw[:, self.bias_index].detach()) ** 2).mean()
+                adv_sq = (guess - raw[:, self.bias_index].detach()) ** 2
+                adv_loss = adv_sq.mean() if sh is None else adv_sq.sum() / (sh.total * adv_sq.shape[1])
                 extra["adversary_loss"] = adv_loss.detach()
         scaled_target = r.heads.target_norm.scale(target)
         bce = F.binary_cross_entropy_with_logits(logits, labels.clamp(0, 1) if bce_target is None else bce_target,
@@ -575,7 +598,8 @@ class RankerTrain(nn.Module):
         per = torch.where(self.is_binary, bce, se)  # (B, T)
         if weight is not None:
             per = per * (weight[:, None] if weight.dim() == 1 else weight)
-        losses = (per * tmask).sum(0) / tmask.sum(0).clamp_min(1)  # (T,)
+        counts = tmask.sum(0) if sh is None else sh.label_counts  # over the global batch when sharded
+        losses = (per * tmask).sum(0) / counts.clamp_min(1)  # (T,)
         loss = (losses * self.loss_weight).sum()
         if adv_loss is not None:
             loss = loss + adv_loss

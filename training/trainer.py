@@ -39,6 +39,7 @@ from watchnext.examples import Chunk, Decoder, ExampleFiles, Position, first_ts
 from watchnext.repository import ModelRepository, atomic_write
 from watchnext.runtime import usable_cpus
 
+from . import distributed
 from .export import publish
 from .model import RankerTrain, upgrade_state_dict
 from .progressive import ProgressiveMetrics
@@ -93,6 +94,7 @@ class Trainer:
         # a config without id features (numbers and vectors only) has no embedding table: no sparse optimiser
         self.opt_sparse = torch.optim.SparseAdam(sparse, lr=tc.embedding_learning_rate) if sparse else None
         self.state = TrainState()
+        self.shared = distributed.active()  # data-parallel over a process group (training/distributed.py)
         self.metrics = ProgressiveMetrics(config, tc.eval_window, self.net.ranker.n_experts)
         self.names = self.net.ranker.input_names
         # randomised logging: explored examples are counted by (original rank, shown position); with
@@ -127,7 +129,10 @@ class Trainer:
 
         Returns the loss, or None when the loss or a gradient was not finite: then nothing
         moved (no optimiser step, running statistics restored) and the batch is counted skipped.
+        Data-parallel (`shared`): this rank's rows of the step's global batch (every rank calls it).
         """
+        if self.shared:
+            return distributed.step(self, chunk, None if isinstance(ids, bytes) else ids)
         self.net.train()
         inputs, labels, mask, position = self.tensors(chunk)
         weight, bce_target = self.ipw_terms(chunk, labels)
@@ -467,45 +472,59 @@ def train_files(
     reader = ExampleFiles(files, decoder, start)
     total = reader.total_bytes()
     tc = config.trainer
+    # data-parallel (torchrun): every rank reads the files and trains its slice of each global batch of
+    # world x batch_size rows; rank 0 alone writes the checkpoint, the metrics and the export
+    world, rank = (distributed.dist.get_world_size(), distributed.dist.get_rank()) if trainer.shared else (1, 0)
+    lead = rank == 0
     limit = None if max_examples is None else st.examples + max_examples  # in the model's trained examples
     t0 = time.perf_counter()
     trained_now = 0
     last_ckpt_ex, last_ckpt_t = st.examples, time.monotonic()
     last_report = st.examples
-    mfile = open(metrics_file, "a") if metrics_file else None
+    mfile = open(metrics_file, "a") if metrics_file and lead else None
     try:
         # ---- the loop: one batch at a time, in the files' order
-        for batch, read_bytes, tail in file_batches(reader, tc.batch_size, st, limit):
+        for batch, read_bytes, tail in file_batches(reader, tc.batch_size * world, st, limit):
             if batch is None:  # a chunk was read and cut into batches
-                if on_progress:
+                if on_progress and lead:
                     on_progress(read_bytes, total, {})
                 continue
             # step: score the batch (progressive validation), then train on it; None: not finite, skipped
-            ids = np.stack([batch.file_index, batch.line], axis=1)
-            if trainer.step(batch, ids) is not None:
-                trained_now += len(batch)
+            if trainer.shared:
+                mine = distributed.share(batch, rank, world)
+                if trainer.step(mine, np.stack([mine.file_index, mine.line], axis=1)) is not None:
+                    trained_now += len(batch)
+                st.source["ranks"] = rank_positions(batch, world, st.source)
+            else:
+                ids = np.stack([batch.file_index, batch.line], axis=1)
+                if trainer.step(batch, ids) is not None:
+                    trained_now += len(batch)
             st.source["position"] = batch.end().to_dict()  # a skipped batch is passed over, never tried again
             if tail:  # the rows after the last whole batch: the final checkpoint and report follow
                 continue
             # checkpoint, every `checkpoint_every_examples` or `checkpoint_interval_s`
             if (st.examples - last_ckpt_ex >= tc.checkpoint_every_examples
                     or time.monotonic() - last_ckpt_t >= tc.checkpoint_interval_s):
-                save_checkpoint(trainer, decoder, checkpoint)
+                if lead:
+                    save_checkpoint(trainer, decoder, checkpoint)
                 last_ckpt_ex, last_ckpt_t = st.examples, time.monotonic()
             # progress report, every `report_every_examples`
             if st.examples - last_report >= tc.report_every_examples:
                 last_report = st.examples
                 rep = progress_report(trainer, decoder, trained_now, t0)
                 write_line(mfile, rep)
-                if on_progress:
+                if on_progress and lead:
                     on_progress(read_bytes, total, rep)
 
         # ---- the end: checkpoint, final report, export
-        save_checkpoint(trainer, decoder, checkpoint)
+        if trainer.shared:
+            distributed.finish(trainer)  # answer the ranks that still have rows until none has
+        if lead:
+            save_checkpoint(trainer, decoder, checkpoint)
         rep = progress_report(trainer, decoder, trained_now, t0, final=True)
         write_line(mfile, rep)
         version = None
-        if repo is not None and trained_now > 0:
+        if repo is not None and trained_now > 0 and lead:
             version = trainer.export(repo, promote=promote)
             save_checkpoint(trainer, decoder, checkpoint)  # remembers the parent version
         return RunResult(st.examples, trained_now, time.perf_counter() - t0, rep, version, decoder.bad.count,
@@ -553,6 +572,17 @@ def file_batches(
             return
     if leftover is not None and len(leftover):
         yield leftover, read_bytes, True
+
+
+def rank_positions(batch: Chunk, world: int, source: dict) -> list[dict[str, int]]:
+    """Data-parallel: each rank's input position after its slice of the global `batch` (a rank whose slice is
+    empty keeps the position it had). Resuming starts every rank at the global position, the batch's end."""
+    before = source.get("ranks") or [source["position"]] * world
+    out = []
+    for r in range(world):
+        mine = distributed.share(batch, r, world)
+        out.append(mine.end().to_dict() if len(mine) else before[r])
+    return out
 
 
 def save_checkpoint(trainer: Trainer, decoder: Decoder, path: Path) -> None:
