@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.json as pj
 
 from analysis.abstats import METRICS, Events
+from analysis.tables import table
 from watchnext.examples import DataError
 from watchnext.experiments import Experiment
 
@@ -161,11 +162,7 @@ def render_table(rep: dict[str, Any]) -> str:
             row.append(f"{_fmt(m['diff'], 3, True)} [{_fmt(lo, 3, True)}, {_fmt(hi, 3, True)}]{rel} p={pv}"
                        + (" *" if m["significant"] else ""))
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    for j, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines.append(table(rows[0], rows[1:]))
     lines.append(f"* p < {1 - rep['confidence']:.2g} (two-sided)")
     lines.append(f"columns: each arm's estimate of the metric (per impression, per click or per answer, as named) "
                  f"± the half-width of its {conf}% interval, computed over users; then each arm's "

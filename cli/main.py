@@ -159,7 +159,7 @@ def cmd_train(args) -> int:
         return run_stream_cli(config, repo, ckpt, args, metrics_file)
 
     from training import distributed
-    from training.trainer import pick_device, train_files
+    from training.trainer import pick_device
 
     for f in args.data:
         if not Path(f).is_file():
@@ -168,14 +168,15 @@ def cmd_train(args) -> int:
     if distributed.world_size_from_env() > 1:  # under torchrun: one model over all the ranks (docs/distributed.md)
         device = distributed.init_from_env(device)
         try:
-            return _train_files_cli(args, config, repo, ckpt, metrics_file, device, train_files)
+            return _train_files_cli(args, config, repo, ckpt, metrics_file, device)
         finally:
             distributed.shutdown()
-    return _train_files_cli(args, config, repo, ckpt, metrics_file, device, train_files)
+    return _train_files_cli(args, config, repo, ckpt, metrics_file, device)
 
 
-def _train_files_cli(args, config, repo, ckpt, metrics_file, device, train_files) -> int:
+def _train_files_cli(args, config, repo, ckpt, metrics_file, device) -> int:
     from training import distributed
+    from training.trainer import train_files
 
     lead = not distributed.active() or distributed.dist.get_rank() == 0  # data-parallel: rank 0 reports
     total = sum(Path(f).stat().st_size for f in args.data)

@@ -175,21 +175,24 @@ def check_port(host: str, port: int) -> None:
                            "choose another port with --port N (make run PORT=N)") from None
 
 
+def embedded_note(url: str, started: bool) -> str:
+    """Which Redis a command without REDIS_URL took: the one already running on the shared data, or its own."""
+    if started:
+        return f"started an embedded redis-server at {url} (data in {REDIS_DIR}/)"
+    return f"using the embedded redis-server already running on {REDIS_DIR}/ at {url}"
+
+
 def cmd_serve(args) -> int:
-    from watchnext.redis_embed import running_embedded, start_embedded
+    from watchnext.redis_embed import redis_for
 
     settings = settings_of(args)
     check_port(settings.host, settings.port)
     exit_on_sigterm()
     embedded = None
-    if settings.redis_url is None and (url := running_embedded(REDIS_DIR)):
-        settings = settings.with_(redis_url=url)
-        print(f"watchnext: REDIS_URL is not set: using the embedded redis-server running on {REDIS_DIR}/ at {url}",
-              file=sys.stderr)
     if settings.redis_url is None:
-        embedded = start_embedded(REDIS_DIR)
-        settings = settings.with_(redis_url=embedded.url)
-        print(f"watchnext: REDIS_URL is not set: started an embedded redis-server at {embedded.url}", file=sys.stderr)
+        url, embedded = redis_for(None, REDIS_DIR)
+        settings = settings.with_(redis_url=url)
+        print(f"watchnext: REDIS_URL is not set: {embedded_note(url, embedded is not None)}", file=sys.stderr)
     try:
         run_server(settings)
     finally:
@@ -262,18 +265,15 @@ def cmd_features_load(args) -> int:
 
     from cli.main import config_of
     from watchnext.entities import load_file
-    from watchnext.redis_embed import running_embedded, start_embedded
+    from watchnext.redis_embed import redis_for
 
     if not Path(args.file).is_file():
         raise CliError(args.file, "no such file")
     config = config_of(args)
-    url, embedded = os.environ.get("REDIS_URL"), None
-    if not url and (url := running_embedded(REDIS_DIR)):
-        print(f"watchnext: REDIS_URL is not set: writing to the embedded redis-server running on {REDIS_DIR}/ "
-              f"at {url}", file=sys.stderr)
-    if not url:
-        embedded = start_embedded(REDIS_DIR)
-        url = embedded.url
+    given = os.environ.get("REDIS_URL")
+    url, embedded = redis_for(given, REDIS_DIR)
+    if not given:
+        print(f"watchnext: REDIS_URL is not set: {embedded_note(url, embedded is not None)}", file=sys.stderr)
     client = redis.Redis.from_url(url)
     try:
         counts = load_file(client, config, args.file)

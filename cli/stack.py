@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,7 @@ def truth_auc(history: Path, last: int = 100_000) -> str:
     from watchnext.metrics import auc
 
     with open(history, "rb") as fh:
-        lines = fh.readlines()[-last:]
+        lines = deque(fh, maxlen=last)  # the file is ~1 KB a line: keep only the last lines in memory
     truth, click = [], []
     for line in lines:
         row = json.loads(line)
@@ -112,16 +113,14 @@ def example_request(history: Path | None, item_id: str | None) -> dict:
 
 
 def run_stack(args, settings: Settings) -> int:
-    from cli.serve import run_server
-    from watchnext.redis_embed import running_embedded, start_embedded
+    from cli.serve import REDIS_DIR, embedded_note, run_server
+    from watchnext.redis_embed import redis_for
 
     embedded = None
-    if settings.redis_url is None and (running := running_embedded(DATA / "redis")):
-        settings = settings.with_(redis_url=running)  # `watchnext serve` started it on the same data
     if settings.redis_url is None:
-        embedded = start_embedded(DATA / "redis")
-        settings = settings.with_(redis_url=embedded.url)
-        say(f"Redis: embedded redis-server at {embedded.url} (data in {DATA / 'redis'}/)")
+        url, embedded = redis_for(None, REDIS_DIR)
+        settings = settings.with_(redis_url=url)
+        say(f"Redis: {embedded_note(url, embedded is not None)}")
     else:
         say(f"Redis: {settings.redis_url}")
     token_note = ""

@@ -49,6 +49,7 @@ import httpx
 import numpy as np
 
 from analysis.abstats import METRICS
+from analysis.tables import table
 from simulation.world import DAY, DEVICES, POOL, SLATE, World
 from watchnext.errors import WatchnextError
 
@@ -415,11 +416,7 @@ def render_summary(s: dict[str, Any]) -> str:
     for key, title in [("clicks", "clicks"), ("likes", "likes"), ("dismisses", "dismisses"),
                        ("ratings", "survey answers"), ("watch_s", "watch time (s)")]:
         rows.append([title, *(f"{a['realised']['counts'][key]:,}" for a in s["arms"]), ""])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for j, r in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
+    lines.append(table(rows[0], rows[1:]))
     return "\n".join(lines)
 
 

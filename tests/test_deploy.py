@@ -15,22 +15,11 @@ import pytest
 import yaml
 
 from cli.main import build_parser
+from tests.test_readme import env_vars_the_code_reads  # one list of the variables the code reads
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILES = sorted((ROOT / "docker").glob("*.Dockerfile"))
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-
-
-def env_vars_the_code_reads() -> set[str]:
-    """The service's variables from its Settings model (each field names its own), and every WATCHNEXT_* name (and
-    REDIS_URL) the rest of the code mentions."""
-    from service.settings import Settings
-
-    names = set(Settings.variables().values())
-    for pkg in ("watchnext", "service", "training", "analysis", "simulation", "cli"):
-        for p in (ROOT / pkg).rglob("*.py"):
-            names |= set(re.findall(r"\b((?:WATCHNEXT_[A-Z_]+)|REDIS_URL)\b", p.read_text()))
-    return names
 
 
 def instructions(path: Path) -> list[tuple[str, str]]:

@@ -147,9 +147,17 @@ def connect(env: Mapping[str, str] | None = None, data_dir: str | os.PathLike | 
     """A client for $REDIS_URL, else for the embedded server already running on `data_dir`, else for a newly
     started one (returned too, to stop)."""
     env = os.environ if env is None else env
-    url = env.get("REDIS_URL") or (running_embedded(data_dir) if data_dir is not None else None)
-    server = None
-    if not url:
-        server = start_embedded(data_dir)
-        url = server.url
+    url, server = redis_for(env.get("REDIS_URL"), data_dir)
     return redis.Redis.from_url(url, **kwargs), server
+
+
+def redis_for(url: str | None, data_dir: str | os.PathLike | None) -> tuple[str, EmbeddedRedis | None]:
+    """The Redis a command uses: `url` when set; else the embedded server already running on `data_dir` (a
+    second command attaches to it); else a newly started one on `data_dir`, returned too (to stop)."""
+    if url:
+        return url, None
+    running = running_embedded(data_dir) if data_dir is not None else None
+    if running:
+        return running, None
+    server = start_embedded(data_dir)
+    return server.url, server

@@ -10,11 +10,11 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
+from tests.helpers import wait_for
 from watchnext.redis_embed import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -56,22 +56,23 @@ def test_the_readme_tour_runs_command_by_command(tmp_path):
         up = subprocess.Popen([str(BIN / "watchnext"), "up", "--port", str(port), "--bootstrap-examples", "30000"],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
-        deadline = time.monotonic() + 240
-        while not re.search(r"^  export WATCHNEXT_URL=.*$", log_path.read_text(), re.M):
-            assert up.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.3)
+        def banner() -> bool:
+            assert up.poll() is None, log_path.read_text()[-3000:]
+            return re.search(r"^  export WATCHNEXT_URL=.*$", log_path.read_text(), re.M) is not None
+
+        def ready() -> bool:
+            assert up.poll() is None, log_path.read_text()[-3000:]
+            try:
+                return httpx.get(url + "/readyz", timeout=5).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(banner, 240, "watchnext up to print its banner", step=0.3)
         exports = re.search(r"^  export (WATCHNEXT_URL=.*)$", log_path.read_text(), re.M).group(1)
         shell = {**env, **dict(kv.split("=", 1) for kv in shlex.split(exports))}  # the second shell
         url = shell["WATCHNEXT_URL"]
         assert url == f"http://127.0.0.1:{port}" and shell["WATCHNEXT_ADMIN_TOKEN"] and shell["REDIS_URL"]
-        while True:
-            try:
-                if httpx.get(url + "/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert up.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.3)
+        wait_for(ready, 120, "the service to be ready", step=0.3)
         out = []
         for cmd in commands:
             r = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=shell, capture_output=True, text=True, timeout=300)

@@ -96,3 +96,29 @@ def test_a_busy_port_stops_it_at_once_naming_the_port(tmp_path, command):
     assert r.stderr == (f"watchnext: --port: cannot listen on 127.0.0.1:{port} (Address already in use): another "
                         "program holds it; choose another port with --port N (make run PORT=N)\n")
     assert not (tmp_path / "data").exists()  # no Redis started, nothing bootstrapped
+
+
+def test_a_command_without_redis_url_uses_the_embedded_redis_already_running(tmp_path, history_file):
+    """`features load` beside a running `watchnext serve`/`up` writes to their Redis, never to one of its own."""
+    import redis
+
+    from watchnext.redis_embed import RedisStartError, start_embedded
+
+    server = start_embedded(tmp_path / "data" / "redis")
+    try:
+        with pytest.raises(RedisStartError, match="already runs on this data"):
+            start_embedded(tmp_path / "data" / "redis")  # two servers on one append-only file: refused
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        env["PYTHONPATH"] = ROOT
+        cfg = write_config(tmp_path)
+        r = subprocess.run([sys.executable, "-m", "watchnext", "features", "load", str(history_file),
+                            "--config", str(cfg)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert f"using the embedded redis-server already running on data/redis/ at {server.url}" in r.stderr
+        loaded = json.loads(r.stdout)
+        client = redis.Redis.from_url(server.url)
+        assert loaded["candidate"] > 0 and client.dbsize() > 0
+        client.close()
+    finally:
+        server.stop()
+    assert not (tmp_path / "data" / "redis" / "watchnext-redis.url").exists()  # the marker goes with the server
