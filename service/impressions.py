@@ -19,8 +19,10 @@ impression of that request_id that served the item (two users served the same it
 
 Closing is crash-safe. A closer takes due tokens under a lease (moving them from `due` to `closing`), builds
 their examples, and writes them in one Lua script per group of impressions: the examples go to the training
-stream (`XADD <[stream] key> MAXLEN ~ <maxlen>`) and the impressions are deleted in the same atomic step, and
-only while the lease is still its own. A closer killed at any point leaves its tokens in `closing`; when the
+stream (`XADD <[stream] key> MAXLEN ~ <maxlen>`; with `[stream] shards` = S > 1, each to the key
+`<key>:<crc32(user id) % S>`, so one user's examples stay in order on one key) and the impressions are deleted
+in the same atomic step, and only while the lease is still its own. The stream keys come from the config alone
+and reach the script as KEYS. A closer killed at any point leaves its tokens in `closing`; when the
 lease ends, the next closer takes them again. So every impression's examples reach the stream exactly once.
 Labels that got no feedback take the task defaults (click -> 0; tasks without a default stay missing).
 
@@ -150,21 +152,23 @@ end
 return ids
 """
 
-# KEYS: stream, closing, owner. ARGV: closer id, maxlen, done ttl, n tokens, then per token (token, impression
-# key, feedback key, tombstone key, impression-set key), n examples, examples..., then (events key, events) pairs.
-# Everything or nothing, and only while every token is still this closer's. The tombstone keeps the items served
-# (feedback for them then answers "expired"; for another user's: "ambiguous").
+# KEYS: closing, owner, then the training stream's S keys (`Stream.keys()`: the one key, or its S shards).
+# ARGV: closer id, maxlen, done ttl, n tokens, then per token (token, impression key, feedback key, tombstone
+# key, impression-set key), m examples, then per example (its shard, 1..S, and the example), then (events key,
+# events) pairs. Everything or nothing, and only while every token is still this closer's. The tombstone keeps
+# the items served (feedback for them then answers "expired"; for another user's: "ambiguous").
 _COMMIT_LUA = """
 local n = tonumber(ARGV[4])
 for i = 0, n - 1 do
-  if redis.call('HGET', KEYS[3], ARGV[5 + i * 5]) ~= ARGV[1] then return -1 end
+  if redis.call('HGET', KEYS[2], ARGV[5 + i * 5]) ~= ARGV[1] then return -1 end
 end
 local at = 5 + n * 5
 local m = tonumber(ARGV[at])
-for i = 1, m do
-  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '*', 'example', ARGV[at + i])
+for i = 0, m - 1 do
+  local shard = tonumber(ARGV[at + 1 + 2 * i])
+  redis.call('XADD', KEYS[2 + shard], 'MAXLEN', '~', ARGV[2], '*', 'example', ARGV[at + 2 + 2 * i])
 end
-at = at + m + 1
+at = at + 2 * m + 1
 while at < #ARGV do
   redis.call('RPUSH', ARGV[at], ARGV[at + 1])
   at = at + 2
@@ -179,8 +183,8 @@ for i = 0, n - 1 do
   redis.call('SADD', ARGV[b + 3], '_')
   redis.call('EXPIRE', ARGV[b + 3], ARGV[3])
   if redis.call('TTL', ARGV[b + 4]) < tonumber(ARGV[3]) then redis.call('EXPIRE', ARGV[b + 4], ARGV[3]) end
-  redis.call('ZREM', KEYS[2], ARGV[b])
-  redis.call('HDEL', KEYS[3], ARGV[b])
+  redis.call('ZREM', KEYS[1], ARGV[b])
+  redis.call('HDEL', KEYS[2], ARGV[b])
 end
 return m
 """
@@ -255,6 +259,7 @@ class ImpressionLog:
         self.defaults = {t.name: t.default for t in config.tasks}
         self.tasks = {t.name: t for t in config.tasks}
         self.user_key = key_feature(config, "user")
+        self.stream_keys = config.stream.keys()  # from the config alone: the one key, or its shards
 
     # ------------------------------------------------------------ impressions
     def add(self, impression: dict[str, Any]) -> None:
@@ -504,15 +509,24 @@ class ImpressionLog:
         for t in toks:
             args += [t, imp_key(t), fb_key(t), done_key(t), users_key(t.split(":")[0])]
         args.append(len(lines))
-        args += [b for b, _ in lines]
+        for b, ex in lines:
+            args += [self.shard_of(ex) + 1, b]
         for name, evs in self.experiment_events([e for _, e in lines]).items():
             args += [events_key(name), b"\n".join(evs)]
-        n = int(self._commit(keys=[st.key, CLOSING, OWNER], args=args))
+        n = int(self._commit(keys=[CLOSING, OWNER, *self.stream_keys], args=args))
         if n < 0:  # another closer took these over (our lease ran out): it writes them
             log(logger, logging.WARNING, "close_lease_lost", impressions=len(toks))
             return 0
         self.metrics.examples.inc(n)
         return n
+
+    def shard_of(self, example: dict[str, Any]) -> int:
+        """The stream shard (0-based index into `stream_keys`) of an example: by its user's id, so one user's
+        examples go to one key, in order (`Stream.shard_of`; a user without an id goes to the shard of "")."""
+        if len(self.stream_keys) == 1:
+            return 0
+        user = (example.get("user") or {}).get(self.user_key) if self.user_key else None
+        return self.config.stream.shard_of("" if user is None else str(user))
 
     def events_with_open(self, name: str) -> bytes:
         """Experiment `name`'s closed impressions and, with the feedback so far (labels without feedback take the

@@ -2,7 +2,8 @@
 
 Client strings (request ids, user ids, experiment names) appear only as BLAKE2b digests inside key names, or as
 fields of hashes; never as key names of their own. The training stream's key is the config's `[stream] key`
-(default `watchnext:training`); the online features' keys (`wn:f:...`) are listed in `watchnext/entities.py`.
+(default `watchnext:training`), or with `[stream] shards` = S > 1 its S keys `<key>:0` ... `<key>:<S-1>`;
+the online features' keys (`wn:f:...`) are listed in `watchnext/entities.py`.
 
 Impressions (service/impressions.py). R: 20 hex digits of the request_id's digest; U: of the user's id; G: 12
 random hex digits, one per response (a retried request is a second impression, never written into the first).

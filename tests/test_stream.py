@@ -50,6 +50,20 @@ def test_reader_reads_like_a_specification(redis_url):
     assert r.xpending("s", "g")["pending"] == 0
 
 
+def test_own_pending_entries_are_delivered_once_after_a_restart(redis_url):
+    """A restarted worker reads its own pending entries in pieces: each once (reading them from id 0 again and
+    again handed the same entries back, and a batch filled over several reads trained them twice)."""
+    r = redis.Redis.from_url(redis_url)
+    for i in range(1, 8):
+        r.xadd("s", {"example": f"e{i}"}, id=f"{i}-0")
+    a = StreamReader(r, "s", "g", "worker-a", claim_idle_ms=50)
+    assert len(a.read(5, block_ms=10)) == 5  # delivered, never acknowledged: the worker dies
+    a2 = StreamReader(r, "s", "g", "worker-a", claim_idle_ms=50)
+    got = [[i for i, _ in a2.read(2, block_ms=10)] for _ in range(5)]
+    assert got == [[b"1-0", b"2-0"], [b"3-0", b"4-0"], [b"5-0"], [b"6-0", b"7-0"], []]
+    assert a2.phase == "new" and a2.dry
+
+
 def test_stream_training_exports_and_acknowledges(redis_url, history_file, tmp_path):
     cfg_path = tmp_path / "c.toml"
     cfg_path.write_text(small_config_text(stream={"key": "t:train"}, trainer={"export_every_examples": 1000}))

@@ -21,13 +21,18 @@ Used only when a process group of more than one rank is running; a single proces
 * Uneven input: each step begins with an all-reduce of the ranks' row counts; a rank without rows takes
   part with none (no forward pass; afterwards it copies the buffers and RNG state of the first rank that had
   rows), and `finish` keeps a rank that has run out answering until no rank has rows left.
+* The sharded Redis stream (training/stream_shards.py) steps through the same `step`, and takes its decisions
+  (step, checkpoint, export, stop) together with `agree`, one all-reduce of flags per iteration.
+* A dead rank: its peers' next collective fails (`peer_lost`), at once when its connections close (kill -9),
+  else after COLLECTIVE_TIMEOUT; torchrun stops the others, and the same command resumes from the checkpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from typing import TYPE_CHECKING
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -49,19 +54,75 @@ def active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+# How long a collective waits for the other ranks before it fails (torch's own default is 30 minutes). It covers
+# the longest a rank works alone while the others wait in a collective: rank 0 writing a checkpoint or exporting a
+# version. A rank killed mid-run fails its peers' next collective at once (gloo sees the connection close, and
+# torchrun then stops them); the timeout bounds the wait where nothing closes (a rank frozen, a host gone).
+COLLECTIVE_TIMEOUT = timedelta(seconds=300)
+
+
 def init_from_env(device: torch.device) -> torch.device:
-    """Under torchrun (WORLD_SIZE > 1): start the process group (nccl on CUDA, gloo otherwise) and return this
-    rank's device (cuda:LOCAL_RANK on CUDA). A single process: `device` unchanged, nothing started."""
+    """Under torchrun (WORLD_SIZE > 1): start the process group (nccl on CUDA, gloo otherwise; collectives time out
+    after COLLECTIVE_TIMEOUT) and return this rank's device (cuda:LOCAL_RANK on CUDA). A single process:
+    `device` unchanged, nothing started."""
     if world_size_from_env() <= 1 or dist.is_initialized():
         return device
+    timeout = COLLECTIVE_TIMEOUT
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
     else:
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", timeout=timeout)
     return device
+
+
+def rank_world() -> tuple[int, int]:
+    """(this rank, the number of ranks): (0, 1) in a single process."""
+    return (dist.get_rank(), dist.get_world_size()) if active() else (0, 1)
+
+
+def agree(values: list[int], device: torch.device | None = None) -> list[int]:
+    """Each value summed over the ranks (one all-reduce; itself in a single process). Flags (0/1) summed say how
+    many ranks raised each: > 0 any, == world every. Every rank must call it at the same point."""
+    if not active():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device or torch.device("cpu"))
+    dist.all_reduce(t)
+    return [int(x) for x in t.tolist()]
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order ([obj] in a single process)."""
+    if not active():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s picklable `obj` on every rank (`obj` itself in a single process)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+_PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out", "timed out",
+              "Connection refused")
+
+
+def peer_lost(e: BaseException) -> bool:
+    """`e`, raised by a collective, says another rank is gone (it died, or timed out: COLLECTIVE_TIMEOUT)."""
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(s in str(e) for s in _PEER_LOST))
 
 
 def shutdown() -> None:
@@ -202,12 +263,16 @@ def _broadcast_state(trainer: Trainer, src: int) -> None:
         torch.cuda.set_rng_state(crng.cpu(), trainer.device)
 
 
-def step(trainer: Trainer, chunk: Chunk | None, ids: np.ndarray | None) -> float | None:
+def step(trainer: Trainer, chunk: Chunk | None, ids: np.ndarray | None, id_width: int = 2) -> float | None:
     """`Trainer.step` over the ranks: this rank's rows `chunk` (None or empty: none this step). Every rank must
-    call it once per step. Returns the global batch's loss, None when it was skipped (not finite)."""
+    call it once per step. `ids`: (rows, id_width) int64 naming the rows for the digest; every rank gives the
+    same `id_width` (files: file, line; the stream: shard, ms, seq). Returns the global batch's loss, None when
+    it was skipped (not finite) or no rank had rows."""
     n = 0 if chunk is None else len(chunk)
     counts = row_counts(n, trainer.device)
-    return _step(trainer, chunk if n else None, ids if n else None, counts)
+    if sum(counts) == 0:  # no rank has rows (the stream's entries were all bad): nothing to step
+        return None
+    return _step(trainer, chunk if n else None, ids if n else None, counts, id_width)
 
 
 def finish(trainer: Trainer) -> None:
@@ -220,7 +285,8 @@ def finish(trainer: Trainer) -> None:
         _step(trainer, None, None, counts)
 
 
-def _step(trainer: Trainer, chunk: Chunk | None, ids: np.ndarray | None, counts: list[int]) -> float | None:
+def _step(trainer: Trainer, chunk: Chunk | None, ids: np.ndarray | None, counts: list[int],
+          id_width: int = 2) -> float | None:
     net, dev, config = trainer.net, trainer.device, trainer.config
     rank = dist.get_rank()
     shard = RowShard(counts, rank)
@@ -282,7 +348,7 @@ def _step(trainer: Trainer, chunk: Chunk | None, ids: np.ndarray | None, counts:
     got = {k: shard.gather((out[k] if out else empty[k]).detach().to(torch.float32)).cpu().numpy()
            for k in ("heads", "full", "mask", "gates")}
     trainer.metrics.add(got["heads"], got["full"], meta.labels.values, got["mask"], got["gates"])
-    id_rows = np.zeros((0, 2), np.int64) if ids is None else np.ascontiguousarray(ids, dtype=np.int64).reshape(len(ids), -1)
+    id_rows = np.zeros((0, id_width), np.int64) if ids is None else np.ascontiguousarray(ids, dtype=np.int64).reshape(len(ids), -1)
     all_ids = shard.gather(torch.from_numpy(id_rows).to(dev)).cpu().numpy()
     s.digest = hashlib.blake2b(s.digest.encode() + np.ascontiguousarray(all_ids).tobytes(), digest_size=16).hexdigest()
     s.examples += shard.total

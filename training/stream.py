@@ -11,6 +11,9 @@ closes. The worker reads through a consumer group and keeps these promises:
   trained twice (one trainer per model; ids grow);
 * entries left pending by a dead worker (another consumer name) are claimed
   once idle for `stream.claim_idle_ms`.
+
+This module is the one key (`[stream] shards = 1`, the default) in one process. The sharded stream, and the
+stream under torchrun, are training/stream_shards.py (same promises, per key).
 """
 
 from __future__ import annotations
@@ -53,6 +56,8 @@ class StreamReader:
         # own: what was delivered to this name before a restart; claim: what dead workers
         # left pending; new: everything after. Ids stay in order across the three.
         self.phase = "own"
+        self.own_after = "0"  # own pending entries are read after this id: each is delivered once
+        self.dry = False  # the last read got fewer than asked and more cannot be had at once
         self.waiting_logged = False
 
     def ensure_group(self) -> None:
@@ -65,11 +70,15 @@ class StreamReader:
                 raise
         self.has_group = True
 
-    def read(self, count: int, block_ms: int, log=None) -> list[tuple[bytes, dict | None]]:
+    def read(self, count: int, block_ms: int | None, log=None, wait: bool = True) -> list[tuple[bytes, dict | None]]:
+        """Up to `count` entries; `block_ms` (None: not at all) bounds the wait for new ones; `wait`: pause a moment
+        when a dead worker's entries are not idle long enough to take yet. Sets `dry`."""
         self.ensure_group()
+        self.dry = False
         if self.phase == "own":
-            got = self._group_read("0", count, None)
+            got = self._group_read(self.own_after, count, None)
             if got:
+                self.own_after = _text(got[-1][0])
                 return got
             self.phase = "claim"
         if self.phase == "claim":
@@ -89,9 +98,13 @@ class StreamReader:
                     log(f"[stream] {others} entries pending on a dead worker: taking them over once idle "
                         f"for {self.claim_idle_ms} ms")
                     self.waiting_logged = True
-                time.sleep(min(0.2, self.claim_idle_ms / 1000))
+                if wait:
+                    time.sleep(min(0.2, self.claim_idle_ms / 1000))
+                self.dry = True
                 return []
-        return self._group_read(">", count, block_ms)
+        got = self._group_read(">", count, block_ms)
+        self.dry = len(got) < count
+        return got
 
     def _group_read(self, start: str, count: int, block_ms: int | None):
         res = self.r.xreadgroup(self.group, self.consumer, {self.key: start}, count=count, block=block_ms)
@@ -139,6 +152,7 @@ def run_stream(
     if st.source.get("kind") != "stream" or st.source.get("key") != sc.key:
         # a model trained on files (or on another stream) carries on from here
         st.source = {"kind": "stream", "key": sc.key, "last_id": "0-0"}
+    st.source.setdefault("last_id", "0-0")  # trained on this stream's shards (`last_ids`), not on the one key yet
     last = parse_id(st.source["last_id"])
     reader = StreamReader(r, sc.key, sc.group, consumer or socket.gethostname(), sc.claim_idle_ms)
     decoder = Decoder(config, on_bad_line="skip", check_order=False)
@@ -267,6 +281,13 @@ def run_stream(
 
 def run_stream_cli(config: Config, repo: ModelRepository, ckpt: Path, args, metrics_file: Path) -> int:
     from watchnext.redis_embed import connect
+
+    from . import distributed
+
+    if config.stream.shards > 1 or distributed.world_size_from_env() > 1:  # training/stream_shards.py
+        from .stream_shards import run_sharded_cli
+
+        return run_sharded_cli(config, repo, ckpt, args, metrics_file)
 
     r, server = connect(data_dir=ckpt.parent / "redis")
     if server is not None:

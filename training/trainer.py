@@ -530,6 +530,11 @@ def train_files(
         return RunResult(st.examples, trained_now, time.perf_counter() - t0, rep, version, decoder.bad.count,
                          decoder.bad.first, st.skipped_batches, decoder.bad.count - bad_before,
                          decoder.bad.commonest())
+    except RuntimeError as e:
+        if trainer.shared and distributed.peer_lost(e):  # another rank died (torchrun stops this one next)
+            raise WatchnextError("torch.distributed", f"lost another rank ({str(e).splitlines()[0][:160]}); the "
+                                 "last checkpoint keeps what was trained: run the same command to resume") from None
+        raise
     finally:
         if mfile:
             mfile.close()

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import tomllib
+import zlib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 
 from .errors import WatchnextError
 
+MAX_SHARDS = 1024  # [stream] shards: keys per write script stay few
 SOURCES = ("user", "query", "context", "candidate")
 
 
@@ -181,7 +183,17 @@ class Stream:
     key: str = "watchnext:training"
     group: str = "trainer"
     claim_idle_ms: int = 60_000  # entries pending longer than this on a dead worker are taken over
-    maxlen: int = 1_000_000  # approximate cap on the stream's length
+    maxlen: int = 1_000_000  # approximate cap on the stream's length (each shard's, when sharded)
+    shards: int = 1  # > 1: the stream is `shards` keys `<key>:<i>`; an example goes to shard_of(its user id)
+
+    def keys(self) -> list[str]:
+        """The training stream's keys: `key` itself, or `<key>:0` ... `<key>:<shards - 1>`."""
+        return [self.key] if self.shards == 1 else [f"{self.key}:{i}" for i in range(self.shards)]
+
+    def shard_of(self, user_id: str) -> int:
+        """The shard of an example by its user's id: crc32 of the id's UTF-8 bytes modulo `shards` (stable across
+        processes, machines and Python versions, unlike hash()), so one user's examples stay in order on one key."""
+        return zlib.crc32(user_id.encode()) % self.shards if self.shards > 1 else 0
 
 
 @dataclass(frozen=True)
@@ -507,7 +519,10 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
         group=st.get("group", str, "trainer"),
         claim_idle_ms=st.positive("claim_idle_ms", 60_000),
         maxlen=st.positive("maxlen", 1_000_000),
+        shards=st.positive("shards", 1),
     )
+    if stream.shards > MAX_SHARDS:
+        st.fail(f"must be at most {MAX_SHARDS}, got {stream.shards}", "shards")
     st.done()
 
     sv = _Section(path, "service", top.get("service", dict, {}))
