@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
+import tomli_w  # noqa: E402
 
 from watchnext.redis_embed import free_port  # noqa: E402
 
@@ -47,34 +48,11 @@ TUNED = {
 }
 
 
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(type(v))
-
-
 def write_config(path: Path, overrides: dict) -> None:
     data = tomllib.loads((ROOT / "watchnext.toml").read_text())
     for table, values in overrides.items():
         data.setdefault(table, {}).update(values)
-    out = []
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.append(f"[{k}]")
-            out += [f"{kk} = {toml_value(vv)}" for kk, vv in v.items()]
-        else:
-            for item in v:
-                out.append(f"[[{k}]]")
-                out += [f"{kk} = {toml_value(vv)}" for kk, vv in item.items()]
-    path.write_text("\n".join(out) + "\n")
+    path.write_text(tomli_w.dumps(data))
 
 
 def call(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:

@@ -61,42 +61,18 @@ import time
 import tomllib
 from pathlib import Path
 
+import tomli_w
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from watchnext.runtime import usable_cpus  # noqa: E402
 
 
-def toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, (int, float)):
-        return repr(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    raise TypeError(type(v))
-
-
 def write_config(base: dict, path: Path, batch: int, threads: int) -> Path:
     """`base` (a parsed config file) with `[trainer] batch_size` and `threads` set, written to `path`."""
     data = {**base, "trainer": {**base.get("trainer", {}), "batch_size": batch, "threads": threads}}
-    def tables(v) -> bool:
-        return isinstance(v, list) and bool(v) and all(isinstance(x, dict) for x in v)
-
-    out = [f"{k} = {toml_value(v)}" for k, v in data.items() if not isinstance(v, dict) and not tables(v)]
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.append(f"[{k}]")
-            out += [f"{kk} = {toml_value(vv)}" for kk, vv in v.items()]
-        elif tables(v):
-            for item in v:
-                out.append(f"[[{k}]]")
-                out += [f"{kk} = {toml_value(vv)}" for kk, vv in item.items()]
-    path.write_text("\n".join(out) + "\n")
+    path.write_text(tomli_w.dumps(data))
     return path
 
 

@@ -129,7 +129,7 @@ def _train(sub) -> None:
     src.add_argument("--stream", action="store_true", help="consume the Redis training stream (REDIS_URL; embedded Redis if unset)")
     p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: checkpoints/<model>.pt)")
     p.add_argument("--fresh", action="store_true", help="ignore an existing checkpoint and start a new model")
-    p.add_argument("--no-export", action="store_true", help="do not export a version at the end")
+    p.add_argument("--no-export", action="store_true", help="do not export a version (files: at the end; the stream: as it goes)")
     p.add_argument("--promote", action="store_true", help="promote each exported version")
     p.add_argument("--metrics-file", metavar="PATH", help="append progress reports as JSON lines (default: next to the checkpoint)")
     p.add_argument("--device", metavar="DEV", help="torch device (default: cuda when available, else cpu)")
@@ -154,7 +154,7 @@ def cmd_train(args) -> int:
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     metrics_file = Path(args.metrics_file) if args.metrics_file else ckpt.with_suffix(".metrics.jsonl")
     if args.stream:
-        from training.stream import run_stream_cli
+        from training.stream_worker import run_stream_cli
 
         return run_stream_cli(config, repo, ckpt, args, metrics_file)
 

@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import tomli_w
 
 from simulation.world import WorldSpec, write_history
 from watchnext.config import default_config_path
@@ -36,33 +37,8 @@ def small_config_text(**sections) -> str:
 
 
 def dumps_toml(data: dict) -> str:
-    """Enough TOML for configs: scalars, lists, inline tables, arrays of tables."""
-
-    def val(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        if isinstance(v, list):
-            return "[" + ", ".join(val(x) for x in v) + "]"
-        if isinstance(v, dict):
-            return "{ " + ", ".join(f"{k} = {val(x)}" for k, x in v.items()) + " }"
-        raise TypeError(type(v))
-
-    out = []
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.append(f"[{k}]")
-            out += [f"{kk} = {val(vv)}" for kk, vv in v.items()]
-        elif isinstance(v, list) and v and isinstance(v[0], dict):
-            for item in v:
-                out.append(f"[[{k}]]")
-                out += [f"{kk} = {val(vv)}" for kk, vv in item.items()]
-        else:
-            out.insert(0, f"{k} = {val(v)}")
-    return "\n".join(out) + "\n"
+    """A config as TOML text (tomli-w)."""
+    return tomli_w.dumps(data)
 
 
 SMALL_WORLD = WorldSpec(users=300, videos=400, channels=40, tags=50)

@@ -1,4 +1,4 @@
-"""The sharded training stream (training/stream_shards.py) against a real Redis, and kill -9 of a torchrun rank.
+"""The sharded training stream (training/stream_worker.py) against a real Redis, and kill -9 of a torchrun rank.
 
 * the service's closer writes each example to the shard key of its user (crc32 of the id), in order;
 * one process consumes every shard; 2 torchrun ranks (gloo) on 2 shards train every entry exactly once and
@@ -8,7 +8,7 @@
   left pending.
 
 The expected digests are computed here from the batches an uninterrupted run trains: with every entry written
-before the run, rank r's rows of step k are the k-th `batch_size` entries of its key (training/stream_shards.py),
+before the run, rank r's rows of step k are the k-th `batch_size` entries of its key (training/stream_worker.py),
 and on files the global batches are consecutive lines (training/distributed.py). The uninterrupted runs check
 that formula; the killed-and-restarted runs must match it.
 """
@@ -33,7 +33,7 @@ from cli.main import main as cli_main
 from service.impressions import ImpressionLog
 from service.observability import Metrics
 from tests.helpers import small_config_text
-from training.stream_shards import owned, run_sharded
+from training.stream_worker import owned, run_stream
 from training.trainer import read_checkpoint
 from watchnext.config import ConfigError, load_config
 from watchnext.errors import WatchnextError
@@ -212,7 +212,7 @@ def test_one_process_consumes_every_shard_once(redis_url: str, history_file: Pat
     assert [len(p) for p in per] == [260, 220, 520]
     r.xadd("t:1", {"other": b"x"}, id="2000-0")  # no `example` field: skipped, counted, acknowledged
     repo = ModelRepository(tmp_path / "models", config.model.name)
-    res = run_sharded(config, r, repo, tmp_path / "ck.pt", consumer="w", idle_exit_s=0.3, log=lambda m: None)
+    res = run_stream(config, r, repo, tmp_path / "ck.pt", consumer="w", idle_exit_s=0.3, log=lambda m: None)
     assert (res.examples, res.trained_now, res.bad, res.versions) == (1000, 1000, 1, [1])
     # the keys are merged by entry id: batches of BS consecutive lines, whichever shard each is on
     shard = {n: s for s, p in enumerate(per) for n in p}
@@ -222,7 +222,7 @@ def test_one_process_consumes_every_shard_once(redis_url: str, history_file: Pat
     assert st["source"]["last_ids"] == {f"t:{s}": f"{p[-1]}-0" for s, p in enumerate(per)}
     assert pending(r, config) == [0, 0, 0]
     # run again: nothing is delivered twice, nothing trained
-    res = run_sharded(config, r, repo, tmp_path / "ck.pt", consumer="w", idle_exit_s=0.3, log=lambda m: None)
+    res = run_stream(config, r, repo, tmp_path / "ck.pt", consumer="w", idle_exit_s=0.3, log=lambda m: None)
     assert (res.examples, res.trained_now, res.versions) == (1000, 0, [])
 
 

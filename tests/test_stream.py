@@ -12,7 +12,8 @@ import torch
 
 from tests.helpers import small_config_text
 from training.export import state_digest
-from training.stream import StreamReader, run_stream
+from training.stream import StreamReader
+from training.stream_worker import run_stream
 from watchnext.config import load_config
 from watchnext.repository import ModelRepository
 

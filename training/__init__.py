@@ -5,6 +5,7 @@
     progressive  progressive validation (each batch scored before it trains)
     propensity   examination propensities from randomised logging; IPW
     export       ONNX export into the model repository
-    stream       the continuous worker on the Redis training stream
+    stream       reading the Redis training stream: consumer groups, pending entries, shard keys
+    stream_worker  the continuous worker: train on the stream (one key or its shards, one process or torchrun)
     distributed  one model on several processes (torchrun): row shares, gradient reduction
 """

@@ -21,7 +21,7 @@ Used only when a process group of more than one rank is running; a single proces
 * Uneven input: each step begins with an all-reduce of the ranks' row counts; a rank without rows takes
   part with none (no forward pass; afterwards it copies the buffers and RNG state of the first rank that had
   rows), and `finish` keeps a rank that has run out answering until no rank has rows left.
-* The sharded Redis stream (training/stream_shards.py) steps through the same `step`, and takes its decisions
+* The sharded Redis stream (training/stream_worker.py) steps through the same `step`, and takes its decisions
   (step, checkpoint, export, stop) together with `agree`, one all-reduce of flags per iteration.
 * A dead rank: its peers' next collective fails (`peer_lost`), at once when its connections close (kill -9),
   else after COLLECTIVE_TIMEOUT; torchrun stops the others, and the same command resumes from the checkpoint.

@@ -1,4 +1,7 @@
-"""The sharded training stream, in one process or over the ranks of a torchrun group (docs/distributed.md).
+"""The continuous worker: train on the Redis training stream, export as it goes, in one process or over the
+ranks of a torchrun group (docs/distributed.md). The promises it keeps are in training/stream.py.
+
+With `[stream] shards` = 1 (the default) the stream is the one key `[stream] key`.
 
 With `[stream] shards` = S > 1 the service writes each example to the key `<key>:<crc32(user id) % S>`
 (`Stream.shard_of`, service/impressions.py), so one user's examples stay in order on one key. Each key has its
@@ -134,7 +137,7 @@ class ShardReader:
         return not any(self.queues)
 
 
-def run_sharded(
+def run_stream(
     config: Config,
     r: redis.Redis,
     repo: ModelRepository | None,
@@ -150,7 +153,7 @@ def run_sharded(
     fresh: bool = False,
     device: torch.device | None = None,
 ) -> StreamResult:
-    """`run_stream` over the shard keys (all of them in one process, this rank's under torchrun): consume until
+    """Consume the stream's keys (all of them in one process, this rank's under torchrun) until
     stopped (`stop[0] = True` on any rank) or every rank has been idle for `idle_exit_s`. `repo` None: no export.
     Every rank calls it; rank 0 alone writes the checkpoint, the metrics and the versions."""
     sc, tc = config.stream, config.trainer
@@ -164,7 +167,9 @@ def run_sharded(
     st = trainer.state
     if st.source.get("kind") != "stream" or st.source.get("key") != sc.key:
         st.source = {"kind": "stream", "key": sc.key}  # a model trained on files or another stream carries on
-    last_ids: dict[str, str] = st.source.setdefault("last_ids", {})  # every shard key's last trained id
+    last_ids: dict[str, str] = st.source.setdefault("last_ids", {})  # every key's last trained id
+    if "last_id" in st.source:  # the one key's, as a checkpoint and a version's watermark also name it
+        last_ids.setdefault(sc.key, st.source["last_id"])
     st.source["shards"] = sc.shards
     name = (consumer or socket.gethostname()) + (f"-rank{rank}" if world > 1 else "")
     decoder = Decoder(config, on_bad_line="skip", check_order=False)
@@ -212,6 +217,8 @@ def run_sharded(
         parts = distributed.gather_objects((own, decoder.bad.count))
         for ids, _ in parts:
             last_ids.update(ids)
+        if sc.shards == 1:
+            st.source["last_id"] = last_ids.get(sc.key, "0-0")
         st.bad_lines = bad_before + sum(n for _, n in parts)
         if lead:
             trainer.save(checkpoint)
@@ -316,8 +323,8 @@ def run_sharded(
             mfile.close()
 
 
-def run_sharded_cli(config: Config, repo: ModelRepository, ckpt: Path, args, metrics_file: Path) -> int:
-    """`watchnext train --stream` with `[stream] shards` > 1, or under torchrun (WORLD_SIZE > 1)."""
+def run_stream_cli(config: Config, repo: ModelRepository, ckpt: Path, args, metrics_file: Path) -> int:
+    """`watchnext train --stream`, in one process or under torchrun (WORLD_SIZE > 1)."""
     from watchnext.redis_embed import redis_for
 
     world = distributed.world_size_from_env()
@@ -348,7 +355,7 @@ def run_sharded_cli(config: Config, repo: ModelRepository, ckpt: Path, args, met
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         try:
-            res = run_sharded(config, r, None if args.no_export else repo, ckpt, consumer=args.consumer,
+            res = run_stream(config, r, None if args.no_export else repo, ckpt, consumer=args.consumer,
                               promote=args.promote, idle_exit_s=args.idle_exit, metrics_file=metrics_file,
                               stop=stop, fresh=getattr(args, "fresh", False), device=device)
         except RuntimeError as e:
