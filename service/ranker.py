@@ -272,10 +272,13 @@ class Ranker:
         inp = prep.inp
         raw = None
         if stored is not None:
-            where = np.full(inp.n, -1, np.int64)  # request row -> row of the stored entries
-            where[prep.candidate_rows] = np.arange(len(prep.candidate_rows))
-            at = where[order]
-            raw = np.where(at >= 0, stored.raw[np.maximum(at, 0)], b"")
+            if len(prep.candidate_rows) == inp.n:  # every candidate was looked up (ids only): row for row
+                raw = stored.raw[order]
+            else:
+                where = np.full(inp.n, -1, np.int64)  # request row -> row of the stored entries
+                where[prep.candidate_rows] = np.arange(len(prep.candidate_rows))
+                at = where[order]
+                raw = np.where(at >= 0, stored.raw[np.maximum(at, 0)], b"")
         sent = inp.candidates.take(pa.array(order)) if inp.candidates is not None else None
         return ServedItems(ids, raw, sent, self.item_id if inp.ids is not None else None, self.codec.known["candidate"])
 
