@@ -279,24 +279,25 @@ class Ranker:
                 where[prep.candidate_rows] = np.arange(len(prep.candidate_rows))
                 at = where[order]
                 raw = np.where(at >= 0, stored.raw[np.maximum(at, 0)], b"")
-        sent = inp.candidates.take(pa.array(order)) if inp.candidates is not None else None
-        return ServedItems(ids, raw, sent, self.item_id if inp.ids is not None else None, self.codec.known["candidate"])
+        return ServedItems(ids, raw, inp.candidates, order, self.item_id if inp.ids is not None else None,
+                           self.codec.known["candidate"])
 
 
 class ServedItems:
     """An impression's items, (item id, features as served, position), built when first read (by the impression
-    log's writer thread): each candidate's store entry, then the known values the request sent over it."""
+    log's writer thread): each candidate's store entry, then the known values the request sent over it (`sent`,
+    every candidate of the request: the shown ones, rows `order`, are taken there too, off the request's path)."""
 
-    def __init__(self, ids: list[str], raw: np.ndarray | None, sent: pa.StructArray | None, item_id: str | None,
-                 known: frozenset[str]):
-        self.ids, self.raw, self.sent, self.item_id, self.known = ids, raw, sent, item_id, known
+    def __init__(self, ids: list[str], raw: np.ndarray | None, sent: pa.StructArray | None, order: np.ndarray,
+                 item_id: str | None, known: frozenset[str]):
+        self.ids, self.raw, self.sent, self.order, self.item_id, self.known = ids, raw, sent, order, item_id, known
         self._items: list[tuple[str, dict[str, Any], int]] | None = None
 
     def __iter__(self):
         if self._items is None:
             k = len(self.ids)
             base = [_entry(r) for r in self.raw.tolist()] if self.raw is not None else [{} for _ in range(k)]
-            sent = self.sent.to_pylist() if self.sent is not None else [{} for _ in range(k)]
+            sent = self.sent.take(pa.array(self.order)).to_pylist() if self.sent is not None else [{} for _ in range(k)]
             items = []
             for pos, (i, b, o) in enumerate(zip(self.ids, base, sent)):
                 c = {**b, **{f: v for f, v in o.items() if v is not None and f in self.known}}

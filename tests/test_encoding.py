@@ -14,6 +14,8 @@ def test_fnv1a_known_values_and_vectorised_agrees():
     assert got.tolist() == [fnv1a(w) for w in words]
     # a sliced array (non-zero offset) hashes its own rows
     assert fnv1a_strings(pa.array(words).slice(2, 3)).tolist() == [fnv1a(w) for w in words[2:5]]
+    # 64-bit offsets read alike (string arrays are read as they are, others cast to large_string)
+    assert fnv1a_strings(pa.array(words, pa.large_string()).slice(1, 7)).tolist() == [fnv1a(w) for w in words[1:8]]
     # all empty, one string, and random lengths (the shortest-prefix and ragged steps both run)
     assert fnv1a_strings(pa.array(["", ""])).tolist() == [fnv1a("")] * 2
     assert fnv1a_strings(pa.array(["only"])).tolist() == [fnv1a("only")]
