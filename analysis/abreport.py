@@ -12,7 +12,6 @@ builds the same arrays from its joined impressions with `events_from_records`.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,7 +103,7 @@ def read_events(paths: Sequence[str | Path], experiment: Experiment | None,
         if not data.strip():
             continue
         try:
-            tables.append(pj.read_json(io.BytesIO(data), parse_options=opts,
+            tables.append(pj.read_json(pa.BufferReader(data), parse_options=opts,
                                        read_options=pj.ReadOptions(block_size=1 << 24)))
         except pa.ArrowInvalid as e:
             raise DataError(str(p), f"not a JSON-lines event log: {e}") from None

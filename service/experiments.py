@@ -26,7 +26,6 @@ the experiment (and models) they took, and stopping never fails a request.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -331,7 +330,7 @@ def report_of(exp: Experiment, lines: bytes, confidence: float = CONFIDENCE, poi
     """abstats.report over the experiment's closed impressions (JSON lines, parsed by Arrow in one pass);
     with `points`, also each metric's cumulative estimate at that many times (`timeseries`, for the chart)."""
     if lines.strip():
-        table = pj.read_json(io.BytesIO(lines), parse_options=pj.ParseOptions(
+        table = pj.read_json(pa.BufferReader(lines), parse_options=pj.ParseOptions(
             explicit_schema=_EVENT_SCHEMA, unexpected_field_behavior="ignore"),
             read_options=pj.ReadOptions(block_size=1 << 24))
     else:

@@ -49,19 +49,33 @@ def run_ranks(fn, *args, timeout: float = 120.0) -> None:
 
 
 def _init(rank: int, port: int) -> None:
-    import torch.distributed as dist
+    """Start the group as under torchrun: its variables, then the trainer's own start."""
+    from training import distributed
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(WORLD))
+    distributed.init_from_env(torch.device("cpu"))
+
+
+def _end(rank: int, out: str) -> None:
+    """End the group as the trainer does, and record the group's threads still running (none should be: one left
+    into the interpreter's exit can kill the rank with SIGABRT after its work is done)."""
+    from training import distributed
+
+    distributed.shutdown()
+    torch.save(distributed.group_threads(), Path(out) / f"threads{rank}.pt")
+
+
+def assert_no_group_threads(out: Path) -> None:
+    for r in range(WORLD):
+        assert torch.load(out / f"threads{r}.pt") == [], f"rank {r}: process group threads outlived shutdown"
 
 
 def _train_files_rank(rank: int, port: int, cfg: str, data: str, out: str) -> None:
-    import torch.distributed as dist
-
     _init(rank, port)
     res = train_files(load_config(cfg), [data], Path(out) / "ckpt.pt", None, fresh=True)
     torch.save({"examples": res.examples, "trained_now": res.trained_now}, Path(out) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    _end(rank, out)
 
 
 def params(path: Path) -> dict[str, torch.Tensor]:
@@ -82,6 +96,7 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(tmp_path: Path, his
     two, ref = read_checkpoint(tmp_path / "ckpt.pt"), read_checkpoint(tmp_path / "one.pt")
     for r in range(WORLD):
         assert torch.load(tmp_path / f"rank{r}.pt") == {"examples": 6_000, "trained_now": 6_000}
+    assert_no_group_threads(tmp_path)
     # every example trained once, in the one-process order: the same chained digest of their ids
     assert two["state"]["examples"] == ref["state"]["examples"] == one.examples == 6_000
     assert two["state"]["digest"] == ref["state"]["digest"]
@@ -97,8 +112,6 @@ def test_two_ranks_train_as_one_process_with_twice_the_batch(tmp_path: Path, his
 
 def _uneven_rank(rank: int, port: int, cfg: str, data: str, out: str, sizes: list[list[int]]) -> None:
     """Rank r trains the rows given by sizes[r] (batch sizes, its own consecutive rows), then `finish`es."""
-    import torch.distributed as dist
-
     from training import distributed
 
     _init(rank, port)
@@ -114,7 +127,7 @@ def _uneven_rank(rank: int, port: int, cfg: str, data: str, out: str, sizes: lis
     distributed.finish(trainer)
     torch.save({"model": trainer.net.state_dict(), "examples": trainer.state.examples,
                 "batches": trainer.state.batches}, Path(out) / f"uneven{rank}.pt")
-    dist.destroy_process_group()
+    _end(rank, out)
 
 
 def test_uneven_input_ends_cleanly(tmp_path: Path, history_file: Path) -> None:
@@ -122,6 +135,7 @@ def test_uneven_input_ends_cleanly(tmp_path: Path, history_file: Path) -> None:
     cfg = config_file(tmp_path / "c.toml", 100, **RANDOM)
     run_ranks(_uneven_rank, str(cfg), str(history_file), str(tmp_path), sizes)
     got = [torch.load(tmp_path / f"uneven{r}.pt") for r in range(WORLD)]
+    assert_no_group_threads(tmp_path)
     assert [g["examples"] for g in got] == [557, 557] and [g["batches"] for g in got] == [5, 5]
     assert_close(got[0]["model"], got[1]["model"], atol=0.0)  # one model: identical on every rank
     # one process, the same global batches: step k holds rank 0's k-th rows then rank 1's

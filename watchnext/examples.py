@@ -11,7 +11,6 @@ checkpoint can say exactly where to start again.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -173,7 +172,7 @@ class Decoder:
             return self.schema.empty_table(), lines, row_end
         try:
             table = pj.read_json(
-                io.BytesIO(buf),
+                pa.BufferReader(buf),  # Arrow's own reader: no Python file for its threads to call back into
                 read_options=pj.ReadOptions(use_threads=True, block_size=1 << 20),
                 parse_options=pj.ParseOptions(explicit_schema=self.schema, unexpected_field_behavior="ignore"),
             )
