@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import os
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -70,9 +69,9 @@ def init_from_env(device: torch.device) -> torch.device:
         return device
     # Imported before the group starts, not after: torch._dynamo (which building an optimiser imports) brings in
     # torch.distributed._shard, and imported while a group runs that keeps the group's C++ half alive past
-    # destroy_process_group. Its gloo threads then live on into the interpreter's exit, where a rank now and then
-    # died of SIGABRT ("terminate called without an active exception") after its work was done; `shutdown`
-    # checks that the threads are gone (tests/test_distributed.py).
+    # destroy_process_group. Its gloo threads then live on into the interpreter's exit, where one still at work can
+    # end the rank with SIGABRT ("terminate called without an active exception") after its work is done (seen once
+    # in the tests). The tests check that no thread of the group is left after `shutdown`.
     import torch._dynamo  # noqa: F401
     timeout = COLLECTIVE_TIMEOUT
     if device.type == "cuda":
@@ -136,18 +135,6 @@ def shutdown() -> None:
     """End the process group (every rank, at the end of its work): its threads end here, not at the exit."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def group_threads() -> list[str]:
-    """The names of this process's threads that belong to a process group (gloo's, the store's); [] after
-    `shutdown`. Linux (/proc); [] elsewhere."""
-    names = []
-    for p in Path("/proc/self/task").glob("*/comm"):
-        try:
-            names.append(p.read_text().strip())
-        except OSError:  # the thread ended meanwhile
-            continue
-    return sorted(n for n in names if n.startswith(("gloo", "pt_gloo", "pt_tcpstore")))
 
 
 def share(batch: Chunk, rank: int, world: int) -> Chunk:
