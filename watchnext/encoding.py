@@ -45,7 +45,8 @@ def fnv1a_strings(arr: pa.Array) -> np.ndarray:
     """
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = arr.cast(pa.large_string())
-    # string arrays' 32-bit offsets are read as they are (no cast to large_string: 500 ids 44 us against 57)
+    # string arrays' 32-bit offsets are read as they are: no cast to large_string (500 ids: 88 us against 110,
+    # medians of 7 timed rounds)
     width = np.int32 if pa.types.is_string(arr.type) else np.int64
     n = len(arr)
     h = np.full(n, FNV_OFFSET, dtype=np.uint64)
