@@ -12,7 +12,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Annotated, Any
 
 import anyio
@@ -21,15 +23,17 @@ from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope
 
 from watchnext.encoding import Encoder
 from watchnext.experiments import NAME_PATTERN
 from watchnext.repository import RepositoryError, models_summary
 
-from .errors import BadRequest, Conflict, NotFound, PayloadTooLarge, ServiceError, Unauthorized, Unavailable
+from .errors import BadRequest, Conflict, NotFound, ServiceError, Unauthorized, Unavailable
 from .experiments import Experiments, report_of, view
 from .features import OnlineFeatures
 from .feedback import MAX_EVENTS, parse_feedback, parse_json
+from .front import FrontRoute, header, receive_body
 from .impressions import REASONS, REDIS_ERRORS, ImpressionLog
 from .models import ModelManager, VersionRefused
 from .observability import CONTENT_TYPE, MULTIPROC_ENV, Metrics, Stopwatch, log, setup_logging
@@ -142,25 +146,9 @@ class Service:
 
 
 async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it passes `limit` bytes, and with 408 when it has not all
-    arrived within the `body_timeout_s` setting (a stalled upload then lets go of what it had sent)."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge("body", f"larger than the limit of {limit} bytes ({declared} bytes)")
+    """A FastAPI route's request body, within `limit` bytes and the `body_timeout_s` setting (413, 408)."""
     timeout = request.app.state.service.settings.body_timeout_s
-    chunks, size = [], 0
-    try:
-        with anyio.fail_after(timeout):
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge("body", f"larger than the limit of {limit} bytes")
-                chunks.append(chunk)
-    except TimeoutError:
-        chunks.clear()
-        raise ServiceError("body", f"not received within {timeout:g} s ({size} bytes arrived); "
-                                   "send the whole body at once", status=408) from None
-    return b"".join(chunks)
+    return await receive_body(request.receive, request.headers.get("content-length"), limit, timeout)
 
 
 def json_response(body: Any, status: int = 200) -> Response:
@@ -195,6 +183,16 @@ class AnswerBugs:
             await response(scope, receive, send)
 
 
+class App(FastAPI):
+    """FastAPI, with one route answered in front of its middleware stack (`front`, service/front.py)."""
+
+    front: Callable[[ASGIApp], ASGIApp] | None = None
+
+    def build_middleware_stack(self) -> ASGIApp:
+        stack = super().build_middleware_stack()
+        return self.front(stack) if self.front is not None else stack
+
+
 def offline_docs(app: FastAPI) -> None:
     """/docs: Swagger UI from the swagger-ui-bundle package's files, served here (FastAPI's default loads them
     from a CDN: a blank page on a machine without internet)."""
@@ -212,7 +210,7 @@ def offline_docs(app: FastAPI) -> None:
                                    swagger_favicon_url="/docs-assets/favicon-32x32.png")
 
 
-def create_app(settings: Settings, deps: Deps) -> FastAPI:
+def create_app(settings: Settings, deps: Deps) -> App:
     """Build the app around `deps`; the lifespan starts the model poller and the impression threads."""
     setup_logging(settings.log_level)
     svc = Service(settings, deps)
@@ -226,7 +224,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         finally:
             await anyio.to_thread.run_sync(svc.stop)  # flushes the impression buffer
 
-    app = FastAPI(title="watchnext", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
+    app = App(title="watchnext", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Ranks candidate videos with a multitask (MMoE) model; closes the loop to the trainer.")
     app.state.service = svc
     offline_docs(app)
@@ -268,14 +266,13 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
     app.add_middleware(AnswerBugs, answer=error_answer)  # any other exception
 
     # ------------------------------------------------------------ rank
-    @app.post("/v1/rank", response_model=None, openapi_extra=rank_body(config),
-              responses={200: {"model": RankResponse}, **errors(400, 408, 413, 422, 503)},
-              summary="Rank candidates for one request; the best first")
-    async def rank(request: Request) -> Response:
+    async def rank(scope: Scope, receive: Receive) -> bytes:
+        """POST /v1/rank (answered by FrontRoute, in front of FastAPI's stack): the response's JSON."""
         clock = Stopwatch()
         svc.ranking += 1  # from before the body is read: a request waiting for its body counts too
         try:
-            body = await read_body(request, config.service.max_body_bytes)
+            body = await receive_body(receive, header(scope, b"content-length"), config.service.max_body_bytes,
+                                      settings.body_timeout_s)
             model = svc.models.current
             if model is None:
                 raise Unavailable("model", "no model version is loaded yet (the repository is empty or every version was refused)")
@@ -284,7 +281,7 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
             # same stack depth for every body); ranked there too when it is the only request in flight and the
             # cache held everything (no thread hand-off: 0.1-0.2 ms). Otherwise on a worker thread, which keeps
             # the loop free to read other bodies while this one waits on Redis or ONNX Runtime.
-            prep = svc.ranker.prepare(body, request.headers.get("content-type"))
+            prep = svc.ranker.prepare(body, header(scope, b"content-type"))
             if svc.limiter is None or (svc.ranking == 1 and not prep.needs_fetch and not svc.remote_model):
                 ranked = svc.ranker.rank(prep, model, live)
             else:
@@ -294,11 +291,21 @@ def create_app(settings: Settings, deps: Deps) -> FastAPI:
         if svc.log is not None:
             svc.log.add(ranked.impression)
         # orjson: the body holds only str, float and None (the ranker's own), and json.dumps took 0.3 ms
-        resp = Response(orjson.dumps(ranked.body), media_type="application/json")
+        out = orjson.dumps(ranked.body)
         svc.metrics.rank_latency.observe(clock.seconds)
         svc.metrics.rank_candidates.observe(ranked.candidates)
         svc.metrics.rank_ok.inc()  # watchnext_requests_total{endpoint="/v1/rank",status="200"}
-        return resp
+        return out
+
+    app.front = partial(FrontRoute, method="POST", path="/v1/rank", handler=rank, answer=error_answer)
+
+    @app.post("/v1/rank", response_model=None, openapi_extra=rank_body(config),
+              responses={200: {"model": RankResponse}, **errors(400, 408, 413, 422, 503)},
+              summary="Rank candidates for one request; the best first")
+    async def rank_route(request: Request) -> Response:
+        """POST /v1/rank as /openapi.json documents it. FrontRoute answers these requests in front of FastAPI's
+        stack (`app.front`), so none gets here; one that did would get the same answer."""
+        return Response(await rank(request.scope, request.receive), media_type="application/json")
 
     # ------------------------------------------------------------ feedback
     @app.post("/v1/feedback", response_model=None, openapi_extra=json_body(feedback_request_schema(config, MAX_EVENTS), feedback_example(config)),
@@ -493,7 +500,7 @@ SETTINGS_ENV = "WATCHNEXT_WORKER_SETTINGS"  # set by cli.serve.run_server for it
 METRICS_DIR_ENV = MULTIPROC_ENV
 
 
-def worker_app() -> FastAPI:
+def worker_app() -> App:
     """The app of one worker process of `watchnext serve --workers N` (uvicorn's factory, "service.app:worker_app"):
     the settings the parent checked, read from its environment."""
     import os

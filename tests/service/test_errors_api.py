@@ -60,3 +60,23 @@ def test_framework_errors_have_the_same_shape(client):
     assert r.status_code == 422 and r.json()["error"]["field"] == "version"
     r = client.get("/v1/experiments/-bad-name")
     assert r.status_code == 422 and r.json()["error"]["field"] == "name"
+
+
+def test_rank_is_answered_in_front_of_fastapi_and_fastapis_route_answers_the_same(trained, server, client):
+    from service.front import FrontRoute
+
+    req = rank_requests(trained["history"], 1, top_k=3)[0]
+    bad = {**req, "top_k": 0}
+    oversized = b"{" + b" " * (9 << 20) + b"}"  # past the 8 MiB default of [service] max_body_bytes
+    answers = []
+    for front in (True, False):
+        if not front:  # FastAPI's own stack only: its /v1/rank route, the one /openapi.json documents
+            assert isinstance(server.app.middleware_stack, FrontRoute)
+            server.app.middleware_stack = server.app.middleware_stack.app
+        got = [client.post("/v1/rank", json=req), client.post("/v1/rank", json=bad),
+               client.post("/v1/rank", content=oversized, headers={"content-type": "application/json"})]
+        answers.append([(r.status_code, r.headers["content-type"], r.json()) for r in got])
+    assert [a[0] for a in answers[0]] == [200, 422, 413]
+    assert answers[0][0][2]["items"] and answers[0][1][2]["error"]["field"] == "top_k"
+    assert answers[0] == answers[1]
+    assert _requests_total(client, "/v1/rank", "200") == 2 and _requests_total(client, "/v1/rank", "422") == 2
