@@ -1,6 +1,7 @@
 """The ranking service (FastAPI on ONNX Runtime). Imports the core and analysis; never torch, training or cli.
 
     app            the app factory: routes, error handlers, the lifespan
+    front          POST /v1/rank answered in front of FastAPI's stack; the one body reader
     settings       the service's settings, validated once at start
     request        a rank body (JSON or Arrow) to one checked request
     ranker         POST /v1/rank: features, the model call, scores, the response

@@ -20,8 +20,10 @@
             answer), the top k are shown in RandPair order (watchnext/explore.py) and
             the impression records each item's propensity and original rank.
 
-Steps 1-2 run on the event loop; app.py runs 3-7 there too when the request is
-the only one in flight and the cache held everything, else on a worker thread.
+The request arrives from `rank` in app.py, which service/front.py calls in front
+of FastAPI's middleware stack. Steps 1-2 run on the event loop; app.py runs 3-7
+there too when the request is the only one in flight and the cache held
+everything, else on a worker thread.
 """
 
 from __future__ import annotations
