@@ -178,7 +178,11 @@ def measure(port: int, bodies: list[bytes], session: InferenceSession, batches: 
     """One cell: the service and the floor side by side in alternating rounds, so that a shared machine's
     drift hits both alike."""
     total = requests if n < 2000 else max(100, requests // 2)
-    run_clients(port, bodies, conc, max(len(bodies), total // 10), content_type)  # warm-up
+    # warm-up: every body on 8 connections one after another, so that each worker process of the service (the
+    # kernel hands each new connection to one of them) has seen every request, and its cache holds their entries
+    for _ in range(8):
+        run_clients(port, bodies, 1, len(bodies), content_type)
+    run_clients(port, bodies, conc, max(len(bodies), total // 10), content_type)
     run_floor(session, batches, conc, max(20, total // 10))
     lat, flat, wall, fwall = [], [], 0.0, 0.0
     for _ in range(rounds):
