@@ -22,6 +22,7 @@ import orjson
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope
 
@@ -266,8 +267,9 @@ def create_app(settings: Settings, deps: Deps) -> App:
     app.add_middleware(AnswerBugs, answer=error_answer)  # any other exception
 
     # ------------------------------------------------------------ rank
-    async def rank(scope: Scope, receive: Receive) -> bytes:
-        """POST /v1/rank (answered by FrontRoute, in front of FastAPI's stack): the response's JSON."""
+    async def rank(scope: Scope, receive: Receive) -> tuple[bytes, Callable[[], None]]:
+        """POST /v1/rank (answered by FrontRoute, in front of FastAPI's stack): the response's JSON, and what is
+        done once it is sent (the impression queued, the request counted), so that the answer waits for neither."""
         clock = Stopwatch()
         svc.ranking += 1  # from before the body is read: a request waiting for its body counts too
         try:
@@ -288,14 +290,18 @@ def create_app(settings: Settings, deps: Deps) -> App:
                 ranked = await anyio.to_thread.run_sync(svc.ranker.rank, prep, model, live, limiter=svc.limiter)
         finally:
             svc.ranking -= 1
-        if svc.log is not None:
-            svc.log.add(ranked.impression)
         # orjson: the body holds only str, float and None (the ranker's own), and json.dumps took 0.3 ms
         out = orjson.dumps(ranked.body)
-        svc.metrics.rank_latency.observe(clock.seconds)
-        svc.metrics.rank_candidates.observe(ranked.candidates)
-        svc.metrics.rank_ok.inc()  # watchnext_requests_total{endpoint="/v1/rank",status="200"}
-        return out
+        seconds = clock.seconds
+
+        def sent() -> None:
+            if svc.log is not None:
+                svc.log.add(ranked.impression)
+            svc.metrics.rank_latency.observe(seconds)
+            svc.metrics.rank_candidates.observe(ranked.candidates)
+            svc.metrics.rank_ok.inc()  # watchnext_requests_total{endpoint="/v1/rank",status="200"}
+
+        return out, sent
 
     app.front = partial(FrontRoute, method="POST", path="/v1/rank", handler=rank, answer=error_answer)
 
@@ -305,7 +311,8 @@ def create_app(settings: Settings, deps: Deps) -> App:
     async def rank_route(request: Request) -> Response:
         """POST /v1/rank as /openapi.json documents it. FrontRoute answers these requests in front of FastAPI's
         stack (`app.front`), so none gets here; one that did would get the same answer."""
-        return Response(await rank(request.scope, request.receive), media_type="application/json")
+        out, sent = await rank(request.scope, request.receive)
+        return Response(out, media_type="application/json", background=BackgroundTask(sent))
 
     # ------------------------------------------------------------ feedback
     @app.post("/v1/feedback", response_model=None, openapi_extra=json_body(feedback_request_schema(config, MAX_EVENTS), feedback_example(config)),
