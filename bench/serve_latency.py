@@ -311,7 +311,12 @@ def start_service(args, models: Path, redis_url: str, config_path: Path) -> tupl
            "WATCHNEXT_DEVICE": args.device}
     server = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--config", str(config_path), "--models",
                                str(models), "--port", str(port)], env=env)
-    deadline = time.monotonic() + 60
+    return server, port, wait_ready(server, port)
+
+
+def wait_ready(server: subprocess.Popen, port: int, timeout_s: float = 60) -> dict:
+    """/readyz's answer once the service on `port` is ready; kills it and raises if it is not within timeout_s."""
+    deadline = time.monotonic() + timeout_s
     while True:
         try:
             c = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
@@ -320,7 +325,7 @@ def start_service(args, models: Path, redis_url: str, config_path: Path) -> tupl
             ready = json.loads(r.read())
             c.close()
             if r.status == 200:
-                return server, port, ready
+                return ready
         except OSError:
             pass
         if time.monotonic() > deadline or server.poll() is not None:

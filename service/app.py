@@ -226,7 +226,7 @@ def create_app(settings: Settings, deps: Deps) -> App:
             await anyio.to_thread.run_sync(svc.stop)  # flushes the impression buffer
 
     app = App(title="watchnext", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Ranks candidate videos with a multitask (MMoE) model; closes the loop to the trainer.")
+              description="Ranks candidate videos with a multitask (MMoE) model; closes the loop to the trainer.")
     app.state.service = svc
     offline_docs(app)
 
@@ -269,7 +269,8 @@ def create_app(settings: Settings, deps: Deps) -> App:
     # ------------------------------------------------------------ rank
     async def rank(scope: Scope, receive: Receive) -> tuple[bytes, Callable[[], None]]:
         """POST /v1/rank (answered by FrontRoute, in front of FastAPI's stack): the response's JSON, and what is
-        done once it is sent (the impression queued, the request counted), so that the answer waits for neither."""
+        done once it is sent: its impression queued for the log (a feedback event that comes first, from another
+        worker process, waits for it as for any impression not yet written: ImpressionLog.unknown_grace_s)."""
         clock = Stopwatch()
         svc.ranking += 1  # from before the body is read: a request waiting for its body counts too
         try:
@@ -292,14 +293,14 @@ def create_app(settings: Settings, deps: Deps) -> App:
             svc.ranking -= 1
         # orjson: the body holds only str, float and None (the ranker's own), and json.dumps took 0.3 ms
         out = orjson.dumps(ranked.body)
-        seconds = clock.seconds
+        # counted before the answer leaves, so that a scrape after it (on any worker process) counts it
+        svc.metrics.rank_latency.observe(clock.seconds)
+        svc.metrics.rank_candidates.observe(ranked.candidates)
+        svc.metrics.rank_ok.inc()  # watchnext_requests_total{endpoint="/v1/rank",status="200"}
 
         def sent() -> None:
             if svc.log is not None:
                 svc.log.add(ranked.impression)
-            svc.metrics.rank_latency.observe(seconds)
-            svc.metrics.rank_candidates.observe(ranked.candidates)
-            svc.metrics.rank_ok.inc()  # watchnext_requests_total{endpoint="/v1/rank",status="200"}
 
         return out, sent
 

@@ -10,7 +10,7 @@ that answers one method and path itself and hands every other request to FastAPI
 What the layers did for that route is done here: the body's size and time limits
 (`receive_body`, which FastAPI's routes call too), the one error shape and its count
 (the app's error handler, which also logs a bug with its traceback), and the answer;
-the handler's bookkeeping (the impression, the counts) runs once the answer is sent.
+what the handler leaves for later (the rank request's impression) runs once the answer is sent.
 FastAPI still documents the route in /openapi.json (service/app.py).
 """
 

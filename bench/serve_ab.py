@@ -1,0 +1,129 @@
+"""POST /v1/rank latency of this tree against another revision's, in turns, next to ONNX Runtime alone.
+
+    python bench/serve_ab.py --base REV [--mode ids-warm|json|arrow] [--candidates 500] [--rounds 10]
+                             [--requests 300]
+
+For a change to the serving code: `--base` (a commit, a branch) is checked out into a
+temporary git worktree, and a `watchnext serve` of each tree (their defaults) serves one
+client on a keep-alive connection per round: base, this tree, then the floor (the same
+batches straight into one ONNX Runtime session), --rounds times over. Rounds in turns
+put a shared machine's drift on all three alike; the figures are the medians over
+rounds of each round's p50 and of its ratio to that round's floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serve_latency import (  # noqa: E402
+    arrow_body,
+    ensure_model,
+    ids_only,
+    load_store,
+    make_requests,
+    run_clients,
+    run_floor,
+    wait_ready,
+)
+
+from service.features import OnlineFeatures  # noqa: E402
+from service.inference import InferenceSession  # noqa: E402
+from service.observability import Metrics  # noqa: E402
+from service.ranker import Ranker  # noqa: E402
+from simulation.world import World, WorldSpec  # noqa: E402
+from watchnext.config import load_config  # noqa: E402
+from watchnext.encoding import Encoder  # noqa: E402
+from watchnext.redis_embed import free_port, start_embedded  # noqa: E402
+from watchnext.repository import ModelRepository  # noqa: E402
+
+ARROW = "application/vnd.apache.arrow.stream"
+
+
+def serve(tree: Path, config_path: Path, models: Path, redis_url: str) -> tuple[subprocess.Popen, int]:
+    """`watchnext serve` from `tree`'s code, ready."""
+    port = free_port()
+    env = {**os.environ, "REDIS_URL": redis_url, "WATCHNEXT_LOG_LEVEL": "warning", "PYTHONPATH": str(tree)}
+    proc = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--config", str(config_path), "--models",
+                             str(models), "--port", str(port)], env=env, cwd=tree)
+    wait_ready(proc, port)
+    return proc, port
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="the revision to compare with (a commit or a branch)")
+    ap.add_argument("--mode", default="ids-warm", choices=["ids-warm", "json", "arrow"])
+    ap.add_argument("--candidates", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--requests", type=int, default=300, help="timed requests per tree and round")
+    ap.add_argument("--config", type=Path, default=ROOT / "watchnext.toml")
+    ap.add_argument("--models", type=Path, default=ROOT / "data" / "bench" / "models")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="wn-ab-"))
+    base_tree = work / "base"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", "-q", str(base_tree), args.base], check=True)
+    config = load_config(args.config)
+    models = ensure_model(args.models, args.config, work)
+    redis = start_embedded(work / "redis", appendonly=False)
+    servers: list[subprocess.Popen] = []
+    try:
+        ports = {}
+        for name, tree in (("base", base_tree), ("this tree", ROOT)):
+            proc, ports[name] = serve(tree, args.config, models, redis.url)
+            servers.append(proc)
+        reqs = make_requests(World(WorldSpec(), seed=3), args.candidates, 16, seed=args.candidates)
+        load_store(redis.url, config, reqs)
+        full = [json.dumps(r).encode() for r in reqs]
+        ctype = ARROW if args.mode == "arrow" else "application/json"
+        bodies = {"ids-warm": [json.dumps(ids_only(r)).encode() for r in reqs], "json": full,
+                  "arrow": [arrow_body(r, config) for r in reqs]}[args.mode]
+        metrics = Metrics()
+        offline = Ranker(config, OnlineFeatures(config, Encoder(config), None, metrics, 20), metrics)
+        batches = [offline.encode(offline.prepare(b)) for b in full]
+        repo = ModelRepository(models, config.model.name)
+        session = InferenceSession(repo.path(repo.serving()) / "model.onnx", "auto",
+                                   int(os.environ.get("WATCHNEXT_THREADS") or 0))
+        for port in ports.values():  # every body on 8 connections: each worker process has seen each request
+            for _ in range(8):
+                run_clients(port, bodies, 1, len(bodies), ctype)
+        run_floor(session, batches, 1, 50)
+        p50s: dict[str, list[float]] = {name: [] for name in (*ports, "floor")}
+        for _ in range(args.rounds):
+            for name, port in ports.items():
+                lat, _ = run_clients(port, bodies, 1, args.requests, ctype)
+                p50s[name].append(float(np.percentile(lat, 50)) * 1000)
+            lat, _ = run_floor(session, batches, 1, args.requests)
+            p50s["floor"].append(float(np.percentile(lat, 50)) * 1000)
+    finally:
+        for proc in servers:
+            proc.terminate()
+            proc.wait(30)
+        redis.stop()
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
+
+    floor = np.asarray(p50s["floor"])
+    print(f"\n{args.mode}, {args.candidates} candidates, one client, {args.rounds} rounds of {args.requests} "
+          f"requests (base: {args.base}); the floor's p50 {np.median(floor):.2f} ms")
+    print(f"{'tree':>10} | {'p50 ms':>7} | {'p50 x':>6} | p50 x of each round")
+    for name in ports:
+        ratios = np.asarray(p50s[name]) / floor
+        print(f"{name:>10} | {np.median(p50s[name]):>7.2f} | {np.median(ratios):>6.2f} | "
+              f"{', '.join(f'{r:.2f}' for r in ratios)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
