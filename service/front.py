@@ -2,10 +2,10 @@
 
 POST /v1/rank is the request production sends hundreds of times a second. FastAPI's
 layers around a route (its six middlewares, the router, dependency solving, a
-Response object, a wrapper per layer around `send`) cost that request 0.4-0.5 ms at
-500 candidates on 2 cores, more than parsing its body and gathering 500 cached
-candidates together (bench/serve_latency.py, ids by a warm cache: p50 4.62 ms
-through FastAPI, 4.13 ms in front of it, 2026-12-03). `FrontRoute` is an ASGI app
+Response object, a wrapper per layer around `send`) cost that request about 0.5 ms
+at 500 candidates on 2 cores, more than parsing its body and gathering 500 cached
+candidates together (`bench/serve_ab.py`, ids by a warm cache, 10 rounds in turns:
+p50 5.19 ms through FastAPI, 4.68 ms in front of it, 2026-12-03). `FrontRoute` is an ASGI app
 that answers one method and path itself and hands every other request to FastAPI.
 What the layers did for that route is done here: the body's size and time limits
 (`receive_body`, which FastAPI's routes call too), the one error shape and its count
