@@ -217,20 +217,19 @@ class Ranker:
         inp = prep.inp
         n = inp.n
         scores = combine(heads, weights, self.mode)  # (B,)
-        finite = np.isfinite(heads).all(axis=1) & np.isfinite(scores)
-        if not finite.all():  # never let NaN or inf reach a client; count it
+        s, idx = scores, None  # the scores ranked, and their rows (None: every row)
+        if not (np.isfinite(scores).all() and np.isfinite(heads).all()):  # never let NaN or inf reach a client
+            finite = np.isfinite(heads).all(axis=1) & np.isfinite(scores)
             self.metrics.nonfinite.inc(int((~finite).sum()))
             idx = np.flatnonzero(finite)
-        else:
-            idx = np.arange(n)
-        k = min(inp.top_k, len(idx))
-        s = scores[idx]
-        if k < len(idx):  # partial sort: the top k of B in O(B)
+            s = scores[idx]
+        k = min(inp.top_k, len(s))
+        if k < len(s):  # partial sort: the top k of B in O(B)
             part = np.argpartition(-s, k - 1)[:k]
             top = part[np.argsort(-s[part], kind="stable")]
         else:
             top = np.argsort(-s, kind="stable")
-        order = idx[top]
+        order = top if idx is None else idx[top]
         explore = self._explore(inp.request_id, scores[order]) if self.explore_share > 0 else None
         if explore is not None:
             order = order[explore["rank"]]
