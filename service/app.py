@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope
 
 from watchnext.encoding import Encoder
@@ -177,6 +178,8 @@ class AnswerBugs:
 
         try:
             await self.app(scope, receive, sending)
+        except ClientDisconnect:  # the client left before its body was read: nobody is left to answer
+            return
         except Exception as exc:
             if started:
                 raise

@@ -68,3 +68,19 @@ def test_a_stalled_upload_is_answered_408_within_the_bound_and_others_are_served
             assert err["field"] == "body" and f"not received within {TIMEOUT_S:g} s" in err["reason"], err
         assert c.get("/v1/experiments/e1").status_code == 404  # the PUT went nowhere
         assert c.post("/v1/rank", json={"candidates": [{"video_id": "v1"}]}).status_code == 200
+
+
+def test_a_client_that_leaves_mid_body_is_not_logged_as_a_bug_and_others_are_served(trained, models_dir, redis_url,
+                                                                                     capfd):
+    with live_service(trained["config_path"], models_dir, redis_url, body_timeout_s=30.0) as srv, \
+            httpx.Client(base_url=srv.url, timeout=10) as c:
+        capfd.readouterr()
+        for path in ("/v1/rank", "/v1/rank", "/v1/feedback"):  # headers and part of a body, then the connection
+            stall(srv.port, path).close()  # closes: nobody is left to answer
+        time.sleep(0.5)
+        r = c.post("/v1/rank", json={"candidates": [{"video_id": "v1"}, {"video_id": "v2"}]})
+        assert r.status_code == 200, r.text
+        err = capfd.readouterr().err
+        assert "internal_error" not in err and "Exception in ASGI application" not in err, err[-2000:]
+        metrics = c.get("/metrics").text
+        assert 'status="500"' not in metrics
