@@ -270,7 +270,7 @@ def create_app(settings: Settings, deps: Deps) -> App:
     app.add_middleware(AnswerBugs, answer=error_answer)  # any other exception
 
     # ------------------------------------------------------------ rank
-    async def rank(scope: Scope, receive: Receive) -> tuple[bytes, Callable[[], None]]:
+    async def rank_request(scope: Scope, receive: Receive) -> tuple[bytes, Callable[[], None]]:
         """POST /v1/rank (answered by FrontRoute, in front of FastAPI's stack): the response's JSON, and what is
         done once it is sent: its impression queued for the log (a feedback event that comes first, from another
         worker process, waits for it as for any impression not yet written: ImpressionLog.unknown_grace_s)."""
@@ -307,15 +307,15 @@ def create_app(settings: Settings, deps: Deps) -> App:
 
         return out, sent
 
-    app.front = partial(FrontRoute, method="POST", path="/v1/rank", handler=rank, answer=error_answer)
+    app.front = partial(FrontRoute, method="POST", path="/v1/rank", handler=rank_request, answer=error_answer)
 
     @app.post("/v1/rank", response_model=None, openapi_extra=rank_body(config),
               responses={200: {"model": RankResponse}, **errors(400, 408, 413, 422, 503)},
               summary="Rank candidates for one request; the best first")
-    async def rank_route(request: Request) -> Response:
+    async def rank(request: Request) -> Response:  # named as before: /openapi.json's operationId is rank_v1_rank_post
         """POST /v1/rank as /openapi.json documents it. FrontRoute answers these requests in front of FastAPI's
         stack (`app.front`), so none gets here; one that did would get the same answer."""
-        out, sent = await rank(request.scope, request.receive)
+        out, sent = await rank_request(request.scope, request.receive)
         return Response(out, media_type="application/json", background=BackgroundTask(sent))
 
     # ------------------------------------------------------------ feedback

@@ -80,3 +80,5 @@ def test_rank_is_answered_in_front_of_fastapi_and_fastapis_route_answers_the_sam
     assert answers[0][0][2]["items"] and answers[0][1][2]["error"]["field"] == "top_k"
     assert answers[0] == answers[1]
     assert _requests_total(client, "/v1/rank", "200") == 2 and _requests_total(client, "/v1/rank", "422") == 2
+    # documented as before (a generated client's method name comes from the operationId)
+    assert client.get("/openapi.json").json()["paths"]["/v1/rank"]["post"]["operationId"] == "rank_v1_rank_post"
