@@ -22,7 +22,6 @@ import orjson
 from fastapi import FastAPI, Path, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope
@@ -270,10 +269,8 @@ def create_app(settings: Settings, deps: Deps) -> App:
     app.add_middleware(AnswerBugs, answer=error_answer)  # any other exception
 
     # ------------------------------------------------------------ rank
-    async def rank_request(scope: Scope, receive: Receive) -> tuple[bytes, Callable[[], None]]:
-        """POST /v1/rank (answered by FrontRoute, in front of FastAPI's stack): the response's JSON, and what is
-        done once it is sent: its impression queued for the log (a feedback event that comes first, from another
-        worker process, waits for it as for any impression not yet written: ImpressionLog.unknown_grace_s)."""
+    async def rank_request(scope: Scope, receive: Receive) -> bytes:
+        """POST /v1/rank (answered by FrontRoute, in front of FastAPI's stack): the response's JSON."""
         clock = Stopwatch()
         svc.ranking += 1  # from before the body is read: a request waiting for its body counts too
         try:
@@ -294,18 +291,14 @@ def create_app(settings: Settings, deps: Deps) -> App:
                 ranked = await anyio.to_thread.run_sync(svc.ranker.rank, prep, model, live, limiter=svc.limiter)
         finally:
             svc.ranking -= 1
+        if svc.log is not None:  # queued before the answer leaves: whoever has the answer finds its impression
+            svc.log.add(ranked.impression)
         # orjson: the body holds only str, float and None (the ranker's own), and json.dumps took 0.3 ms
         out = orjson.dumps(ranked.body)
-        # counted before the answer leaves, so that a scrape after it (on any worker process) counts it
         svc.metrics.rank_latency.observe(clock.seconds)
         svc.metrics.rank_candidates.observe(ranked.candidates)
         svc.metrics.rank_ok.inc()  # watchnext_requests_total{endpoint="/v1/rank",status="200"}
-
-        def sent() -> None:
-            if svc.log is not None:
-                svc.log.add(ranked.impression)
-
-        return out, sent
+        return out
 
     app.front = partial(FrontRoute, method="POST", path="/v1/rank", handler=rank_request, answer=error_answer)
 
@@ -315,8 +308,7 @@ def create_app(settings: Settings, deps: Deps) -> App:
     async def rank(request: Request) -> Response:  # named as before: /openapi.json's operationId is rank_v1_rank_post
         """POST /v1/rank as /openapi.json documents it. FrontRoute answers these requests in front of FastAPI's
         stack (`app.front`), so none gets here; one that did would get the same answer."""
-        out, sent = await rank_request(request.scope, request.receive)
-        return Response(out, media_type="application/json", background=BackgroundTask(sent))
+        return Response(await rank_request(request.scope, request.receive), media_type="application/json")
 
     # ------------------------------------------------------------ feedback
     @app.post("/v1/feedback", response_model=None, openapi_extra=json_body(feedback_request_schema(config, MAX_EVENTS), feedback_example(config)),

@@ -9,8 +9,7 @@ p50 5.19 ms through FastAPI, 4.68 ms in front of it, 2026-12-03). `FrontRoute` i
 that answers one method and path itself and hands every other request to FastAPI.
 What the layers did for that route is done here: the body's size and time limits
 (`receive_body`, which FastAPI's routes call too), the one error shape and its count
-(the app's error handler, which also logs a bug with its traceback), and the answer;
-what the handler leaves for later (the rank request's impression) runs once the answer is sent.
+(the app's error handler, which also logs a bug with its traceback), and the answer.
 FastAPI still documents the route in /openapi.json (service/app.py).
 """
 
@@ -25,9 +24,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .errors import PayloadTooLarge, ServiceError
 
-# the route's work: (scope, receive) -> the JSON body of a 200 answer, and what to do once it is sent (on the
-# event loop, before anything else runs there); raises ServiceError for a 4xx or 5xx
-Handler = Callable[[Scope, Receive], Awaitable[tuple[bytes, Callable[[], None]]]]
+# the route's work: (scope, receive) -> the JSON body of a 200 answer; raises ServiceError for a 4xx or 5xx
+Handler = Callable[[Scope, Receive], Awaitable[bytes]]
 # the app's error handler: (request, exception) -> the answer
 Answer = Callable[[Request, Exception], Awaitable[Response]]
 
@@ -79,7 +77,7 @@ class FrontRoute:
             await self.app(scope, receive, send)
             return
         try:
-            body, sent = await self.handler(scope, receive)
+            body = await self.handler(scope, receive)
         except ClientDisconnect:  # nobody is left to answer
             return
         except Exception as exc:  # a ServiceError's answer, or a bug's 500 (logged by `answer`)
@@ -89,7 +87,6 @@ class FrontRoute:
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]})
         await send({"type": "http.response.body", "body": body})
-        sent()
 
 
 def _route_path(scope: Scope) -> str:
