@@ -35,7 +35,7 @@ from serve_latency import (  # noqa: E402
     make_requests,
     run_clients,
     run_floor,
-    wait_ready,
+    start_service,
 )
 
 from service.features import OnlineFeatures  # noqa: E402
@@ -45,20 +45,10 @@ from service.ranker import Ranker  # noqa: E402
 from simulation.world import World, WorldSpec  # noqa: E402
 from watchnext.config import load_config  # noqa: E402
 from watchnext.encoding import Encoder  # noqa: E402
-from watchnext.redis_embed import free_port, start_embedded  # noqa: E402
+from watchnext.redis_embed import start_embedded  # noqa: E402
 from watchnext.repository import ModelRepository  # noqa: E402
 
 ARROW = "application/vnd.apache.arrow.stream"
-
-
-def serve(tree: Path, config_path: Path, models: Path, redis_url: str) -> tuple[subprocess.Popen, int]:
-    """`watchnext serve` from `tree`'s code, ready."""
-    port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "WATCHNEXT_LOG_LEVEL": "warning", "PYTHONPATH": str(tree)}
-    proc = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--config", str(config_path), "--models",
-                             str(models), "--port", str(port)], env=env, cwd=tree)
-    wait_ready(proc, port)
-    return proc, port
 
 
 def main() -> int:
@@ -82,7 +72,8 @@ def main() -> int:
     try:
         ports = {}
         for name, tree in (("base", base_tree), ("this tree", ROOT)):
-            proc, ports[name] = serve(tree, args.config, models, redis.url)
+            proc, ports[name], _ = start_service(argparse.Namespace(device="auto"), models, redis.url, args.config,
+                                                 tree)
             servers.append(proc)
         reqs = make_requests(World(WorldSpec(), seed=3), args.candidates, 16, seed=args.candidates)
         load_store(redis.url, config, reqs)

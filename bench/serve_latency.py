@@ -305,12 +305,14 @@ def ensure_model(models: Path, config_path: Path, work: Path) -> Path:
     return models
 
 
-def start_service(args, models: Path, redis_url: str, config_path: Path) -> tuple[subprocess.Popen, int, dict]:
+def start_service(args, models: Path, redis_url: str, config_path: Path,
+                  tree: Path = ROOT) -> tuple[subprocess.Popen, int, dict]:
+    """`watchnext serve` from `tree`'s code (default: this one), ready."""
     port = free_port()
-    env = {**os.environ, "REDIS_URL": redis_url, "WATCHNEXT_LOG_LEVEL": "warning", "PYTHONPATH": str(ROOT),
+    env = {**os.environ, "REDIS_URL": redis_url, "WATCHNEXT_LOG_LEVEL": "warning", "PYTHONPATH": str(tree),
            "WATCHNEXT_DEVICE": args.device}
     server = subprocess.Popen([sys.executable, "-m", "watchnext", "serve", "--config", str(config_path), "--models",
-                               str(models), "--port", str(port)], env=env)
+                               str(models), "--port", str(port)], env=env, cwd=tree)
     return server, port, wait_ready(server, port)
 
 

@@ -20,7 +20,7 @@
             answer), the top k are shown in RandPair order (watchnext/explore.py) and
             the impression records each item's propensity and original rank.
 
-The request arrives from `rank` in app.py, which service/front.py calls in front
+The request arrives from `rank_request` in app.py, which service/front.py calls in front
 of FastAPI's middleware stack. Steps 1-2 run on the event loop; app.py runs 3-7
 there too when the request is the only one in flight and the cache held
 everything, else on a worker thread.
