@@ -256,7 +256,7 @@ class RequestCodec:
             else:
                 ok = inner is not None and (pa.types.is_integer(inner) or pa.types.is_floating(inner))
                 expect = "lists of numbers"
-            if ok:
+            if ok and col.values.null_count:  # some null among the values: is one inside a row that is not null?
                 flat = pc.list_flatten(col)
                 if flat.null_count:
                     lengths = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False)
@@ -269,6 +269,8 @@ class RequestCodec:
             col.validate(full=True)
         except pa.ArrowInvalid as e:
             raise BadRequest(where, f"not valid: {e}") from None
+        if t == want:
+            return col
         try:
             return col.cast(want)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:

@@ -62,15 +62,15 @@ def fnv1a_strings(arr: pa.Array) -> np.ndarray:
     chars = data[np.minimum(starts + pos, len(data) - 1)].astype(np.uint64)  # (longest, n)
     inside = pos < lengths  # past a string's end its hash stays as it is
     step = np.empty(n, np.uint64)
-    with np.errstate(over="ignore"):
-        for j in range(longest):  # over character positions, not over examples
-            if j < shortest:
-                np.bitwise_xor(h, chars[j], out=h)
-                np.multiply(h, FNV_PRIME, out=h)
-            else:
-                np.bitwise_xor(h, chars[j], out=step)
-                np.multiply(step, FNV_PRIME, out=step)
-                np.copyto(h, step, where=inside[j])
+    # unsigned array arithmetic wraps modulo 2**64 without a warning: no errstate needed
+    for j in range(longest):  # over character positions, not over examples
+        if j < shortest:
+            np.bitwise_xor(h, chars[j], out=h)
+            np.multiply(h, FNV_PRIME, out=h)
+        else:
+            np.bitwise_xor(h, chars[j], out=step)
+            np.multiply(step, FNV_PRIME, out=step)
+            np.copyto(h, step, where=inside[j])
     return h
 
 
@@ -297,9 +297,9 @@ class Encoder:
         """Check and transform one numeric feature's values (float64 (n,), anything where null)."""
         present = ~null
         finite = np.isfinite(v)
-        with np.errstate(invalid="ignore"):
-            fits = np.abs(v) <= F32_MAX  # False for NaN
-            above = v > -1 if f.transform == "log1p" else None
+        # comparisons with NaN are False without a warning: no errstate needed (it costs more than the checks)
+        fits = np.abs(v) <= F32_MAX  # False for NaN
+        above = v > -1 if f.transform == "log1p" else None
         ok = present & fits
         if above is not None:
             ok &= above
@@ -309,15 +309,13 @@ class Encoder:
             if above is not None:
                 problems.add(present & ~above & ~np.isnan(v), where, "must be > -1 for transform log1p")
         j = self.numeric_col[f.name]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            t = _transform(np.where(ok, v, 0.0), f.transform)
+        t = _transform(np.where(ok, v, 0.0), f.transform)  # ok: within log1p's domain, so no warning
         out.values[f.name] = np.where(ok, t, self.numeric_default[j]).astype(np.float32)
         out.present[f.name] = ok
 
     def _vector(self, f: Feature, col: pa.Array, null: np.ndarray, out: Columns, problems: Problems,
                 where: str) -> None:
-        lengths = pc.list_value_length(col).to_numpy(zero_copy_only=False)
-        lengths = np.where(null, 0, lengths).astype(np.int64)
+        lengths = list_lengths(col)
         wrong = ~null & (lengths != f.size)
         problems.add(wrong, where, f"expected {f.size} numbers")
         flat64 = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -415,7 +413,7 @@ def _list_rows(col: pa.Array, buckets: int, max_len: int) -> np.ndarray:
     out = np.zeros((n, max_len), dtype=np.int64)
     if isinstance(col, pa.ChunkedArray):
         col = col.combine_chunks()
-    lengths = pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = list_lengths(col)
     values = pc.list_flatten(col)
     if len(values) == 0:
         return out
@@ -426,3 +424,13 @@ def _list_rows(col: pa.Array, buckets: int, max_len: int) -> np.ndarray:
     keep = slot < max_len
     out[owner[keep], slot[keep]] = rows[keep]
     return out
+
+
+def list_lengths(col: pa.Array) -> np.ndarray:
+    """(n,) int64: the length of each row of a list column, 0 where null (`pc.list_flatten` leaves a null row's
+    values out, even where its offsets span some). Read from the offsets: one numpy step instead of three
+    Arrow calls."""
+    lengths = np.diff(col.offsets.to_numpy()).astype(np.int64)
+    if col.null_count:
+        lengths[np.asarray(col.is_null())] = 0
+    return lengths
