@@ -4,7 +4,9 @@ The store holds each user, query video and candidate video as an encoded row
 (watchnext/entities.py), so ranking candidates by id is a gather:
 
 1. `plan(wants)` looks every id up in this process's cache (one dict look-up per id,
-   in C via `map`); hits are copied out of a numpy table of encoded rows.
+   in C via `map`); hits are copied out of a numpy table of encoded rows. Their
+   JSON (what an impression logs) is not copied then: `Stored.texts(rows)` takes it
+   for the rows that need it, the top k once they are ranked (see EntityCache).
 2. `fetch(plan)` asks Redis for the misses only, every source in one pipelined
    round trip (HMGET), with a tight timeout; the rows are checked, cached (an id
    the store does not have is cached as absent too) and gathered.
@@ -50,6 +52,8 @@ REDIS_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
 SHARES = {"candidate": 0.5, "user": 0.25, "query": 0.25}  # of the cache's bytes
 ENTRY_OVERHEAD = 300  # bytes per cached entry beside its row and JSON text: the dict entry, the id, the JSON object, slots (measured: bench/serve_latency.py)
 RECENT_LIMIT = 200_000  # ids remembered as changed while a fetch was in flight (see EntityCache.put)
+GRAVE_BYTES = 4 << 20  # JSON of entries replaced or evicted while a request may hold them (see EntityCache.texts)
+RECENT_TICKS = 4096  # an entry looked up within this many look-ups may be held by a request in flight
 # A change-stream entry as these clients read it: (entry id, fields). The clients are made without
 # decode_responses, so every reply is bytes; redis-py types replies as `bytes | str` (either setting), and
 # the casts below say which.
@@ -58,16 +62,41 @@ _StreamEntry = tuple[bytes, dict[bytes, bytes]]
 
 @dataclass
 class Stored:
-    """What the store holds for n ids: encoded columns (absent where it has nothing) and each entry's JSON."""
+    """What the store holds for n ids: encoded columns (absent where it has nothing), and each entry's JSON on
+    demand (`texts`)."""
 
     columns: Columns
     found: np.ndarray  # (n,) bool
-    raw: np.ndarray  # (n,) object: each entity's features as JSON bytes; b"" where not found
+    cache: EntityCache
+    slots: np.ndarray  # (n,) the cache's slot of each hit, -1 elsewhere
+    stamps: np.ndarray  # (n,) the slots' stamps at the look-up
+    fetched: np.ndarray | None  # (n,) object: the JSON read from Redis for the misses (b"" elsewhere); None: none read
+
+    def texts(self, rows: np.ndarray) -> np.ndarray:
+        """(len(rows),) object: the JSON of these rows' entries as they were ranked; b"" where not found."""
+        rows = np.asarray(rows, np.int64)
+        out = self.cache.texts(self.slots[rows], self.stamps[rows])
+        if self.fetched is not None:
+            out = np.where(self.slots[rows] >= 0, out, self.fetched[rows])
+        return out
+
+    @property
+    def raw(self) -> np.ndarray:
+        """(n,) object: every entry's JSON (tests, `read`)."""
+        return self.texts(np.arange(len(self.found)))
 
 
 class EntityCache:
     """One source's cached entries: each field of the encoded rows in its own numpy array (so a gather gives
-    the contiguous columns the model reads), their JSON, an id -> slot dict."""
+    the contiguous columns the model reads), their JSON, an id -> slot dict.
+
+    A look-up copies the rows and returns the slots with their stamps, not the JSON: taking 500 JSON objects
+    per request (a reference count to touch on each, scattered over the heap) cost the ranking of 500 cached
+    ids 0.2-0.4 ms (`bench/serve_ab.py`), while an impression logs the JSON of the top k only. `texts` takes
+    it for those, as it was at the look-up: a slot's stamp moves on whenever its entry is replaced, evicted
+    or cleared, and the JSON of an entry replaced or evicted soon after a look-up is kept a while, by its
+    (slot, stamp), in `graves` (bounded by GRAVE_BYTES).
+    """
 
     def __init__(self, layout: RowLayout, budget_bytes: int):
         self.layout = layout
@@ -80,6 +109,9 @@ class EntityCache:
         self.raw = np.full(self.capacity, b"", object)
         self.ids = np.full(self.capacity, None, object)
         self.used = np.zeros(self.capacity, np.int64)  # the tick of each slot's last use
+        self.stamp = np.zeros(self.capacity, np.int64)  # moves on whenever a slot's entry changes
+        self.graves: dict[tuple[int, int], bytes] = {}  # (slot, stamp) -> the JSON the slot held with that stamp
+        self.grave_bytes = 0
         self.slot: dict[str, int] = {}
         self.free = list(range(self.capacity - 1, -1, -1))
         self.bytes = 0
@@ -93,28 +125,54 @@ class EntityCache:
         return len(self.slot)
 
     def lookup(self, ids: list[str], absent: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray],
-                                                                           np.ndarray]:
-        """(hit (n,) bool, the entries' fields (n rows each; `absent`'s one row where missed), their JSON (n,)
-        object) for `ids`; marks the hits used. Copied under the lock: no slot can be given to another id
-        between the look-up and the use."""
+                                                                           np.ndarray, np.ndarray]:
+        """(hit (n,) bool, the entries' fields (n rows each; `absent`'s one row where missed), their slots (n,)
+        (-1 where missed) and the slots' stamps (for `texts`)) for `ids`; marks the hits used. Copied under the
+        lock: no slot can be given to another id between the look-up and the use."""
         n = len(ids)
         with self.lock:
             s = np.fromiter(map(self.slot.get, ids, itertools.repeat(-1)), np.int64, n)
             hit = s >= 0
             if hit.all():
                 cols = {name: a.take(s, axis=0) for name, a in self.cols.items()}
-                raw = self.raw.take(s)
+                h = s
             else:
                 cols = {name: np.repeat(v, n, axis=0) for name, v in absent.items()}
-                raw = np.full(n, b"", object)
-                if hit.any():
-                    h = s[hit]
+                h = s[hit]
+                if len(h):
                     for name, a in self.cols.items():
                         cols[name][hit] = a[h]
-                    raw[hit] = self.raw[h]
+            stamps = self.stamp.take(np.maximum(s, 0))
             self.tick += 1
-            self.used[s[hit]] = self.tick
-        return hit, cols, raw
+            self.used[h] = self.tick
+        return hit, cols, s, stamps
+
+    def texts(self, slots: np.ndarray, stamps: np.ndarray) -> np.ndarray:
+        """(n,) object: the JSON of the entries a look-up returned (its slots and stamps), as they were then:
+        b"" for slot -1, and for an entry that changed since and is no longer in `graves` (a cleared cache, or
+        GRAVE_BYTES of changes in between)."""
+        out = np.full(len(slots), b"", object)
+        held = slots >= 0
+        with self.lock:
+            same = held & (self.stamp[np.maximum(slots, 0)] == stamps)
+            out[same] = self.raw[slots[same]]
+            for i in np.flatnonzero(held & ~same).tolist():  # changed since the look-up (rare)
+                out[i] = self.graves.get((int(slots[i]), int(stamps[i])), b"")
+        return out
+
+    def _bury(self, slots: np.ndarray) -> None:
+        """Keep the JSON of entries about to change, by (slot, stamp), for requests that hold them; move the
+        slots' stamps on. Under the lock."""
+        if not len(slots):
+            return
+        slots = np.unique(slots)
+        keys = zip(slots.tolist(), self.stamp[slots].tolist(), strict=True)
+        for key, text in zip(keys, self.raw[slots].tolist(), strict=True):  # the entries that change: few
+            self.graves[key] = text
+            self.grave_bytes += len(text)
+        while self.grave_bytes > GRAVE_BYTES and self.graves:
+            self.grave_bytes -= len(self.graves.pop(next(iter(self.graves))))
+        self.stamp[slots] += 1
 
     def put(self, ids: list[str], rows: np.ndarray, raw: np.ndarray, since: int | None = None) -> np.ndarray:
         """Cache entries (replacing the ids' old ones); returns their slots, -1 for those not cached (tests). `since`:
@@ -148,6 +206,7 @@ class EntityCache:
                 slots[new] = fresh
                 self.ids[fresh] = kids[new]
                 self.slot.update(zip(kids[new].tolist(), fresh.tolist()))
+            self._bury(slots[~new])  # entries replaced: a request may hold them
             self.bytes -= sum(map(len, self.raw[slots[~new]]))
             vals = raw[idx]
             self.raw[slots] = vals
@@ -166,6 +225,9 @@ class EntityCache:
         if not k:
             return
         victims = taken[np.argpartition(self.used[taken], k - 1)[:k]] if k < len(taken) else taken
+        recent = self.used[victims] > self.tick - RECENT_TICKS  # looked up a moment ago: a request may hold them
+        self._bury(victims[recent])
+        self.stamp[victims[~recent]] += 1
         for i in self.ids[victims].tolist():
             self.slot.pop(i, None)
         self.bytes -= len(victims) * self.entry_bytes + sum(map(len, self.raw[victims]))
@@ -190,6 +252,9 @@ class EntityCache:
             self.raw[:] = b""
             self.free = list(range(self.capacity - 1, -1, -1))
             self.bytes = 0
+            self.stamp += 1  # a request holding an entry gets b"" for its JSON: nothing cached can be trusted
+            self.graves.clear()
+            self.grave_bytes = 0
             self.seq += 1
             self.recent.clear()
             self.floor = self.seq
@@ -202,9 +267,11 @@ class Plan:
 
     ids: dict[str, list[str]]
     cols: dict[str, dict[str, np.ndarray]]  # each field of RowLayout.dtype, n rows
-    raw: dict[str, np.ndarray]  # (n,) object: JSON bytes, b"" where none
     hit: dict[str, np.ndarray]  # (n,) bool: answered by the cache
+    slots: dict[str, np.ndarray]  # (n,) the hits' cache slots, -1 elsewhere
+    stamps: dict[str, np.ndarray]  # (n,) those slots' stamps
     since: dict[str, int]  # each cache's change count when the plan was made
+    raw: dict[str, np.ndarray] = field(default_factory=dict)  # (n,) object: JSON read by `fetch`, b"" elsewhere
     fetched: set[str] = field(default_factory=set)
 
     @property
@@ -256,9 +323,9 @@ class OnlineFeatures:
     def plan(self, wants: dict[str, list[str]]) -> Plan:
         """Cache look-ups for {source: ids}; `Plan.misses` says whether `fetch` has anything to ask Redis."""
         wants = {s: ids for s, ids in wants.items() if s in self.caches}
-        plan = Plan(wants, {}, {}, {}, {s: self.caches[s].seq for s in wants})
+        plan = Plan(wants, {}, {}, {}, {}, {s: self.caches[s].seq for s in wants})
         for s, ids in wants.items():
-            plan.hit[s], plan.cols[s], plan.raw[s] = self.caches[s].lookup(ids, self.absent_fields[s])
+            plan.hit[s], plan.cols[s], plan.slots[s], plan.stamps[s] = self.caches[s].lookup(ids, self.absent_fields[s])
         hits = sum(int(h.sum()) for h in plan.hit.values())
         if hits:
             self.metrics.feature_cache_hits.inc(hits)
@@ -294,6 +361,7 @@ class OnlineFeatures:
             self.caches[s].put(ids, rows, raw, plan.since[s])
             for name, a in plan.cols[s].items():
                 a[todo[s]] = rows[name]
+            plan.raw[s] = np.full(len(plan.ids[s]), b"", object)
             plan.raw[s][todo[s]] = raw
             plan.fetched.add(s)
 
@@ -311,7 +379,8 @@ class OnlineFeatures:
         cols = plan.cols[source]
         # (n, F) flags: any(axis=1) is (n,), never the scalar numpy's types allow for
         found = cast(np.ndarray, cols["present"].any(axis=1))
-        return Stored(self.layouts[source].columns(cols), found, plan.raw[source])
+        return Stored(self.layouts[source].columns(cols), found, self.caches[source], plan.slots[source],
+                      plan.stamps[source], plan.raw.get(source))
 
     def _decode(self, source: str, packed: list, raw: list) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Rows of one HMGET reply; an entry that is absent, of the wrong width or fails the checks reads as

@@ -159,7 +159,7 @@ class Ranker:
                     c = st.columns
                 else:
                     c = overlay(self._section(s, sec, problems), st.columns)
-                shared[s] = st.raw[0]
+                shared[s] = st.texts(np.zeros(1, np.int64))[0]
             else:
                 c = self._section(s, sec, problems)
             sections[s] = c
@@ -272,14 +272,14 @@ class Ranker:
         request's path): their store entries, then the values sent."""
         inp = prep.inp
         raw = None
-        if stored is not None:
+        if stored is not None:  # the store entries' JSON, taken now for the shown candidates only
             if len(prep.candidate_rows) == inp.n:  # every candidate was looked up (ids only): row for row
-                raw = stored.raw[order]
+                raw = stored.texts(order)
             else:
                 where = np.full(inp.n, -1, np.int64)  # request row -> row of the stored entries
                 where[prep.candidate_rows] = np.arange(len(prep.candidate_rows))
                 at = where[order]
-                raw = np.where(at >= 0, stored.raw[np.maximum(at, 0)], b"")
+                raw = np.where(at >= 0, stored.texts(np.maximum(at, 0)), b"")
         return ServedItems(ids, raw, inp.candidates, order, self.item_id if inp.ids is not None else None,
                            self.codec.known["candidate"])
 

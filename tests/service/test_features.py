@@ -85,11 +85,11 @@ def test_corrupt_entries_read_as_absent_and_are_counted(small_config, redis_url)
 def lookup(cache: EntityCache, ids: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(hit, the entries as structured rows, their JSON)."""
     absent = np.zeros(1, cache.layout.dtype)
-    hit, cols, raw = cache.lookup(ids, {n: absent[n] for n in absent.dtype.names})
+    hit, cols, slots, stamps = cache.lookup(ids, {n: absent[n] for n in absent.dtype.names})
     rows = np.zeros(len(ids), cache.layout.dtype)
     for name, a in cols.items():
         rows[name] = a
-    return hit, rows, raw
+    return hit, rows, cache.texts(slots, stamps)
 
 
 def test_cache_is_bounded_in_bytes_and_keeps_what_is_used(small_config):
@@ -111,6 +111,35 @@ def test_cache_is_bounded_in_bytes_and_keeps_what_is_used(small_config):
     assert cache.bytes == len(cache) * cache.entry_bytes + 100 * len(cache)
     hit, rows, texts = lookup(cache, hot)
     assert hit.all() and texts.tolist() == [b"x" * 100] * 20 and np.array_equal(rows, np.repeat(row, 20))
+
+
+def test_json_is_taken_as_it_was_at_the_look_up_after_a_refresh_an_eviction_or_a_clear(small_config):
+    """A look-up copies the rows and leaves the JSON (an impression's features) for `texts`: an entry replaced or
+    evicted in between still gives the JSON that was ranked, from the graves; after a clear, nothing."""
+    enc = Encoder(small_config)
+    lay = RowLayout(enc, "candidate")
+    cache = EntityCache(lay, 64 * (lay.dtype.itemsize + ENTRY_OVERHEAD + 8))  # the smallest cache: 64 entries
+    row = encode_entities(enc, lay, [{**VIDEO, "video_id": "x"}])
+
+    def put(ids: list[str], text: bytes) -> None:
+        raw = np.empty(len(ids), object)
+        raw[:] = [text] * len(ids)
+        cache.put(ids, np.repeat(row, len(ids)), raw)
+
+    absent = np.zeros(1, lay.dtype)
+    put(["a", "b", "c"], b"old")
+    hit, _, slots, stamps = cache.lookup(["a", "b", "nope", "c"], {n: absent[n] for n in absent.dtype.names})
+    assert hit.tolist() == [True, True, False, True]
+    put(["a"], b"new")  # a refresh after the look-up
+    assert cache.texts(slots, stamps).tolist() == [b"old", b"old", b"", b"old"]
+    assert lookup(cache, ["a"])[2].tolist() == [b"new"]  # a look-up from now on gets the refreshed entry
+    for k in range(4):  # 256 other entries through a 64-entry cache: b and c are evicted, their slots reused
+        put([f"v{k}-{i}" for i in range(64)], b"other")
+    assert "b" not in cache.slot and "c" not in cache.slot
+    assert cache.texts(slots, stamps).tolist() == [b"old", b"old", b"", b"old"]
+    assert cache.grave_bytes == sum(map(len, cache.graves.values()))
+    cache.clear()
+    assert cache.texts(slots, stamps).tolist() == [b"", b"", b"", b""] and not cache.graves
 
 
 def test_a_write_reaches_the_cache_through_the_change_stream(small_config, redis_url):
