@@ -1,6 +1,6 @@
 """POST /v1/rank latency of this tree against another revision's, in turns, next to ONNX Runtime alone.
 
-    python bench/serve_ab.py --base REV [--mode ids-warm|json|arrow] [--candidates 500] [--rounds 10]
+    python bench/serve_ab.py --base REV [--mode ids-warm|ids-cold|json|arrow] [--candidates 500] [--rounds 10]
                              [--requests 300]
 
 For a change to the serving code: `--base` (a commit, a branch) is checked out into a
@@ -8,7 +8,8 @@ temporary git worktree, and a `watchnext serve` of each tree (their defaults) se
 client on a keep-alive connection per round: base, this tree, then the floor (the same
 batches straight into one ONNX Runtime session), --rounds times over. Rounds in turns
 put a shared machine's drift on all three alike; the figures are the medians over
-rounds of each round's p50 and of its ratio to that round's floor.
+rounds of each round's p50 and of its ratio to that round's floor. ids-cold serves
+both trees with a cache too small to keep anything, as bench/serve_latency.py does.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from serve_latency import (  # noqa: E402
     arrow_body,
+    cold_config_file,
     ensure_model,
     ids_only,
     load_store,
@@ -54,7 +56,7 @@ ARROW = "application/vnd.apache.arrow.stream"
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="the revision to compare with (a commit or a branch)")
-    ap.add_argument("--mode", default="ids-warm", choices=["ids-warm", "json", "arrow"])
+    ap.add_argument("--mode", default="ids-warm", choices=["ids-warm", "ids-cold", "json", "arrow"])
     ap.add_argument("--candidates", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--requests", type=int, default=300, help="timed requests per tree and round")
@@ -69,18 +71,19 @@ def main() -> int:
     models = ensure_model(args.models, args.config, work)
     redis = start_embedded(work / "redis", appendonly=False)
     servers: list[subprocess.Popen] = []
+    serve_config = cold_config_file(args.config, work) if args.mode == "ids-cold" else args.config
     try:
         ports = {}
         for name, tree in (("base", base_tree), ("this tree", ROOT)):
-            proc, ports[name], _ = start_service(argparse.Namespace(device="auto"), models, redis.url, args.config,
+            proc, ports[name], _ = start_service(argparse.Namespace(device="auto"), models, redis.url, serve_config,
                                                  tree)
             servers.append(proc)
         reqs = make_requests(World(WorldSpec(), seed=3), args.candidates, 16, seed=args.candidates)
         load_store(redis.url, config, reqs)
         full = [json.dumps(r).encode() for r in reqs]
         ctype = ARROW if args.mode == "arrow" else "application/json"
-        bodies = {"ids-warm": [json.dumps(ids_only(r)).encode() for r in reqs], "json": full,
-                  "arrow": [arrow_body(r, config) for r in reqs]}[args.mode]
+        ids = [json.dumps(ids_only(r)).encode() for r in reqs]
+        bodies = {"ids-warm": ids, "ids-cold": ids, "json": full, "arrow": [arrow_body(r, config) for r in reqs]}[args.mode]
         metrics = Metrics()
         offline = Ranker(config, OnlineFeatures(config, Encoder(config), None, metrics, 20), metrics)
         batches = [offline.encode(offline.prepare(b)) for b in full]

@@ -336,6 +336,13 @@ def wait_ready(server: subprocess.Popen, port: int, timeout_s: float = 60) -> di
         time.sleep(0.2)
 
 
+def cold_config_file(config_path: Path, work: Path) -> Path:
+    """The ids-cold service's config: a cache too small to hold one request's candidates, so every id is a miss."""
+    out = work / "cold.toml"
+    out.write_text(config_path.read_text().replace("[service]", "[service]\nfeature_cache_mb = 0.01", 1))
+    return out
+
+
 TARGETS = {"ids-warm": (1.5, 2.5), "ids-cold": (3.0, None), "arrow": (1.5, None), "json": (2.5, None)}
 MODES = ("ids-warm", "ids-cold", "json", "arrow")
 
@@ -362,9 +369,7 @@ def main() -> int:
     config = load_config(args.config)
     world = World(WorldSpec(), seed=3)
     redis = start_embedded(work / "redis", appendonly=False)
-    # the ids-cold service: a cache too small to hold one request's candidates, so every id is a miss
-    cold_config = work / "cold.toml"
-    cold_config.write_text(args.config.read_text().replace("[service]", "[service]\nfeature_cache_mb = 0.01", 1))
+    cold_config = cold_config_file(args.config, work)
     rows, extra = [], {}
     servers = []
     try:

@@ -53,7 +53,7 @@ SHARES = {"candidate": 0.5, "user": 0.25, "query": 0.25}  # of the cache's bytes
 ENTRY_OVERHEAD = 300  # bytes per cached entry beside its row and JSON text: the dict entry, the id, the JSON object, slots (measured: bench/serve_latency.py)
 RECENT_LIMIT = 200_000  # ids remembered as changed while a fetch was in flight (see EntityCache.put)
 GRAVE_BYTES = 4 << 20  # JSON of entries replaced or evicted while a request may hold them (see EntityCache.texts)
-RECENT_TICKS = 4096  # an entry looked up within this many look-ups may be held by a request in flight
+RECENT_TICKS = 4096  # an entry looked up within this many look-ups and puts may be held by a request in flight
 # A change-stream entry as these clients read it: (entry id, fields). The clients are made without
 # decode_responses, so every reply is bytes; redis-py types replies as `bytes | str` (either setting), and
 # the casts below say which.
@@ -108,7 +108,9 @@ class EntityCache:
                      for name in _names(layout.dtype)}
         self.raw = np.full(self.capacity, b"", object)
         self.ids = np.full(self.capacity, None, object)
-        self.used = np.zeros(self.capacity, np.int64)  # the tick of each slot's last use
+        # each slot's last use, for the LRU: 2 x tick when a look-up returned it (a request may hold it), 2 x tick
+        # + 1 when a put wrote it (nobody holds it yet)
+        self.used = np.zeros(self.capacity, np.int64)
         self.stamp = np.zeros(self.capacity, np.int64)  # moves on whenever a slot's entry changes
         self.graves: dict[tuple[int, int], bytes] = {}  # (slot, stamp) -> the JSON the slot held with that stamp
         self.grave_bytes = 0
@@ -144,7 +146,7 @@ class EntityCache:
                         cols[name][hit] = a[h]
             stamps = self.stamp.take(np.maximum(s, 0))
             self.tick += 1
-            self.used[h] = self.tick
+            self.used[h] = 2 * self.tick
         return hit, cols, s, stamps
 
     def texts(self, slots: np.ndarray, stamps: np.ndarray) -> np.ndarray:
@@ -213,7 +215,7 @@ class EntityCache:
             for name, a in self.cols.items():
                 a[slots] = rows[name][idx]
             self.tick += 1
-            self.used[slots] = self.tick
+            self.used[slots] = 2 * self.tick + 1
             self.bytes += need * self.entry_bytes + sum(map(len, vals))
             out[idx] = slots
         return out
@@ -225,7 +227,8 @@ class EntityCache:
         if not k:
             return
         victims = taken[np.argpartition(self.used[taken], k - 1)[:k]] if k < len(taken) else taken
-        recent = self.used[victims] > self.tick - RECENT_TICKS  # looked up a moment ago: a request may hold them
+        used = self.used[victims]
+        recent = (used % 2 == 0) & (used > 2 * (self.tick - RECENT_TICKS))  # looked up a moment ago: may be held
         self._bury(victims[recent])
         self.stamp[victims[~recent]] += 1
         for i in self.ids[victims].tolist():

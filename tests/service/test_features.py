@@ -137,6 +137,8 @@ def test_json_is_taken_as_it_was_at_the_look_up_after_a_refresh_an_eviction_or_a
         put([f"v{k}-{i}" for i in range(64)], b"other")
     assert "b" not in cache.slot and "c" not in cache.slot
     assert cache.texts(slots, stamps).tolist() == [b"old", b"old", b"", b"old"]
+    # kept: a's entry before and after its refresh, b's and c's; not the entries written and evicted unread
+    assert sorted(cache.graves.values()) == [b"new", b"old", b"old", b"old"]
     assert cache.grave_bytes == sum(map(len, cache.graves.values()))
     cache.clear()
     assert cache.texts(slots, stamps).tolist() == [b"", b"", b"", b""] and not cache.graves
