@@ -9,7 +9,7 @@ client on a keep-alive connection per round: base, this tree, then the floor (th
 batches straight into one ONNX Runtime session), --rounds times over. Rounds in turns
 put a shared machine's drift on all three alike; the figures are the medians over
 rounds of each round's p50 and of its ratio to that round's floor. ids-cold serves
-both trees with a cache too small to keep anything, as bench/serve_latency.py does.
+both trees with a 64-entry cache, smaller than one request, as bench/serve_latency.py does.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
@@ -53,7 +54,9 @@ SHARES = {"candidate": 0.5, "user": 0.25, "query": 0.25}  # of the cache's bytes
 ENTRY_OVERHEAD = 300  # bytes per cached entry beside its row and JSON text: the dict entry, the id, the JSON object, slots (measured: bench/serve_latency.py)
 RECENT_LIMIT = 200_000  # ids remembered as changed while a fetch was in flight (see EntityCache.put)
 GRAVE_BYTES = 4 << 20  # JSON of entries replaced or evicted while a request may hold them (see EntityCache.texts)
-RECENT_TICKS = 4096  # an entry looked up within this many look-ups and puts may be held by a request in flight
+GRAVE_OVERHEAD = 200  # bytes of a grave beside its JSON: the key, its two ints, the dict entry
+RECENT_TICKS = 256  # an entry looked up within this many look-ups and puts of its source may be held by a request
+MAX_BURY = 2048  # graves one eviction makes at most (the latest looked up): a bound on the time it holds the lock
 # A change-stream entry as these clients read it: (entry id, fields). The clients are made without
 # decode_responses, so every reply is bytes; redis-py types replies as `bytes | str` (either setting), and
 # the casts below say which.
@@ -92,14 +95,16 @@ class EntityCache:
 
     A look-up copies the rows and returns the slots with their stamps, not the JSON: taking 500 JSON objects
     per request (a reference count to touch on each, scattered over the heap) cost the ranking of 500 cached
-    ids 0.2-0.4 ms (`bench/serve_ab.py`), while an impression logs the JSON of the top k only. `texts` takes
+    ids 0.10-0.17 ms (`bench/serve_ab.py`), while an impression logs the JSON of the top k only. `texts` takes
     it for those, as it was at the look-up: a slot's stamp moves on whenever its entry is replaced, evicted
     or cleared, and the JSON of an entry replaced or evicted soon after a look-up is kept a while, by its
-    (slot, stamp), in `graves` (bounded by GRAVE_BYTES).
+    (slot, stamp), in `graves` (bounded by GRAVE_BYTES). JSON a request held that is gone from there too (a
+    cleared or thrashing cache) is counted (`on_lost`: watchnext_feature_json_lost_total).
     """
 
-    def __init__(self, layout: RowLayout, budget_bytes: int):
+    def __init__(self, layout: RowLayout, budget_bytes: int, on_lost: Callable[[int], None] | None = None):
         self.layout = layout
+        self.on_lost = on_lost  # told how many JSON texts `texts` could not give (a metric's inc)
         self.budget = budget_bytes
         self.entry_bytes = layout.dtype.itemsize + ENTRY_OVERHEAD
         self.capacity = max(64, budget_bytes // self.entry_bytes)
@@ -151,15 +156,22 @@ class EntityCache:
 
     def texts(self, slots: np.ndarray, stamps: np.ndarray) -> np.ndarray:
         """(n,) object: the JSON of the entries a look-up returned (its slots and stamps), as they were then:
-        b"" for slot -1, and for an entry that changed since and is no longer in `graves` (a cleared cache, or
-        GRAVE_BYTES of changes in between)."""
+        b"" for slot -1, and for an entry that changed since and is no longer in `graves` (counted by `on_lost`:
+        a cleared cache, GRAVE_BYTES of changes in between, an eviction past MAX_BURY)."""
         out = np.full(len(slots), b"", object)
         held = slots >= 0
+        lost = 0
         with self.lock:
             same = held & (self.stamp[np.maximum(slots, 0)] == stamps)
             out[same] = self.raw[slots[same]]
             for i in np.flatnonzero(held & ~same).tolist():  # changed since the look-up (rare)
-                out[i] = self.graves.get((int(slots[i]), int(stamps[i])), b"")
+                text = self.graves.get((int(slots[i]), int(stamps[i])))
+                if text is None:
+                    lost += 1
+                else:
+                    out[i] = text
+        if lost and self.on_lost is not None:
+            self.on_lost(lost)
         return out
 
     def _bury(self, slots: np.ndarray) -> None:
@@ -169,11 +181,11 @@ class EntityCache:
             return
         slots = np.unique(slots)
         keys = zip(slots.tolist(), self.stamp[slots].tolist(), strict=True)
-        for key, text in zip(keys, self.raw[slots].tolist(), strict=True):  # the entries that change: few
+        for key, text in zip(keys, self.raw[slots].tolist(), strict=True):  # at most MAX_BURY
             self.graves[key] = text
-            self.grave_bytes += len(text)
+            self.grave_bytes += len(text) + GRAVE_OVERHEAD
         while self.grave_bytes > GRAVE_BYTES and self.graves:
-            self.grave_bytes -= len(self.graves.pop(next(iter(self.graves))))
+            self.grave_bytes -= len(self.graves.pop(next(iter(self.graves)))) + GRAVE_OVERHEAD
         self.stamp[slots] += 1
 
     def put(self, ids: list[str], rows: np.ndarray, raw: np.ndarray, since: int | None = None) -> np.ndarray:
@@ -197,6 +209,11 @@ class EntityCache:
             need = int(new.sum())
             if need > len(self.free) or self.bytes + need * self.entry_bytes > self.budget:
                 self._evict(need)
+                # the eviction may have taken some of these very ids: their slots are free now, maybe about to be
+                # handed to another id of this batch, so look them up again
+                slots = np.fromiter(map(self.slot.get, kids, itertools.repeat(-1)), np.int64, len(kids))
+                new = slots < 0
+                need = int(new.sum())
             if need > len(self.free):  # more than the whole cache holds: keep what fits
                 fit = np.ones(len(kids), bool)
                 fit[np.flatnonzero(new)[len(self.free):]] = False
@@ -228,9 +245,13 @@ class EntityCache:
             return
         victims = taken[np.argpartition(self.used[taken], k - 1)[:k]] if k < len(taken) else taken
         used = self.used[victims]
-        recent = (used % 2 == 0) & (used > 2 * (self.tick - RECENT_TICKS))  # looked up a moment ago: may be held
+        recent = np.flatnonzero((used % 2 == 0) & (used > 2 * (self.tick - RECENT_TICKS)))  # looked up a moment ago
+        if len(recent) > MAX_BURY:  # a cache smaller than what requests use at once: the latest looked up
+            recent = recent[np.argpartition(-used[recent], MAX_BURY - 1)[:MAX_BURY]]
+        rest = np.ones(len(victims), bool)
+        rest[recent] = False
         self._bury(victims[recent])
-        self.stamp[victims[~recent]] += 1
+        self.stamp[victims[rest]] += 1
         for i in self.ids[victims].tolist():
             self.slot.pop(i, None)
         self.bytes -= len(victims) * self.entry_bytes + sum(map(len, self.raw[victims]))
@@ -290,7 +311,8 @@ class OnlineFeatures:
         self.config, self.encoder, self.metrics = config, encoder, metrics
         self.keys = {s: key_feature(config, s) for s in STORE_SOURCES}
         self.layouts = {s: RowLayout(encoder, s) for s in STORE_SOURCES if self.keys[s] is not None}
-        self.caches = {s: EntityCache(lay, int(cache_bytes * SHARES[s])) for s, lay in self.layouts.items()}
+        self.caches = {s: EntityCache(lay, int(cache_bytes * SHARES[s]), metrics.feature_json_lost.inc)
+                       for s, lay in self.layouts.items()}
         self.absent_rows = {s: lay.pack(encoder.absent(s, 1)) for s, lay in self.layouts.items()}
         self.absent_fields = {s: {name: np.ascontiguousarray(r[name]) for name in _names(r.dtype)}
                               for s, r in self.absent_rows.items()}

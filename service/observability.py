@@ -85,6 +85,10 @@ class Metrics:
                                     "Online-feature entries read from Redis (a process's cache misses that the store had).")
         self.feature_cache_hits = counter("watchnext_feature_cache_hits_total",
                                           "Online-feature entries answered by the process's cache.")
+        self.feature_json_lost = counter("watchnext_feature_json_lost_total",
+                                         "Shown candidates logged without their stored features: their cache entry "
+                                         "was replaced or evicted between the look-up and the answer, and its JSON "
+                                         "was no longer kept (a cache cleared or much smaller than what requests use).")
         self.unknown_features = counter("watchnext_unknown_features_total",
                                         "Keys of a rank request's user, query and context sections that name no feature "
                                         "in the config (ignored; candidates' unknown keys are ignored uncounted).")

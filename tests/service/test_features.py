@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import redis
 
-from service.features import ENTRY_OVERHEAD, EntityCache, OnlineFeatures
+from service.features import ENTRY_OVERHEAD, GRAVE_OVERHEAD, EntityCache, OnlineFeatures
 from service.observability import Metrics
 from tests.helpers import serve_processes, wait_for
 from tests.service.fixtures import ADMIN
@@ -118,7 +118,8 @@ def test_json_is_taken_as_it_was_at_the_look_up_after_a_refresh_an_eviction_or_a
     evicted in between still gives the JSON that was ranked, from the graves; after a clear, nothing."""
     enc = Encoder(small_config)
     lay = RowLayout(enc, "candidate")
-    cache = EntityCache(lay, 64 * (lay.dtype.itemsize + ENTRY_OVERHEAD + 8))  # the smallest cache: 64 entries
+    lost: list[int] = []
+    cache = EntityCache(lay, 64 * (lay.dtype.itemsize + ENTRY_OVERHEAD + 8), lost.append)  # the smallest: 64 entries
     row = encode_entities(enc, lay, [{**VIDEO, "video_id": "x"}])
 
     def put(ids: list[str], text: bytes) -> None:
@@ -139,9 +140,36 @@ def test_json_is_taken_as_it_was_at_the_look_up_after_a_refresh_an_eviction_or_a
     assert cache.texts(slots, stamps).tolist() == [b"old", b"old", b"", b"old"]
     # kept: a's entry before and after its refresh, b's and c's; not the entries written and evicted unread
     assert sorted(cache.graves.values()) == [b"new", b"old", b"old", b"old"]
-    assert cache.grave_bytes == sum(map(len, cache.graves.values()))
+    assert cache.grave_bytes == sum(len(t) + GRAVE_OVERHEAD for t in cache.graves.values()) and not lost
     cache.clear()
     assert cache.texts(slots, stamps).tolist() == [b"", b"", b"", b""] and not cache.graves
+    assert lost == [3]  # a, b and c, counted (watchnext_feature_json_lost_total); "nope" was never held
+
+
+def test_a_put_whose_eviction_takes_one_of_its_own_ids_gives_no_id_another_entry(small_config):
+    """An id of the batch that the put's own eviction frees must not leave its slot to another id of the batch with
+    its row and JSON (each id gets its own entry; one that no longer fits is not cached)."""
+    enc = Encoder(small_config)
+    lay = RowLayout(enc, "candidate")
+    cache = EntityCache(lay, 65 * (lay.dtype.itemsize + ENTRY_OVERHEAD + 10))
+    absent = np.zeros(1, lay.dtype)
+
+    def put(ids: list[str], views: float) -> None:
+        rows = encode_entities(enc, lay, [{**VIDEO, "video_views": views, "video_id": i} for i in ids])
+        raw = np.empty(len(ids), object)
+        raw[:] = [f"{i}-json".encode() for i in ids]
+        cache.put(ids, rows, raw)
+
+    put(["A"], 7.0)  # the least recently used entry from here on
+    put([f"F{i}" for i in range(cache.capacity - 1)], 1.0)  # the cache is full
+    put([f"B{i}" for i in range(8)] + ["A"], 2.0)  # its eviction takes A
+    for i in [f"B{i}" for i in range(8)] + ["A"]:
+        hit, cols, s, st = cache.lookup([i], {n: absent[n] for n in absent.dtype.names})
+        if hit[0]:
+            assert cache.texts(s, st).tolist() == [f"{i}-json".encode()], i
+            assert cols["video_views"][0] == np.float32(np.log1p(2.0)), i
+    assert len(set(cache.slot.values())) == len(cache.slot) == int((cache.ids != None).sum())  # noqa: E711
+    assert cache.bytes == sum(cache.entry_bytes + len(cache.raw[s]) for s in cache.slot.values())
 
 
 def test_a_write_reaches_the_cache_through_the_change_stream(small_config, redis_url):

@@ -175,6 +175,7 @@ def test_metrics_exposition_parses_with_the_names_and_buckets_it_had(trained, se
         "watchnext_model_swaps_total": "counter", "watchnext_model_refused_total": "counter",
         "watchnext_feature_store_misses_total": "counter", "watchnext_feature_store_hits_total": "counter",
         "watchnext_feature_cache_hits_total": "counter", "watchnext_unknown_features_total": "counter",
+        "watchnext_feature_json_lost_total": "counter",
         "watchnext_explored_requests_total": "counter", "watchnext_nonfinite_outputs_total": "counter",
         "watchnext_impressions_logged_total": "counter", "watchnext_impressions_dropped_total": "counter",
         "watchnext_impression_backlog": "gauge", "watchnext_impression_backlog_bytes": "gauge",
