@@ -248,10 +248,8 @@ class EntityCache:
         recent = np.flatnonzero((used % 2 == 0) & (used > 2 * (self.tick - RECENT_TICKS)))  # looked up a moment ago
         if len(recent) > MAX_BURY:  # a cache smaller than what requests use at once: the latest looked up
             recent = recent[np.argpartition(-used[recent], MAX_BURY - 1)[:MAX_BURY]]
-        rest = np.ones(len(victims), bool)
-        rest[recent] = False
-        self._bury(victims[recent])
-        self.stamp[victims[rest]] += 1
+        self._bury(victims[recent])  # (moves their stamps on)
+        self.stamp[np.delete(victims, recent)] += 1
         for i in self.ids[victims].tolist():
             self.slot.pop(i, None)
         self.bytes -= len(victims) * self.entry_bytes + sum(map(len, self.raw[victims]))

@@ -279,7 +279,8 @@ class Ranker:
                 where = np.full(inp.n, -1, np.int64)  # request row -> row of the stored entries
                 where[prep.candidate_rows] = np.arange(len(prep.candidate_rows))
                 at = where[order]
-                raw = np.where(at >= 0, stored.texts(np.maximum(at, 0)), b"")
+                raw = np.full(len(at), b"", object)
+                raw[at >= 0] = stored.texts(at[at >= 0])  # only the shown rows that were looked up
         return ServedItems(ids, raw, inp.candidates, order, self.item_id if inp.ids is not None else None,
                            self.codec.known["candidate"])
 

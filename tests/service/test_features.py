@@ -163,11 +163,14 @@ def test_a_put_whose_eviction_takes_one_of_its_own_ids_gives_no_id_another_entry
     put(["A"], 7.0)  # the least recently used entry from here on
     put([f"F{i}" for i in range(cache.capacity - 1)], 1.0)  # the cache is full
     put([f"B{i}" for i in range(8)] + ["A"], 2.0)  # its eviction takes A
+    cached = []
     for i in [f"B{i}" for i in range(8)] + ["A"]:
         hit, cols, s, st = cache.lookup([i], {n: absent[n] for n in absent.dtype.names})
         if hit[0]:
+            cached.append(i)
             assert cache.texts(s, st).tolist() == [f"{i}-json".encode()], i
             assert cols["video_views"][0] == np.float32(np.log1p(2.0)), i
+    assert cached == [f"B{i}" for i in range(8)]  # A, freed by the eviction, no longer fit: not cached
     assert len(set(cache.slot.values())) == len(cache.slot) == int((cache.ids != None).sum())  # noqa: E711
     assert cache.bytes == sum(cache.entry_bytes + len(cache.raw[s]) for s in cache.slot.values())
 
