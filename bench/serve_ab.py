@@ -8,7 +8,9 @@ temporary git worktree, and a `watchnext serve` of each tree (their defaults) se
 client on a keep-alive connection per round: base, this tree, then the floor (the same
 batches straight into one ONNX Runtime session), --rounds times over. Rounds in turns
 put a shared machine's drift on all three alike; the figures are the medians over
-rounds of each round's p50 and of its ratio to that round's floor. ids-cold serves
+rounds of each round's p50 and p99 and of their ratios to that round's floor (a change
+can move the two apart: flushing impressions every 250 ms instead of 50 took 0.3 ms
+off the p50 of ids-warm and put 5 ms on its p99). ids-cold serves
 both trees with a 64-entry cache, smaller than one request, as bench/serve_latency.py does.
 """
 
@@ -62,6 +64,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=300, help="timed requests per tree and round")
     ap.add_argument("--config", type=Path, default=ROOT / "watchnext.toml")
     ap.add_argument("--models", type=Path, default=ROOT / "data" / "bench" / "models")
+    ap.add_argument("--json", action="store_true", help="print the figures as one JSON object instead of a table")
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="wn-ab-"))
@@ -95,12 +98,15 @@ def main() -> int:
                 run_clients(port, bodies, 1, len(bodies), ctype)
         run_floor(session, batches, 1, 50)
         p50s: dict[str, list[float]] = {name: [] for name in (*ports, "floor")}
+        p99s: dict[str, list[float]] = {name: [] for name in (*ports, "floor")}
         for _ in range(args.rounds):
             for name, port in ports.items():
                 lat, _ = run_clients(port, bodies, 1, args.requests, ctype)
                 p50s[name].append(float(np.percentile(lat, 50)) * 1000)
+                p99s[name].append(float(np.percentile(lat, 99)) * 1000)
             lat, _ = run_floor(session, batches, 1, args.requests)
             p50s["floor"].append(float(np.percentile(lat, 50)) * 1000)
+            p99s["floor"].append(float(np.percentile(lat, 99)) * 1000)
     finally:
         for proc in servers:
             proc.terminate()
@@ -108,14 +114,26 @@ def main() -> int:
         redis.stop()
         subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(base_tree)], check=False)
 
-    floor = np.asarray(p50s["floor"])
-    print(f"\n{args.mode}, {args.candidates} candidates, one client, {args.rounds} rounds of {args.requests} "
-          f"requests (base: {args.base}); the floor's p50 {np.median(floor):.2f} ms")
-    print(f"{'tree':>10} | {'p50 ms':>7} | {'p50 x':>6} | p50 x of each round")
+    floor, floor99 = np.asarray(p50s["floor"]), np.asarray(p99s["floor"])
+    rows = {}
     for name in ports:
-        ratios = np.asarray(p50s[name]) / floor
-        print(f"{name:>10} | {np.median(p50s[name]):>7.2f} | {np.median(ratios):>6.2f} | "
-              f"{', '.join(f'{r:.2f}' for r in ratios)}")
+        ratios, ratios99 = np.asarray(p50s[name]) / floor, np.asarray(p99s[name]) / floor99
+        rows[name] = {"p50_ms": round(float(np.median(p50s[name])), 2), "p50_ratio": round(float(np.median(ratios)), 3),
+                      "p99_ms": round(float(np.median(p99s[name])), 2),
+                      "p99_ratio": round(float(np.median(ratios99)), 3),
+                      "p50_ratio_each_round": [round(float(r), 3) for r in ratios]}
+    if args.json:
+        print(json.dumps({"mode": args.mode, "candidates": args.candidates, "rounds": args.rounds,
+                          "requests": args.requests, "base": args.base,
+                          "floor_p50_ms": round(float(np.median(floor)), 2),
+                          "floor_p99_ms": round(float(np.median(floor99)), 2), "trees": rows}))
+        return 0
+    print(f"\n{args.mode}, {args.candidates} candidates, one client, {args.rounds} rounds of {args.requests} "
+          f"requests (base: {args.base}); the floor's p50 {np.median(floor):.2f} ms, p99 {np.median(floor99):.2f} ms")
+    print(f"{'tree':>10} | {'p50 ms':>7} | {'p50 x':>6} | {'p99 ms':>7} | {'p99 x':>6} | p50 x of each round")
+    for name, r in rows.items():
+        print(f"{name:>10} | {r['p50_ms']:>7.2f} | {r['p50_ratio']:>6.2f} | {r['p99_ms']:>7.2f} | {r['p99_ratio']:>6.2f} | "
+              f"{', '.join(f'{x:.2f}' for x in r['p50_ratio_each_round'])}")
     return 0
 
 
