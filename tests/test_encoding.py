@@ -1,8 +1,9 @@
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
-from watchnext.encoding import Encoder, Problems, fnv1a, fnv1a_strings, hashed_rows, section_type
+from watchnext.encoding import Encoder, Problems, fnv1a, fnv1a_strings, hashed_rows, list_lengths, section_type
 
 
 def test_fnv1a_known_values_and_vectorised_agrees():
@@ -77,3 +78,18 @@ def test_input_specs_order_and_shapes(small_config):
     out = Encoder(small_config).empty_inputs(3)
     for name, dtype, shape in specs:
         assert out[name].shape == (3, *shape) and out[name].dtype == np.dtype(dtype)
+
+
+@pytest.mark.parametrize("list_type", [pa.list_(pa.string()), pa.large_list(pa.string())])
+def test_list_lengths_read_from_the_offsets_agree_with_arrow_on_slices_and_null_rows(list_type):
+    """0 for a null row, even one whose offsets span values (Arrow allows it; list_flatten leaves them out), and
+    the right rows of a sliced array."""
+    values = pa.array(["a", "b", "c", "d", "e", "f", "g"])
+    col = pa.ListArray.from_arrays(pa.array([0, 2, 3, 5, 5, 7], pa.int32()), values,
+                                   mask=pa.array([False, False, True, False, False]))  # row 2 is null over c, d
+    col = col.cast(list_type)
+    for arr in (col, col.slice(1, 3), col.slice(3), pa.array([[]], list_type), pa.array([None], list_type)):
+        want = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
+        assert list_lengths(arr).tolist() == want.tolist()
+    assert list_lengths(col).tolist() == [2, 1, 0, 0, 2]
+    assert list_lengths(col.slice(1, 3)).tolist() == [1, 0, 0]

@@ -178,6 +178,14 @@ def test_online_features_fill_what_the_request_leaves_out(trained, server, clien
     assert m.value("watchnext_feature_store_hits_total") == 1 + 1 + 10
     assert m.value("watchnext_feature_cache_hits_total") == (1 + 1 + 5) + (1 + 1 + 10)
     assert m.value("watchnext_feature_store_misses_total", reason="outage") == 0
+    # the impressions log each shown candidate's features as ranked: the store's entry, the values sent, or both
+    svc = server.service
+    want = {c["video_id"]: {k: v for k, v in c.items() if v is not None} for c in req["candidates"]}
+    for body in (ids_only, mixed):
+        ranked = svc.ranker.rank(svc.ranker.prepare(json.dumps(body).encode()), svc.models.current)
+        items = list(ranked.impression["items"])
+        assert [i for i, _, _ in items] == [it["id"] for it in full["items"]]
+        assert {i: cand for i, cand, _ in items} == {i: want[i] for i, _, _ in items}
 
 
 def test_features_load_names_a_bad_line(trained, redis_url, tmp_path):
