@@ -83,11 +83,6 @@ class Stored:
             out = np.where(self.slots[rows] >= 0, out, self.fetched[rows])
         return out
 
-    @property
-    def raw(self) -> np.ndarray:
-        """(n,) object: every entry's JSON (tests, `read`)."""
-        return self.texts(np.arange(len(self.found)))
-
 
 class EntityCache:
     """One source's cached entries: each field of the encoded rows in its own numpy array (so a gather gives

@@ -46,13 +46,14 @@ def test_stored_rows_are_what_the_encoder_makes(small_config, redis_url):
     for name in want.values:
         assert np.array_equal(got.columns.values[name], want.values[name]), name
         assert got.columns.present[name].tolist() == want.present[name].tolist(), name
-    assert json.loads(got.raw[0]) == {**VIDEO, "video_id": "a"} and got.raw[2] == b""
+    texts = got.texts(np.arange(3))  # the entries' JSON, as an impression takes it
+    assert json.loads(texts[0]) == {**VIDEO, "video_id": "a"} and texts[2] == b""
     assert s.metrics.value("watchnext_feature_store_hits_total") == 2
     assert s.metrics.value("watchnext_feature_store_misses_total", reason="absent") == 1
     again = s.plan({"candidate": ["a", "b", "nope"]})  # all cached now, the absent id too
     assert again.misses == 0 and s.metrics.value("watchnext_feature_cache_hits_total") == 3
     one = s.read("candidate", ["b", "a"])  # the one-call form: the same entries
-    assert one.found.tolist() == [True, True] and json.loads(one.raw[1]) == {**VIDEO, "video_id": "a"}
+    assert one.found.tolist() == [True, True] and json.loads(one.texts([1])[0]) == {**VIDEO, "video_id": "a"}
     assert s.metrics.value("watchnext_feature_store_hits_total") == 2  # from the cache: Redis was not asked again
     assert not [k for k in r.keys("*") if b"nope" in k or k.endswith(b":a")]  # ids are hash fields, not keys
     s.close()
