@@ -411,9 +411,7 @@ def _list_rows(col: pa.Array, buckets: int, max_len: int) -> np.ndarray:
     """(n, max_len) hashed rows of a list column, padded with 0, first max_len kept."""
     n = len(col)
     out = np.zeros((n, max_len), dtype=np.int64)
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    lengths = list_lengths(col)
+    lengths = list_lengths(col)  # an Array: encode_columns combined the chunks
     values = pc.list_flatten(col)
     if len(values) == 0:
         return out
