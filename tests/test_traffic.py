@@ -63,12 +63,18 @@ def test_no_service_is_a_clear_error(capsys):
     assert "no service answers" in capsys.readouterr().err
 
 
-def test_traffic_against_a_live_service(trained, models_dir, redis_url, tmp_path, capsys):
-    # an attribution window of 5 s, not the suite's 1 s: the client shares this process (and its garbage collector)
-    # with the service, and feedback held up past the window would be refused as late, not lost
+@pytest.fixture
+def windowed_server(trained, models_dir, redis_url, tmp_path):
+    """A service with an attribution window of 5 s, not the suite's 1 s: the traffic client shares this process (and
+    its garbage collector) with the service, and feedback held up past the window (by a collection, or a version
+    loading mid-run) would be refused as late, not lost."""
     cfg = write_config(tmp_path, service={**FAST_SERVICE, "attribution_window_s": 5.0})
     with live_service(cfg, models_dir, redis_url) as server:
-        traffic_against(server, redis_url, tmp_path, capsys)
+        yield server
+
+
+def test_traffic_against_a_live_service(windowed_server, redis_url, tmp_path, capsys):
+    traffic_against(windowed_server, redis_url, tmp_path, capsys)
 
 
 def traffic_against(server, redis_url, tmp_path, capsys) -> None:
@@ -149,8 +155,9 @@ def traffic_against(server, redis_url, tmp_path, capsys) -> None:
     assert rep["arms"][0]["metrics"]["ctr"]["estimate"] == pytest.approx(arm["realised"]["ctr"])
 
 
-def test_each_version_served_is_tallied_apart(server):
+def test_each_version_served_is_tallied_apart(windowed_server):
     """A promotion mid-run: the summary has one row per (arm, version) the service reported, nothing lost."""
+    server = windowed_server
     before = server.service.models.current.version
     other = 1 if before != 1 else 2
     traffic = Traffic(World(WORLD, seed=0), server.url, users=10, duration=2.5, concurrency=2, seed=1)
