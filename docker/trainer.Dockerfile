@@ -7,6 +7,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
+# the encoder's compiled loops (numba): compiled once in the build, loaded from here at each start
+ENV NUMBA_CACHE_DIR=/var/cache/watchnext-numba
 
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -27,7 +29,9 @@ COPY cli ./cli
 RUN pip install --no-cache-dir ".[train]" \
     && useradd --create-home --uid 10001 watchnext \
     && mkdir -p /models /checkpoints \
-    && chown watchnext /models /checkpoints
+    && chown watchnext /models /checkpoints \
+    && python3 -c "import watchnext.kernels" \
+    && chown -R watchnext "$NUMBA_CACHE_DIR"
 
 USER 10001
 ENV WATCHNEXT_CONFIG=/app/watchnext.toml \

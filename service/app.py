@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope
 
-from watchnext.encoding import Encoder
+from watchnext.encoding import Encoder, kernels
 from watchnext.experiments import NAME_PATTERN
 from watchnext.repository import RepositoryError, models_summary
 
@@ -98,6 +98,7 @@ class Service:
             if deps.redis_url else None
         )
         self.ranker = Ranker(deps.config, self.store, self.metrics)
+        kernels()  # the encoder's compiled loops, loaded now rather than by the first request (about a second)
         self.experiments = Experiments(deps.config, deps.redis_url, self.models) if deps.redis_url else None
         # worker threads for the rank requests that wait on the network (see rank); more than a few at
         # once only queue inside ONNX Runtime. 0: none, everything on the event loop

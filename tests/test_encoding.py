@@ -1,9 +1,8 @@
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pytest
 
-from watchnext.encoding import Encoder, Problems, fnv1a, fnv1a_strings, hashed_rows, list_lengths, section_type
+from watchnext.encoding import F32_MAX, Encoder, Problems, _list_rows, fnv1a, fnv1a_strings, hashed_rows, section_type
 
 
 def test_fnv1a_known_values_and_vectorised_agrees():
@@ -80,16 +79,84 @@ def test_input_specs_order_and_shapes(small_config):
         assert out[name].shape == (3, *shape) and out[name].dtype == np.dtype(dtype)
 
 
-@pytest.mark.parametrize("list_type", [pa.list_(pa.string()), pa.large_list(pa.string())])
-def test_list_lengths_read_from_the_offsets_agree_with_arrow_on_slices_and_null_rows(list_type):
-    """0 for a null row, even one whose offsets span values (Arrow allows it; list_flatten leaves them out), and
-    the right rows of a sliced array."""
-    values = pa.array(["a", "b", "c", "d", "e", "f", "g"])
-    col = pa.ListArray.from_arrays(pa.array([0, 2, 3, 5, 5, 7], pa.int32()), values,
-                                   mask=pa.array([False, False, True, False, False]))  # row 2 is null over c, d
-    col = col.cast(list_type)
-    for arr in (col, col.slice(1, 3), col.slice(3), pa.array([[]], list_type), pa.array([None], list_type)):
-        want = pc.list_value_length(arr).fill_null(0).to_numpy(zero_copy_only=False)
-        assert list_lengths(arr).tolist() == want.tolist()
-    assert list_lengths(col).tolist() == [2, 1, 0, 0, 2]
-    assert list_lengths(col.slice(1, 3)).tolist() == [1, 0, 0]
+def _lists(list_type: pa.DataType) -> list[pa.Array]:
+    """A list column with a null row whose offsets span values (Arrow allows it; the values are not the row's),
+    an empty row and a long one, as it is and sliced."""
+    values = pa.array(["a", "b", None, "d", "e", "f", "g", "h", "i", "j", "k", "l", "m"], list_type.value_type)
+    col = pa.ListArray.from_arrays(pa.array([0, 2, 4, 5, 5, 13], pa.int32()), values,
+                                   mask=pa.array([False, True, False, False, False])).cast(list_type)
+    return [col, col.slice(1, 3), col.slice(2), pa.array([[]], list_type), pa.array([None], list_type),
+            pa.array([], list_type)]
+
+
+@pytest.mark.parametrize("list_type", [pa.list_(pa.string()), pa.large_list(pa.large_string())])
+def test_list_rows_agree_with_a_row_by_row_reference(list_type):
+    """The compiled loop against FNV-1a row by row: a null row and a null string give 0, the first max_len are
+    kept, the rest is 0-padding; sliced arrays read their own rows."""
+    for col in _lists(list_type):
+        for max_len in (1, 3, 8):
+            want = [[0] * max_len if r is None else
+                    [0 if v is None else 1 + fnv1a(v) % 97 for v in r[:max_len]] + [0] * (max_len - len(r[:max_len]))
+                    for r in col.to_pylist()]
+            assert _list_rows(col, 97, max_len).tolist() == want
+    assert _list_rows(_lists(list_type)[0], 97, 3)[1].tolist() == [0, 0, 0]  # null, though its offsets span "b"-"d"
+
+
+@pytest.mark.parametrize("list_type", [pa.list_(pa.float64()), pa.large_list(pa.float32())])
+def test_vectors_agree_with_a_row_by_row_reference(small_config, list_type):
+    """Each row of a vector column: taken (as float32), refused for its length, refused for a number that is not a
+    finite float32 (a null number too), or absent (a null row, whatever its offsets span)."""
+    enc, size = Encoder(small_config), small_config.feature("video_embedding").size
+    rng = np.random.default_rng(5)
+    rows: list = []
+    for k in range(60):
+        r = rng.normal(size=size).tolist()
+        kind = k % 6
+        if kind == 1:
+            r = r[: int(rng.integers(0, size))]
+        elif kind == 2:
+            r[int(rng.integers(0, size))] = [float("nan"), float("inf"), -1e39, None][k % 4]
+        elif kind == 3:
+            r = None
+        elif kind == 4:
+            r = r + [0.0]
+        rows.append(r)
+    full = pa.array(rows, list_type)
+    for col in (full, full.slice(7, 30)):
+        problems = Problems(len(col))
+        got = enc.encode_columns("candidate", pa.StructArray.from_arrays([col], ["video_embedding"]), len(col),
+                                 problems)
+        for i, r in enumerate(col.to_pylist()):
+            reasons = problems.reasons(i)
+            v, present = got.values["video_embedding"][i], got.present["video_embedding"][i]
+            if r is None:
+                assert not present and not reasons and not v.any()
+            elif len(r) != size:
+                assert not present and reasons == [f"candidate.video_embedding: expected {size} numbers"]
+            elif not all(x is not None and np.isfinite(x) and abs(x) <= F32_MAX for x in r):
+                assert not present and reasons == ["candidate.video_embedding: must hold finite float32 numbers"]
+                assert not v.any()
+            else:
+                assert present and not reasons and v.tolist() == np.array(r, np.float32).tolist()
+
+
+def test_numeric_checks_and_transform_agree_with_a_value_by_value_reference(small_config):
+    """log1p's domain ends at -1 (refused), NaN and inf are not finite, 1e39 is past float32; the rest is
+    transformed in float64 and then stored as float32; an absent value takes the feature's default."""
+    enc = Encoder(small_config)
+    vals = [3.0, -0.5, -1.0, -1.5, float("nan"), float("inf"), -float("inf"), 1e39, 3.4e38, 0.0, None, 1e-12]
+    arr = pa.StructArray.from_arrays([pa.array(vals, pa.float64()), pa.array(vals, pa.float64())],
+                                     ["video_age_days", "video_views"])  # log1p, and (in this config) log1p too
+    problems = Problems(len(vals))
+    got = enc.encode_columns("candidate", arr, len(vals), problems)
+    f = small_config.feature("video_age_days")
+    default = enc.numeric_default[enc.numeric_col[f.name]]
+    for i, x in enumerate(vals):
+        ok = x is not None and np.isfinite(x) and abs(x) <= F32_MAX and x > -1
+        assert got.present[f.name][i] == ok
+        assert got.values[f.name][i] == (np.float32(np.log1p(x)) if ok else default)
+        assert bool(problems.reasons(i)) == (x is not None and not ok)
+    assert problems.reasons(2) == ["candidate.video_age_days: must be > -1 for transform log1p",
+                                   "candidate.video_views: must be > -1 for transform log1p"]
+    assert problems.reasons(7)[0] == "candidate.video_age_days: outside the float32 range"
+    assert problems.reasons(4)[0] == "candidate.video_age_days: must be a finite number"

@@ -19,6 +19,7 @@ the encoder has no state and the service cannot drift from the trainer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from types import ModuleType
 
 import numpy as np
 import pyarrow as pa
@@ -33,44 +34,38 @@ SECTIONS = SOURCES  # request / example sections, one per feature source
 F32_MAX = float(np.finfo(np.float32).max)
 
 
+# ------------------------------------------------------------------ compiled loops
+
+
+def kernels() -> ModuleType:
+    """The compiled loops (watchnext/kernels.py), loaded on first use: numba and the loops' machine code take
+    about a second to load, which a command that encodes nothing should not pay. The service loads them as it
+    starts, so no request does."""
+    from . import kernels as k
+
+    return k
+
+
 # ------------------------------------------------------------------ hashing
 
 
 def fnv1a_strings(arr: pa.Array) -> np.ndarray:
     """64-bit FNV-1a of each string's UTF-8 bytes; stable across machines and processes.
 
-    Nulls hash like the empty string; callers mask them. Shape (n,) uint64. The bytes are
-    gathered once into a (longest, n) matrix; the loop then runs over character positions,
-    each step two in-place operations on a contiguous row.
+    Nulls hash like the empty string; callers mask them. Shape (n,) uint64. One compiled pass over the
+    array's offsets and bytes (`kernels.fnv1a`).
     """
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = arr.cast(pa.large_string())
-    # string arrays' 32-bit offsets are read as they are: no cast to large_string (500 ids: 88 us against 110,
-    # medians of 7 timed rounds)
-    width = np.int32 if pa.types.is_string(arr.type) else np.int64
     n = len(arr)
-    h = np.full(n, FNV_OFFSET, dtype=np.uint64)
+    h = np.empty(n, dtype=np.uint64)
     bufs = arr.buffers()
     if n == 0 or bufs[2] is None or not len(bufs[2]):
+        h.fill(FNV_OFFSET)
         return h
+    width = np.int32 if pa.types.is_string(arr.type) else np.int64
     offsets = np.frombuffer(bufs[1], dtype=width, count=arr.offset + n + 1)[arr.offset :].astype(np.int64)
-    data = np.frombuffer(bufs[2], dtype=np.uint8)
-    starts = offsets[:-1]
-    lengths = offsets[1:] - starts
-    longest, shortest = int(lengths.max()), int(lengths.min())
-    pos = np.arange(longest)[:, None]
-    chars = data[np.minimum(starts + pos, len(data) - 1)].astype(np.uint64)  # (longest, n)
-    inside = pos < lengths  # past a string's end its hash stays as it is
-    step = np.empty(n, np.uint64)
-    # unsigned array arithmetic wraps modulo 2**64 without a warning: no errstate needed
-    for j in range(longest):  # over character positions, not over examples
-        if j < shortest:
-            np.bitwise_xor(h, chars[j], out=h)
-            np.multiply(h, FNV_PRIME, out=h)
-        else:
-            np.bitwise_xor(h, chars[j], out=step)
-            np.multiply(step, FNV_PRIME, out=step)
-            np.copyto(h, step, where=inside[j])
+    kernels().fnv1a(offsets, np.frombuffer(bufs[2], dtype=np.uint8), h)
     return h
 
 
@@ -295,46 +290,31 @@ class Encoder:
     def _numeric_values(self, f: Feature, v: np.ndarray, null: np.ndarray, out: Columns, problems: Problems,
                         where: str) -> None:
         """Check and transform one numeric feature's values (float64 (n,), anything where null)."""
+        j = self.numeric_col[f.name]
         present = ~null
-        finite = np.isfinite(v)
-        # comparisons with NaN are False without a warning: no errstate needed (it costs more than the checks)
-        fits = np.abs(v) <= F32_MAX  # False for NaN
-        above = v > -1 if f.transform == "log1p" else None
-        ok = present & fits
-        if above is not None:
-            ok &= above
+        values, ok = np.empty(len(v), np.float32), np.empty(len(v), bool)
+        kernels().numeric(v, present, f.transform == "log1p", self.numeric_default[j], values, ok)
         if not np.array_equal(ok, present):  # something to report (rare): each check names its rows
+            finite = np.isfinite(v)
+            fits = np.abs(v) <= F32_MAX  # False for NaN
             problems.add(present & ~finite, where, "must be a finite number")
             problems.add(present & finite & ~fits, where, "outside the float32 range")
-            if above is not None:
-                problems.add(present & ~above & ~np.isnan(v), where, "must be > -1 for transform log1p")
-        j = self.numeric_col[f.name]
-        t = _transform(np.where(ok, v, 0.0), f.transform)  # ok: within log1p's domain, so no warning
-        out.values[f.name] = np.where(ok, t, self.numeric_default[j]).astype(np.float32)
+            if f.transform == "log1p":
+                problems.add(present & ~(v > -1) & ~np.isnan(v), where, "must be > -1 for transform log1p")
+        out.values[f.name] = values
         out.present[f.name] = ok
 
     def _vector(self, f: Feature, col: pa.Array, null: np.ndarray, out: Columns, problems: Problems,
                 where: str) -> None:
-        lengths = list_lengths(col)
-        wrong = ~null & (lengths != f.size)
-        problems.add(wrong, where, f"expected {f.size} numbers")
-        flat64 = pc.list_flatten(col).to_numpy(zero_copy_only=False).astype(np.float64)
-        if not wrong.any():
-            rows = np.flatnonzero(~null)
-            values = flat64.reshape(len(rows), f.size)
-        else:  # the well-formed rows only
-            starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-            rows = np.flatnonzero(~null & ~wrong)
-            values = flat64[starts[rows, None] + np.arange(f.size)]
-        unfit = ~np.isfinite(values) | (np.abs(values) > F32_MAX)
-        if unfit.any():
-            badv = np.zeros(len(null), bool)
-            badv[rows[unfit.any(axis=1)]] = True
-            problems.add(badv, where, "must hold finite float32 numbers")
-            keep = ~unfit.any(axis=1)
-            rows, values = rows[keep], values[keep]
-        out.values[f.name][rows] = values
-        out.present[f.name][rows] = True
+        values = col.values
+        if not pa.types.is_float64(values.type):
+            values = values.cast(pa.float64())
+        # a null number reads as NaN, so its row is refused as not finite
+        flat = values.to_numpy(zero_copy_only=False)
+        status = kernels().vectors(_offsets(col), null, flat, out.values[f.name], out.present[f.name])
+        if status.any():
+            problems.add(status == 1, where, f"expected {f.size} numbers")
+            problems.add(status == 2, where, "must hold finite float32 numbers")
 
     def assemble(self, sections: dict[str, Columns], n: int) -> dict[str, np.ndarray]:
         """The model's inputs for n rows from encoded sections (n rows each, or one row broadcast to all n);
@@ -409,19 +389,25 @@ def _transform(v: np.ndarray, transform: str) -> np.ndarray:
 
 def _list_rows(col: pa.Array, buckets: int, max_len: int) -> np.ndarray:
     """(n, max_len) hashed rows of a list column, padded with 0, first max_len kept."""
-    n = len(col)
-    out = np.zeros((n, max_len), dtype=np.int64)
-    lengths = list_lengths(col)  # an Array: encode_columns combined the chunks
-    values = pc.list_flatten(col)
-    if len(values) == 0:
-        return out
-    rows = hashed_rows(values, buckets)
-    owner = np.repeat(np.arange(n), lengths)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
-    slot = np.arange(len(values)) - starts[owner]
-    keep = slot < max_len
-    out[owner[keep], slot[keep]] = rows[keep]
+    out = np.empty((len(col), max_len), dtype=np.int64)
+    strings = col.values
+    if not (pa.types.is_string(strings.type) or pa.types.is_large_string(strings.type)):
+        strings = strings.cast(pa.large_string())
+    null = np.asarray(col.is_null()) if col.null_count else np.zeros(len(col), bool)
+    value_null = np.asarray(strings.is_null()) if strings.null_count else np.zeros(len(strings), bool)
+    data = strings.buffers()[2]
+    kernels().list_rows(_offsets(col), null, _offsets(strings), np.frombuffer(data, np.uint8) if data else _NO_BYTES,
+                      value_null, buckets, out)
     return out
+
+
+_NO_BYTES = np.zeros(0, np.uint8)
+
+
+def _offsets(arr: pa.Array) -> np.ndarray:
+    """(len + 1,) int64: where each row of a list or string array starts in its values (and the last ends)."""
+    width = np.int64 if pa.types.is_large_list(arr.type) or pa.types.is_large_string(arr.type) else np.int32
+    return np.frombuffer(arr.buffers()[1], dtype=width, count=arr.offset + len(arr) + 1)[arr.offset:].astype(np.int64)
 
 
 def list_lengths(col: pa.Array) -> np.ndarray:

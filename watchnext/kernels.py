@@ -1,0 +1,114 @@
+"""The encoder's loops over values, compiled by numba: one pass each, no Python per value.
+
+What numpy does in several passes (and ten to twenty calls, each of which costs
+far more than its arithmetic on a few hundred values), each of these does in one
+loop over the batch:
+
+- `fnv1a`: the 64-bit FNV-1a hash of each string of an Arrow string array, read
+  from its offsets and bytes;
+- `numeric`: a numeric feature's checks (finite, within float32, within log1p's
+  domain) and its transform, in one pass.
+
+Compiled for the exact argument types below when this module is imported (numba
+keeps the machine code under `__pycache__`, so later imports load it in
+milliseconds); a call with other types fails loudly instead of compiling again.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import types
+
+FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+FNV_PRIME = np.uint64(0x100000001B3)
+F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _in(dtype, dims: int = 1) -> types.Array:
+    """A C-contiguous input array; read-only ones too (numpy views of Arrow buffers are)."""
+    return types.Array(dtype, dims, "C", readonly=True)
+
+
+def _out(dtype, dims: int = 1) -> types.Array:
+    return types.Array(dtype, dims, "C")
+
+
+I64, U8, F64, BOOL = _in(types.int64), _in(types.uint8), _in(types.float64), _in(types.boolean)
+
+
+@numba.njit(types.void(I64, U8, _out(types.uint64)), cache=True, nogil=True)
+def fnv1a(offsets, data, out):  # pragma: no cover - numba runs the compiled loop, not this Python
+    """out[i] = FNV-1a of data[offsets[i]:offsets[i + 1]]; len(offsets) == len(out) + 1."""
+    for i in range(out.shape[0]):
+        h = FNV_OFFSET
+        for j in range(offsets[i], offsets[i + 1]):
+            h = (h ^ np.uint64(data[j])) * FNV_PRIME
+        out[i] = h
+
+
+@numba.njit(types.void(F64, BOOL, types.boolean, types.float32, _out(types.float32), _out(types.boolean)), cache=True,
+            nogil=True)
+def numeric(v, present, log1p, default, values, ok):  # pragma: no cover - compiled
+    """ok[i]: present, finite, within float32 (and > -1 for log1p); values[i]: the transformed value where ok,
+    else `default`."""
+    for i in range(v.shape[0]):
+        x = v[i]
+        good = present[i] and abs(x) <= F32_MAX and (not log1p or x > -1.0)  # False for NaN
+        ok[i] = good
+        if good:
+            values[i] = np.float32(np.log1p(x) if log1p else x)
+        else:
+            values[i] = default
+
+
+@numba.njit(types.void(I64, BOOL, I64, U8, BOOL, types.int64, _out(types.int64, 2)), cache=True, nogil=True)
+def list_rows(lists, null, strings, data, value_null, buckets, out):  # pragma: no cover - compiled
+    """out[i, k]: embedding row 1..buckets of the k-th string of list row i (FNV-1a), for its first out.shape[1]
+    strings; 0 past its end, for a null row and for a null string. lists: the list offsets into the strings
+    (len(out) + 1); strings: the strings' offsets into data."""
+    width = out.shape[1]
+    for i in range(out.shape[0]):
+        lo = lists[i]
+        k = 0
+        if not null[i]:
+            k = min(lists[i + 1] - lo, width)
+        for s in range(k):
+            v = lo + s
+            if value_null[v]:
+                out[i, s] = 0
+                continue
+            h = FNV_OFFSET
+            for j in range(strings[v], strings[v + 1]):
+                h = (h ^ np.uint64(data[j])) * FNV_PRIME
+            out[i, s] = np.int64(h % np.uint64(buckets)) + 1
+        for s in range(k, width):
+            out[i, s] = 0
+
+
+@numba.njit(_out(types.int8)(I64, BOOL, F64, _out(types.float32, 2), _out(types.boolean)), cache=True, nogil=True)
+def vectors(lists, null, values, out, present):  # pragma: no cover - compiled
+    """Each non-null row of a list column whose length is out.shape[1] and whose numbers are finite float32s
+    goes to out[i] (present[i] = True); other rows are left as they are. Returns each row's status: 0 taken or
+    null, 1 the wrong length, 2 a number not a finite float32."""
+    size = out.shape[1]
+    status = np.zeros(out.shape[0], np.int8)
+    for i in range(out.shape[0]):
+        if null[i]:
+            continue
+        lo = lists[i]
+        if lists[i + 1] - lo != size:
+            status[i] = 1
+            continue
+        fit = True
+        for k in range(size):
+            if not abs(values[lo + k]) <= F32_MAX:  # NaN too
+                fit = False
+                break
+        if not fit:
+            status[i] = 2
+            continue
+        for k in range(size):
+            out[i, k] = values[lo + k]
+        present[i] = True
+    return status
