@@ -1,17 +1,22 @@
 """The encoder's loops over values, compiled by numba: one pass each, no Python per value.
 
-What numpy does in several passes (and ten to twenty calls, each of which costs
-far more than its arithmetic on a few hundred values), each of these does in one
-loop over the batch:
+What numpy did in several passes (ten to twenty calls per feature, each of which
+costs far more than its arithmetic on a few hundred values), each of these does
+in one loop over the batch:
 
 - `fnv1a`: the 64-bit FNV-1a hash of each string of an Arrow string array, read
   from its offsets and bytes;
+- `list_rows`: the embedding rows of each list row's first strings (FNV-1a);
 - `numeric`: a numeric feature's checks (finite, within float32, within log1p's
-  domain) and its transform, in one pass.
+  domain) and its transform;
+- `vectors`: a vector feature's checks (length, finite float32 numbers) and its
+  rows.
 
 Compiled for the exact argument types below when this module is imported (numba
-keeps the machine code under `__pycache__`, so later imports load it in
-milliseconds); a call with other types fails loudly instead of compiling again.
+keeps the machine code under `__pycache__`, or NUMBA_CACHE_DIR, so later imports
+only load it: about a second with numba itself); a call with other types fails
+loudly instead of compiling again. `watchnext.encoding.kernels()` imports it on
+first use.
 """
 
 from __future__ import annotations
