@@ -25,9 +25,7 @@ import numba
 import numpy as np
 from numba import types
 
-FNV_OFFSET = np.uint64(0xCBF29CE484222325)
-FNV_PRIME = np.uint64(0x100000001B3)
-F32_MAX = float(np.finfo(np.float32).max)
+from .encoding import F32_MAX, FNV_OFFSET, FNV_PRIME  # loaded already: encoding imports this module on first use
 
 
 def _in(dtype, dims: int = 1) -> types.Array:
@@ -42,14 +40,20 @@ def _out(dtype, dims: int = 1) -> types.Array:
 I64, U8, F64, BOOL = _in(types.int64), _in(types.uint8), _in(types.float64), _in(types.boolean)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _fnv1a(data, lo, hi):  # pragma: no cover - compiled
+    """FNV-1a of data[lo:hi] (the one hash loop: `fnv1a` and `list_rows` call it)."""
+    h = FNV_OFFSET
+    for j in range(lo, hi):
+        h = (h ^ np.uint64(data[j])) * FNV_PRIME
+    return h
+
+
 @numba.njit(types.void(I64, U8, _out(types.uint64)), cache=True, nogil=True)
 def fnv1a(offsets, data, out):  # pragma: no cover - numba runs the compiled loop, not this Python
     """out[i] = FNV-1a of data[offsets[i]:offsets[i + 1]]; len(offsets) == len(out) + 1."""
     for i in range(out.shape[0]):
-        h = FNV_OFFSET
-        for j in range(offsets[i], offsets[i + 1]):
-            h = (h ^ np.uint64(data[j])) * FNV_PRIME
-        out[i] = h
+        out[i] = _fnv1a(data, offsets[i], offsets[i + 1])
 
 
 @numba.njit(types.void(F64, BOOL, types.boolean, types.float32, _out(types.float32), _out(types.boolean)), cache=True,
@@ -83,10 +87,7 @@ def list_rows(lists, null, strings, data, value_null, buckets, out):  # pragma: 
             if value_null[v]:
                 out[i, s] = 0
                 continue
-            h = FNV_OFFSET
-            for j in range(strings[v], strings[v + 1]):
-                h = (h ^ np.uint64(data[j])) * FNV_PRIME
-            out[i, s] = np.int64(h % np.uint64(buckets)) + 1
+            out[i, s] = np.int64(_fnv1a(data, strings[v], strings[v + 1]) % np.uint64(buckets)) + 1
         for s in range(k, width):
             out[i, s] = 0
 
