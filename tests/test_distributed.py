@@ -57,13 +57,23 @@ def _init(rank: int, port: int) -> None:
     distributed.init_from_env(torch.device("cpu"))
 
 
+GROUP_THREADS = ("gloo", "pt_gloo", "pt_tcpstore")  # gloo's, the store's
+
+
 def _end(rank: int, out: str) -> None:
     """End the group as the trainer does, and record the group's threads still running (none should be: one left
-    into the interpreter's exit can kill the rank with SIGABRT after its work is done)."""
+    into the interpreter's exit can kill the rank with SIGABRT after its work is done). A thread that is ending is
+    waited for, up to 10 s: the store's server thread (rank 0's `pt_tcpstore_uv`) was once still listed just after
+    `shutdown` returned (1 run in ~10); one kept alive, the failure this guards against, lives on past any wait."""
     from training import distributed
 
     distributed.shutdown()
-    torch.save(thread_names(), Path(out) / f"threads{rank}.pt")
+    deadline = time.monotonic() + 10.0
+    names = thread_names()
+    while any(n.startswith(GROUP_THREADS) for n in names) and time.monotonic() < deadline:
+        time.sleep(0.01)
+        names = thread_names()
+    torch.save(names, Path(out) / f"threads{rank}.pt")
 
 
 def thread_names() -> list[str]:
@@ -81,7 +91,7 @@ def assert_no_group_threads(out: Path) -> None:
     for r in range(WORLD):
         names = torch.load(out / f"threads{r}.pt")
         assert names, f"rank {r}: no thread listed (/proc unreadable): the check would prove nothing"
-        left = [n for n in names if n.startswith(("gloo", "pt_gloo", "pt_tcpstore"))]  # gloo's, the store's
+        left = [n for n in names if n.startswith(GROUP_THREADS)]
         assert left == [], f"rank {r}: process group threads outlived shutdown"
 
 
