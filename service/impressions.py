@@ -259,6 +259,7 @@ class ImpressionLog:
         self.defaults = {t.name: t.default for t in config.tasks}
         self.tasks = {t.name: t for t in config.tasks}
         self.user_key = key_feature(config, "user")
+        self.item_key = config.item_id
         self.stream_keys = config.stream.keys()  # from the config alone: the one key, or its shards
 
     # ------------------------------------------------------------ impressions
@@ -391,12 +392,15 @@ class ImpressionLog:
         # the impression buffer counted)
         mapping = {"_": _json(shared), "_due": repr(due).encode()}
         explore = imp.get("explore")
+        items = imp["items"]
+        # the ranker's items give a candidate sent by id only as its store entry's JSON, unparsed (ServedItems)
+        items = items.for_record() if hasattr(items, "for_record") else items
         if explore is None:
-            for item_id, cand, pos in imp["items"]:
+            for item_id, cand, pos in items:
                 mapping[f"i:{item_id}"] = _json({"candidate": cand, "position": pos})
         else:  # randomised order: each item's propensity and original rank (watchnext/explore.py)
             prop, rank = explore["propensity"].tolist(), explore["rank"].tolist()
-            for item_id, cand, pos in imp["items"]:
+            for item_id, cand, pos in items:
                 mapping[f"i:{item_id}"] = _json({"candidate": cand, "position": pos, "propensity": prop[pos],
                                                  "rank": rank[pos]})
         # what the record's objects take (the dict, its keys and values), as the buffer's bound counts it
@@ -595,13 +599,23 @@ class ImpressionLog:
             if not field.startswith(b"i:"):
                 continue
             item_id = field[2:].decode()
-            item = json.loads(raw)
+            try:  # a candidate's store entry is logged as it was read from Redis: one that is not JSON loses its item
+                item = json.loads(raw)
+                if not isinstance(item, dict) or not isinstance(item.get("position"), int | None):
+                    raise ValueError("not an item record")
+            except ValueError:
+                self.metrics.examples_refused.inc()
+                log(logger, logging.ERROR, "impression_item_unreadable", item_id=item_id[:64])
+                continue
+            cand = item["candidate"] if isinstance(item.get("candidate"), dict) else {}  # anything else: nothing
+            if self.item_key is not None:  # the field names the item (a logged store entry may not)
+                cand[self.item_key] = item_id
             given = got.get(item_id, {})
             labels = {t: given.get(t, self.defaults[t]) for t in self.tasks}
             ex = {
                 "ts": shared["ts"], "request_id": shared["request_id"],
                 "user": shared["user"], "query": shared["query"], "context": shared["context"],
-                "candidate": item["candidate"], "position": item["position"], "labels": labels,
+                "candidate": cand, "position": item["position"], "labels": labels,
                 "experiment": shared.get("experiment"), "arm": shared.get("arm"),
                 "model_version": shared.get("model_version"),
             }

@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import numpy as np
 import orjson
 import pyarrow as pa
@@ -308,6 +309,14 @@ class ServedItems:
                 items.append((i, c, pos))
             self._items = items
         return iter(self._items)
+
+    def for_record(self) -> list[tuple[str, dict[str, Any] | msgspec.Raw, int]]:
+        """The items as the impression's record writes them: a candidate the request named by id only is its
+        store entry's JSON as it is (`msgspec.Raw`, neither parsed nor encoded again: the record's reader sets
+        the item id, service/impressions.py), any other the merged features of `__iter__`."""
+        if self.sent is None and self.raw is not None and self.item_id is not None:
+            return [(i, msgspec.Raw(r) if r else {}, pos) for pos, (i, r) in enumerate(zip(self.ids, self.raw.tolist()))]
+        return list(self)
 
     def __len__(self) -> int:
         return len(self.ids)

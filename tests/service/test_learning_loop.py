@@ -11,6 +11,7 @@ import sys
 import time
 
 import httpx
+import msgspec
 import numpy as np
 import redis
 
@@ -124,6 +125,27 @@ def test_an_impression_that_cannot_be_stored_is_dropped_alone(trained, redis_url
             log.backlog()) == (19, 1, 0)
     r = redis.Redis.from_url(redis_url)
     assert r.zcard("wn:imp:due") == 19
+    log.client.close()
+
+
+def test_a_logged_store_entry_that_is_not_json_loses_its_item_alone(trained, redis_url):
+    """A candidate named by id is logged with its store entry's JSON as read from Redis, unparsed
+    (`ServedItems.for_record`); an entry another writer damaged loses that item's example, counted, and no other."""
+    config = load_config(trained["config_path"])
+    m = Metrics()
+    log = ImpressionLog(config, redis_url, m)
+    imp = _impressions(config, 1, 1, time.time() - config.service.attribution_window_s - 60)[0]
+    imp["items"] = [("v1", msgspec.Raw(b'{"video_id":"v1","video_age_days":2.5}'), 0),
+                    ("v2", msgspec.Raw(b'{"video_age_days":'), 1),  # cut short
+                    ("v3", msgspec.Raw(b'[1,2]'), 2),  # JSON, not an object: read as nothing
+                    ("v4", msgspec.Raw(b'{"video_id":"other","video_age_days":1.0}'), 3)]  # the record names the item
+    log.add(imp)
+    assert log.flush() == 1
+    assert log.close_due() == 3
+    got = {e["candidate"]["video_id"]: (e["candidate"], e["position"]) for e in stream_examples(redis_url)}
+    assert got == {"v1": ({"video_id": "v1", "video_age_days": 2.5}, 0), "v3": ({"video_id": "v3"}, 2),
+                   "v4": ({"video_id": "v4", "video_age_days": 1.0}, 3)}
+    assert m.value("watchnext_examples_refused_total") == 1
     log.client.close()
 
 
