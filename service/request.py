@@ -216,10 +216,12 @@ class RequestCodec:
         self._check_count(n)
         meta = (table.schema.metadata or {}).get(b"request", b"{}")
         head, unknown = self._head(_decode(self.head_decoder, meta, "request."))
+        sent = {name: c.chunk(0) if c.num_chunks == 1 else c.combine_chunks()
+                for name, c in zip(table.column_names, table.columns)}
         cols, present = [], []
         for f in self.candidate_features:
-            if f.name in table.column_names:
-                cols.append(self._arrow_column(f, table.column(f.name).combine_chunks()))
+            if f.name in sent:
+                cols.append(self._arrow_column(f, sent[f.name]))
                 present.append(f.name)
             else:
                 cols.append(pa.nulls(n, self.candidate_type.field(f.name).type))

@@ -337,13 +337,14 @@ def clean_section(sec: dict, config: Config, source: str) -> dict:
         elif f.kind == "categorical_list":
             if not isinstance(v, list):
                 raise DataError(where, f"expected a list of ids, got {type(v).__name__}")
-            out[f.name] = [_ident(x, where) for x in v]
+            # a list of strings (the usual one) is taken as it is; anything else is checked item by item
+            out[f.name] = list(v) if all(isinstance(x, str) for x in v) else [_ident(x, where) for x in v]
         elif f.kind == "numeric":
             out[f.name] = _number(v, where)
         else:
             if not isinstance(v, list):
                 raise DataError(where, f"expected a list of {f.size} numbers, got {type(v).__name__}")
-            out[f.name] = [_number(x, where) for x in v]
+            out[f.name] = list(v) if all(isinstance(x, float) for x in v) else [_number(x, where) for x in v]
     return out
 
 

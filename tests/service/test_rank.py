@@ -151,6 +151,8 @@ BAD = [
      422, "user.user_embedding", "float32"),
     (b'{"user": {"user_recent_videos": ["a", null]}, "candidates": []}', 422, "user.user_recent_videos",
      "expected a string or integer id"),
+    (b'{"user": {"user_embedding": [0.5, true, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]}, "candidates": []}', 422,
+     "user.user_embedding", "expected a number, got True"),
     (b'{"candidates": [], "top_k": 0}', 422, "top_k", ">= 1"),
     (b'{"candidates": [], "top_k": "5"}', 422, "top_k", None),
     (b'{"request_id": {"a": 1}, "candidates": []}', 422, "request_id", None),
