@@ -2,7 +2,17 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from watchnext.encoding import F32_MAX, Encoder, Problems, _list_rows, fnv1a, fnv1a_strings, hashed_rows, section_type
+from watchnext.encoding import (
+    F32_MAX,
+    Encoder,
+    Problems,
+    _list_rows,
+    bucket_rows,
+    fnv1a,
+    fnv1a_strings,
+    hashed_rows,
+    section_type,
+)
 
 
 def test_fnv1a_known_values_and_vectorised_agrees():
@@ -31,6 +41,24 @@ def test_rows_reserve_zero_for_missing():
     assert rows[1] == 0
     assert rows[0] == rows[3] and 1 <= rows[0] <= 7
     assert rows[0] == 1 + fnv1a("x") % 7
+
+
+def test_hashed_rows_are_the_buckets_of_the_hashes_in_every_layout():
+    rng = np.random.default_rng(11)
+    alphabet = np.array(list("abcxyz019-_é"))
+    words = ["".join(rng.choice(alphabet, size=int(k))) for k in rng.integers(0, 20, size=500)]
+    with_nulls = [None if i % 7 == 3 else w for i, w in enumerate(words)]
+    for arr in (pa.array(words), pa.array(words).slice(13, 400), pa.array(words, pa.large_string()).slice(5, 50),
+                pa.array(with_nulls), pa.array(with_nulls, pa.large_string()).slice(3, 200)):
+        want = bucket_rows(fnv1a_strings(arr), 1000)
+        want[np.asarray(arr.is_null())] = 0
+        assert hashed_rows(arr, 1000).tolist() == want.tolist()
+        # the caller's null flags, when it has them, give the same rows
+        assert hashed_rows(arr, 1000, np.asarray(arr.is_null())).tolist() == want.tolist()
+    assert hashed_rows(pa.array(["", ""]), 5).tolist() == [1 + fnv1a("") % 5] * 2  # no bytes at all
+    assert hashed_rows(pa.array([None, None], pa.string()), 5).tolist() == [0, 0]
+    assert hashed_rows(pa.array([], pa.string()), 5).tolist() == []
+    assert hashed_rows(pa.array([12, None]), 9).tolist() == [1 + fnv1a("12") % 9, 0]  # read as their text
 
 
 def test_encode_candidates(small_config):

@@ -82,12 +82,23 @@ def bucket_rows(hashes: np.ndarray, buckets: int) -> np.ndarray:
     return (hashes % np.uint64(buckets)).astype(np.int64) + 1
 
 
-def hashed_rows(arr: pa.Array, buckets: int) -> np.ndarray:
-    """Rows 1..buckets for present ids, 0 for null. Shape (n,) int64."""
-    rows = bucket_rows(fnv1a_strings(arr), buckets)
-    if arr.null_count:
-        rows[np.asarray(arr.is_null())] = 0
-    return rows
+def hashed_rows(arr: pa.Array, buckets: int, null: np.ndarray | None = None) -> np.ndarray:
+    """Rows 1..buckets for present ids (`bucket_rows` of their FNV-1a), 0 for null. Shape (n,) int64. One
+    compiled pass over the array's own offsets and bytes (`kernels.hash_rows`); `null`: the rows' null flags
+    when the caller has them."""
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = arr.cast(pa.large_string())
+    n = len(arr)
+    out = np.empty(n, np.int64)
+    if n == 0:
+        return out
+    if null is None:
+        null = np.asarray(arr.is_null()) if arr.null_count else _NO_FLAGS
+    _, offsets, data = arr.buffers()
+    width = np.int32 if pa.types.is_string(arr.type) else np.int64
+    kernels().hash_rows(np.frombuffer(offsets, dtype=width, count=arr.offset + n + 1)[arr.offset:],
+                        np.frombuffer(data, np.uint8) if data else _NO_BYTES, null, buckets, out)
+    return out
 
 
 # ------------------------------------------------------------------ schema
@@ -248,14 +259,19 @@ class Encoder:
 
     def absent(self, source: str, n: int) -> Columns:
         """n rows of `source` with every feature absent."""
-        values, present = {}, {}
+        out = Columns(n, {}, {})
         for f in self.section_features[source]:
-            dtype, shape = self.value_spec(f)
-            v = np.zeros((n, *shape), dtype)
-            if f.kind == "numeric":
-                v[:] = self.numeric_default[self.numeric_col[f.name]]
-            values[f.name], present[f.name] = v, np.zeros(n, bool)
-        return Columns(n, values, present)
+            self._absent(f, n, out)
+        return out
+
+    def _absent(self, f: Feature, n: int, out: Columns) -> None:
+        """Feature f absent from all n rows of `out`."""
+        dtype, shape = self.value_spec(f)
+        if f.kind == "numeric":
+            out.values[f.name] = np.full(n, self.numeric_default[self.numeric_col[f.name]], np.float32)
+        else:
+            out.values[f.name] = np.zeros((n, *shape), dtype)
+        out.present[f.name] = np.zeros(n, bool)
 
     def encode_columns(self, source: str, arr: pa.StructArray | None, n: int, problems: Problems) -> Columns:
         """Check, hash and transform one section's n rows (`arr` None: all absent). A value that fails a check
@@ -265,9 +281,10 @@ class Encoder:
         if isinstance(arr, pa.ChunkedArray):
             arr = arr.combine_chunks()
         row_present = ~np.asarray(arr.is_null()) if arr.null_count else None
-        out = self.absent(source, n)
+        out = Columns(n, {}, {})
         for f in self.section_features[source]:
             if arr.type.get_field_index(f.name) < 0:
+                self._absent(f, n, out)
                 continue
             col = arr.field(f.name)
             if row_present is not None:  # a null section makes every field null
@@ -275,13 +292,13 @@ class Encoder:
             where = f"{source}.{f.name}"
             null = np.asarray(col.is_null()) if col.null_count else np.zeros(n, bool)
             if f.kind == "categorical":
-                out.values[f.name] = hashed_rows(col, f.buckets)
+                out.values[f.name] = hashed_rows(col, f.buckets, null)
                 out.present[f.name] = ~null
             elif f.kind == "categorical_list":
-                out.values[f.name] = _list_rows(col, f.buckets, f.max_len)
+                out.values[f.name] = _list_rows(col, f.buckets, f.max_len, null)
                 out.present[f.name] = ~null
-            elif f.kind == "numeric":
-                v = col.to_numpy(zero_copy_only=False).astype(np.float64)
+            elif f.kind == "numeric":  # float64 as sent (no copy); a null reads as NaN
+                v = np.asarray(col.to_numpy(zero_copy_only=False), np.float64)
                 self._numeric_values(f, v, null, out, problems, where)
             else:
                 self._vector(f, col, null, out, problems, where)
@@ -306,6 +323,7 @@ class Encoder:
 
     def _vector(self, f: Feature, col: pa.Array, null: np.ndarray, out: Columns, problems: Problems,
                 where: str) -> None:
+        self._absent(f, len(col), out)  # the rows that pass are written over it
         values = col.values
         if not pa.types.is_float64(values.type):
             values = values.cast(pa.float64())
@@ -387,13 +405,15 @@ def _transform(v: np.ndarray, transform: str) -> np.ndarray:
     return np.log1p(v) if transform == "log1p" else v
 
 
-def _list_rows(col: pa.Array, buckets: int, max_len: int) -> np.ndarray:
-    """(n, max_len) hashed rows of a list column, padded with 0, first max_len kept."""
+def _list_rows(col: pa.Array, buckets: int, max_len: int, null: np.ndarray | None = None) -> np.ndarray:
+    """(n, max_len) hashed rows of a list column, padded with 0, first max_len kept (`null`: the rows' null
+    flags when the caller has them)."""
     out = np.empty((len(col), max_len), dtype=np.int64)
     strings = col.values
     if not (pa.types.is_string(strings.type) or pa.types.is_large_string(strings.type)):
         strings = strings.cast(pa.large_string())
-    null = np.asarray(col.is_null()) if col.null_count else np.zeros(len(col), bool)
+    if null is None:
+        null = np.asarray(col.is_null()) if col.null_count else np.zeros(len(col), bool)
     value_null = np.asarray(strings.is_null()) if strings.null_count else np.zeros(len(strings), bool)
     data = strings.buffers()[2]
     kernels().list_rows(_offsets(col), null, _offsets(strings), np.frombuffer(data, np.uint8) if data else _NO_BYTES,
@@ -402,6 +422,7 @@ def _list_rows(col: pa.Array, buckets: int, max_len: int) -> np.ndarray:
 
 
 _NO_BYTES = np.zeros(0, np.uint8)
+_NO_FLAGS = np.zeros(0, bool)  # `kernels.hash_rows`: no row is null
 
 
 def _offsets(arr: pa.Array) -> np.ndarray:

@@ -6,6 +6,8 @@ in one loop over the batch:
 
 - `fnv1a`: the 64-bit FNV-1a hash of each string of an Arrow string array, read
   from its offsets and bytes;
+- `hash_rows`: the embedding row of each string of an Arrow string array (FNV-1a,
+  its bucket, 0 for a null);
 - `list_rows`: the embedding rows of each list row's first strings (FNV-1a);
 - `numeric`: a numeric feature's checks (finite, within float32, within log1p's
   domain) and its transform;
@@ -54,6 +56,20 @@ def fnv1a(offsets, data, out):  # pragma: no cover - numba runs the compiled loo
     """out[i] = FNV-1a of data[offsets[i]:offsets[i + 1]]; len(offsets) == len(out) + 1."""
     for i in range(out.shape[0]):
         out[i] = _fnv1a(data, offsets[i], offsets[i + 1])
+
+
+@numba.njit([types.void(off, U8, BOOL, types.int64, _out(types.int64)) for off in (_in(types.int32), I64)], cache=True,
+            nogil=True)
+def hash_rows(offsets, data, null, buckets, out):  # pragma: no cover - compiled
+    """out[i]: the embedding row 1..buckets of the FNV-1a of data[offsets[i]:offsets[i + 1]], 0 where null[i].
+    offsets: an Arrow string array's own (32- or 64-bit, read in place); null: len(out) flags, or none at all
+    when no row is null."""
+    flags = null.shape[0] > 0
+    for i in range(out.shape[0]):
+        if flags and null[i]:
+            out[i] = 0
+        else:
+            out[i] = np.int64(_fnv1a(data, offsets[i], offsets[i + 1]) % np.uint64(buckets)) + 1
 
 
 @numba.njit(types.void(F64, BOOL, types.boolean, types.float32, _out(types.float32), _out(types.boolean)), cache=True,
