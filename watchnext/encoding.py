@@ -162,6 +162,8 @@ class Problems:
 
     def first(self) -> tuple[int, str, str] | None:
         """(row, field, reason): the first bad row and the first check it failed; None when every row is good."""
+        if not self.checks:
+            return None
         bad = self.bad
         if not bad.any():
             return None
