@@ -1,8 +1,9 @@
 """Feature encoding, shared by the trainer, the exporter and the service.
 
-Everything here is vectorised over a batch: a column of ids is hashed with
-numpy loops over *character positions*, never over examples, and values are
-checked with array operations.
+Everything here works on a whole batch at once, never a Python loop per
+example: ids are hashed, and values checked and transformed, by loops numba
+compiles (watchnext/kernels.py), one pass over an Arrow column's own buffers
+each; the rest is numpy and Arrow calls per column.
 
 The encoded layout (the ONNX graph's inputs, in this order):
 
