@@ -56,17 +56,9 @@ def fnv1a_strings(arr: pa.Array) -> np.ndarray:
     Nulls hash like the empty string; callers mask them. Shape (n,) uint64. One compiled pass over the
     array's offsets and bytes (`kernels.fnv1a`).
     """
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        arr = arr.cast(pa.large_string())
-    n = len(arr)
-    h = np.empty(n, dtype=np.uint64)
-    bufs = arr.buffers()
-    if n == 0 or bufs[2] is None or not len(bufs[2]):
-        h.fill(FNV_OFFSET)
-        return h
-    width = np.int32 if pa.types.is_string(arr.type) else np.int64
-    offsets = np.frombuffer(bufs[1], dtype=width, count=arr.offset + n + 1)[arr.offset :].astype(np.int64)
-    kernels().fnv1a(offsets, np.frombuffer(bufs[2], dtype=np.uint8), h)
+    h = np.empty(len(arr), dtype=np.uint64)
+    if len(arr):
+        kernels().fnv1a(*_strings(arr), h)
     return h
 
 
@@ -79,26 +71,20 @@ def fnv1a(s: str) -> int:
 
 
 def bucket_rows(hashes: np.ndarray, buckets: int) -> np.ndarray:
-    """Embedding rows 1..buckets of FNV-1a hashes (row 0 is kept for missing ids). Same shape, int64."""
+    """Embedding rows 1..buckets of FNV-1a hashes (row 0 is kept for missing ids). Same shape, int64. The
+    reference for what `hashed_rows` computes in one pass (tests)."""
     return (hashes % np.uint64(buckets)).astype(np.int64) + 1
 
 
 def hashed_rows(arr: pa.Array, buckets: int, null: np.ndarray | None = None) -> np.ndarray:
     """Rows 1..buckets for present ids (`bucket_rows` of their FNV-1a), 0 for null. Shape (n,) int64. One
-    compiled pass over the array's own offsets and bytes (`kernels.hash_rows`); `null`: the rows' null flags
+    compiled pass over the array's offsets and bytes (`kernels.hash_rows`); `null`: the rows' null flags
     when the caller has them."""
-    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
-        arr = arr.cast(pa.large_string())
-    n = len(arr)
-    out = np.empty(n, np.int64)
-    if n == 0:
-        return out
-    if null is None:
-        null = np.asarray(arr.is_null()) if arr.null_count else _NO_FLAGS
-    _, offsets, data = arr.buffers()
-    width = np.int32 if pa.types.is_string(arr.type) else np.int64
-    kernels().hash_rows(np.frombuffer(offsets, dtype=width, count=arr.offset + n + 1)[arr.offset:],
-                        np.frombuffer(data, np.uint8) if data else _NO_BYTES, null, buckets, out)
+    out = np.empty(len(arr), np.int64)
+    if len(arr):
+        if null is None:
+            null = np.asarray(arr.is_null()) if arr.null_count else _NO_FLAGS
+        kernels().hash_rows(*_strings(arr), null, buckets, out)
     return out
 
 
@@ -413,19 +399,24 @@ def _list_rows(col: pa.Array, buckets: int, max_len: int, null: np.ndarray | Non
     flags when the caller has them)."""
     out = np.empty((len(col), max_len), dtype=np.int64)
     strings = col.values
-    if not (pa.types.is_string(strings.type) or pa.types.is_large_string(strings.type)):
-        strings = strings.cast(pa.large_string())
     if null is None:
         null = np.asarray(col.is_null()) if col.null_count else np.zeros(len(col), bool)
     value_null = np.asarray(strings.is_null()) if strings.null_count else np.zeros(len(strings), bool)
-    data = strings.buffers()[2]
-    kernels().list_rows(_offsets(col), null, _offsets(strings), np.frombuffer(data, np.uint8) if data else _NO_BYTES,
-                      value_null, buckets, out)
+    kernels().list_rows(_offsets(col), null, *_strings(strings), value_null, buckets, out)
     return out
 
 
 _NO_BYTES = np.zeros(0, np.uint8)
 _NO_FLAGS = np.zeros(0, bool)  # `kernels.hash_rows`: no row is null
+
+
+def _strings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets (len + 1,) int64, bytes uint8) of a string array, as the kernels read it; any other type is cast
+    to large_string first."""
+    if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
+        arr = arr.cast(pa.large_string())
+    data = arr.buffers()[2]
+    return _offsets(arr), (np.frombuffer(data, np.uint8) if data else _NO_BYTES)
 
 
 def _offsets(arr: pa.Array) -> np.ndarray:

@@ -58,12 +58,10 @@ def fnv1a(offsets, data, out):  # pragma: no cover - numba runs the compiled loo
         out[i] = _fnv1a(data, offsets[i], offsets[i + 1])
 
 
-@numba.njit([types.void(off, U8, BOOL, types.int64, _out(types.int64)) for off in (_in(types.int32), I64)], cache=True,
-            nogil=True)
+@numba.njit(types.void(I64, U8, BOOL, types.int64, _out(types.int64)), cache=True, nogil=True)
 def hash_rows(offsets, data, null, buckets, out):  # pragma: no cover - compiled
     """out[i]: the embedding row 1..buckets of the FNV-1a of data[offsets[i]:offsets[i + 1]], 0 where null[i].
-    offsets: an Arrow string array's own (32- or 64-bit, read in place); null: len(out) flags, or none at all
-    when no row is null."""
+    null: len(out) flags, or none at all when no row is null."""
     flags = null.shape[0] > 0
     for i in range(out.shape[0]):
         if flags and null[i]:
