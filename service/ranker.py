@@ -326,7 +326,10 @@ class ServedItems:
         """About what this holds until it is written (the impression buffer's bound counts it)."""
         n = 128 * len(self.ids) + sum(len(i) for i in self.ids)
         n += sum(map(len, self.raw)) + 40 * len(self.raw) if self.raw is not None else 0  # JSON bytes of the top k
-        return n + (self.sent.nbytes if self.sent is not None else 0)
+        # the buffers `sent` keeps alive, whole: an Arrow body's columns are views of the body (`nbytes`, the bytes
+        # of the rows alone, reads every column's offsets: 43 us of the request's time after an ONNX Runtime run,
+        # against 9)
+        return n + (self.sent.get_total_buffer_size() if self.sent is not None else 0)
 
 
 class _Merged:
