@@ -45,7 +45,7 @@ from watchnext.scoring import combine
 
 from .errors import BadRequest
 from .experiments import LiveExperiment
-from .features import OnlineFeatures, Plan, pick
+from .features import OnlineFeatures, Plan
 from .models import LoadedModel
 from .observability import Metrics
 from .request import SHARED, RankInput, RequestCodec
@@ -104,7 +104,7 @@ class Ranker:
         if inp.ids is not None:
             rows = np.arange(inp.n) if inp.candidates is None else np.flatnonzero(self._lacking(inp.candidates))
             if len(rows):
-                wants["candidate"] = inp.ids if len(rows) == inp.n else pick(inp.ids, rows)
+                wants["candidate"] = inp.ids if len(rows) == inp.n and isinstance(inp.ids, list) else inp.ids_at(rows)
         if not self.store.enabled:
             wants = {}
         return Prepared(inp, self.store.plan(wants), rows)
@@ -186,7 +186,8 @@ class Ranker:
         elif stored is not None and stored.found.all():  # every id in the store: its rows are the inputs
             cand = stored.columns
         else:
-            ids = pa.StructArray.from_arrays([pa.array(inp.ids or [], pa.string())], names=[self.item_id])
+            col = inp.ids if isinstance(inp.ids, pa.Array) else pa.array(inp.ids or [], pa.string())
+            ids = pa.StructArray.from_arrays([col], names=[self.item_id])
             cand = self.encoder.encode_columns("candidate", ids if n else None, n, Problems(n))
             if stored is not None:
                 cand = overlay(cand, stored.columns)
@@ -234,7 +235,7 @@ class Ranker:
         explore = self._explore(inp.request_id, scores[order]) if self.explore_share > 0 else None
         if explore is not None:
             order = order[explore["rank"]]
-        ids = [inp.ids[i] for i in order.tolist()] if inp.ids is not None else [str(i) for i in order.tolist()]
+        ids = inp.ids_at(order) if inp.ids is not None else [str(i) for i in order.tolist()]
         names = model.session.task_names
         items = [
             {"id": i, "score": sc, "heads": dict(zip(names, h))}

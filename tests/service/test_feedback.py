@@ -11,9 +11,11 @@ import pytest
 import redis
 
 from tests.helpers import stream_examples, wait_for
-from tests.service.traffic import rank_requests
+from tests.service.traffic import arrow_body, rank_requests
 from watchnext.config import load_config
 from watchnext.examples import Decoder
+
+ARROW = "application/vnd.apache.arrow.stream"
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -168,21 +170,29 @@ def test_online_features_fill_what_the_request_leaves_out(trained, server, clien
     got = client.post("/v1/rank", json=mixed).json()
     assert [it["id"] for it in got["items"]] == [it["id"] for it in full["items"]]
     assert [it["score"] for it in got["items"]] == pytest.approx([it["score"] for it in full["items"]], abs=1e-4)
+    # the same as Arrow bodies: a column per feature, null where the candidate is sent by id (every candidate, or
+    # every other one), or a table of the one column of ids
+    config = load_config(config_path)
+    for content in (arrow_body(ids_only, config), arrow_body(mixed, config), arrow_body(ids_only)):
+        got = client.post("/v1/rank", content=content, headers={"content-type": ARROW}).json()
+        assert [it["id"] for it in got["items"]] == [it["id"] for it in full["items"]]
+        assert [it["score"] for it in got["items"]] == pytest.approx([it["score"] for it in full["items"]], abs=1e-4)
     # a request value wins over the store
     changed = {**ids_only, "candidates": [{"video_id": c["video_id"], "video_age_days": 0.0} for c in req["candidates"]]}
     assert client.post("/v1/rank", json=changed).json()["items"] != full["items"]
     m = server.service.metrics
     # user, query and candidates read from Redis once, by the first id-only request; the later ones were answered by
-    # the process's cache (the mixed request: user, query and its 5 candidates sent by id; the changed one: all 12),
-    # and the full request asked for nothing
+    # the process's cache (the mixed request: user, query and its 5 candidates sent by id; the Arrow bodies as
+    # many as their JSON; the changed one: all 12), and the full request asked for nothing
     assert m.value("watchnext_feature_store_hits_total") == 1 + 1 + 10
-    assert m.value("watchnext_feature_cache_hits_total") == (1 + 1 + 5) + (1 + 1 + 10)
+    assert m.value("watchnext_feature_cache_hits_total") == (1 + 1 + 5) + (12 + 7 + 12) + (1 + 1 + 10)
     assert m.value("watchnext_feature_store_misses_total", reason="outage") == 0
     # the impressions log each shown candidate's features as ranked: the store's entry, the values sent, or both
     svc = server.service
     want = {c["video_id"]: {k: v for k, v in c.items() if v is not None} for c in req["candidates"]}
-    for body in (ids_only, mixed):
-        ranked = svc.ranker.rank(svc.ranker.prepare(json.dumps(body).encode()), svc.models.current)
+    for body, ctype in ((json.dumps(ids_only).encode(), None), (json.dumps(mixed).encode(), None),
+                        (arrow_body(mixed, config), ARROW), (arrow_body(ids_only), ARROW)):
+        ranked = svc.ranker.rank(svc.ranker.prepare(body, ctype), svc.models.current)
         items = list(ranked.impression["items"])
         assert [i for i, _, _ in items] == [it["id"] for it in full["items"]]
         assert {i: cand for i, cand, _ in items} == {i: want[i] for i, _, _ in items}

@@ -15,7 +15,7 @@ from service.inference import InferenceSession
 from service.observability import Metrics
 from service.ranker import Ranker
 from tests.service.prom import sample
-from tests.service.traffic import candidates_pool, rank_requests
+from tests.service.traffic import arrow_body, candidates_pool, rank_requests
 from watchnext.config import load_config
 from watchnext.encoding import Encoder
 from watchnext.scoring import combine, weight_vector
@@ -271,22 +271,6 @@ def test_integer_ids_of_any_size_are_their_decimal_strings(trained, client):
     r = client.post("/v1/rank", content=b'{"candidates": [{"video_id": %d}, {"video_id": "%d"}]}' % (big, big),
                     headers={"content-type": "application/json"})
     assert r.status_code == 422 and "repeats" in r.json()["error"]["reason"]
-
-
-def arrow_body(req: dict, config) -> bytes:
-    """A request as an Arrow IPC stream: one row per candidate, the rest in the schema's metadata."""
-    import pyarrow as pa
-
-    from watchnext.encoding import section_type
-
-    typ = section_type(config, "candidate")
-    table = pa.Table.from_struct_array(pa.array(req["candidates"], type=typ))
-    head = {k: v for k, v in req.items() if k != "candidates"}
-    table = table.replace_schema_metadata({"request": json.dumps(head)})
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, table.schema) as w:
-        w.write_table(table)
-    return sink.getvalue().to_pybytes()
 
 
 def test_arrow_body_ranks_like_the_json_body(trained, client):

@@ -34,3 +34,23 @@ def candidates_pool(history: Path, n: int) -> list[dict]:
             if len(seen) == n:
                 break
     return list(seen.values())
+
+
+def arrow_body(req: dict, config=None) -> bytes:
+    """A request as an Arrow IPC stream: one row per candidate, the rest in the schema's metadata. With `config`
+    every candidate feature is a column of its type (null where a candidate lacks it); without, the columns are
+    the first candidate's keys, of the types Arrow infers."""
+    import pyarrow as pa
+
+    from watchnext.encoding import section_type
+
+    if config is not None:
+        table = pa.Table.from_struct_array(pa.array(req["candidates"], type=section_type(config, "candidate")))
+    else:
+        table = pa.Table.from_pylist(req["candidates"])
+    head = {k: v for k, v in req.items() if k != "candidates"}
+    table = table.replace_schema_metadata({"request": json.dumps(head)})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as w:
+        w.write_table(table)
+    return sink.getvalue().to_pybytes()
