@@ -83,7 +83,7 @@ def hashed_rows(arr: pa.Array, buckets: int, null: np.ndarray | None = None) -> 
     out = np.empty(len(arr), np.int64)
     if len(arr):
         if null is None:
-            null = np.asarray(arr.is_null()) if arr.null_count else _NO_FLAGS
+            null = np.asarray(arr.is_null()) if arr.null_count else np.zeros(len(arr), bool)
         kernels().hash_rows(*_strings(arr), null, buckets, out)
     return out
 
@@ -407,7 +407,6 @@ def _list_rows(col: pa.Array, buckets: int, max_len: int, null: np.ndarray | Non
 
 
 _NO_BYTES = np.zeros(0, np.uint8)
-_NO_FLAGS = np.zeros(0, bool)  # `kernels.hash_rows`: no row is null
 
 
 def _strings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:

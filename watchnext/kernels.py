@@ -60,11 +60,9 @@ def fnv1a(offsets, data, out):  # pragma: no cover - numba runs the compiled loo
 
 @numba.njit(types.void(I64, U8, BOOL, types.int64, _out(types.int64)), cache=True, nogil=True)
 def hash_rows(offsets, data, null, buckets, out):  # pragma: no cover - compiled
-    """out[i]: the embedding row 1..buckets of the FNV-1a of data[offsets[i]:offsets[i + 1]], 0 where null[i].
-    null: len(out) flags, or none at all when no row is null."""
-    flags = null.shape[0] > 0
+    """out[i]: the embedding row 1..buckets of the FNV-1a of data[offsets[i]:offsets[i + 1]], 0 where null[i]."""
     for i in range(out.shape[0]):
-        if flags and null[i]:
+        if null[i]:
             out[i] = 0
         else:
             out[i] = np.int64(_fnv1a(data, offsets[i], offsets[i + 1]) % np.uint64(buckets)) + 1
