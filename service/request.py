@@ -48,6 +48,7 @@ from watchnext.encoding import fnv1a_strings, section_type
 from watchnext.examples import DataError, clean_section
 
 from .errors import BadRequest, PayloadTooLarge
+from .features import pick
 
 SHARED = ("user", "query", "context")
 MAX_REQUEST_ID = 128
@@ -83,7 +84,7 @@ class RankInput:
         assert self.ids is not None
         if isinstance(self.ids, pa.Array):
             return self.ids.take(rows).to_pylist()
-        return list(map(self.ids.__getitem__, rows.tolist()))
+        return pick(self.ids, rows)
 
 
 def _value_type(f: Feature) -> Any:
