@@ -38,13 +38,20 @@ F32_MAX = float(np.finfo(np.float32).max)
 # ------------------------------------------------------------------ compiled loops
 
 
+_kernels: ModuleType | None = None
+
+
 def kernels() -> ModuleType:
     """The compiled loops (watchnext/kernels.py), loaded on first use: numba and the loops' machine code take
     about a second to load, which a command that encodes nothing should not pay. The service loads them as it
-    starts, so no request does."""
-    from . import kernels as k
+    starts, so no request does. Kept once loaded: an `import` statement per call ran the import system's code,
+    which costs a request far more than its few microseconds when it is out of the CPU's caches."""
+    global _kernels
+    if _kernels is None:
+        from . import kernels as k
 
-    return k
+        _kernels = k
+    return _kernels
 
 
 # ------------------------------------------------------------------ hashing
@@ -409,13 +416,18 @@ def _list_rows(col: pa.Array, buckets: int, max_len: int, null: np.ndarray | Non
 _NO_BYTES = np.zeros(0, np.uint8)
 
 
+def string_buffers(arr: pa.Array) -> tuple[np.ndarray, pa.Buffer | bytes]:
+    """(offsets (len + 1,) int64, the bytes they index) of a string or large_string array, without a copy."""
+    return _offsets(arr), arr.buffers()[2] or b""
+
+
 def _strings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """(offsets (len + 1,) int64, bytes uint8) of a string array, as the kernels read it; any other type is cast
     to large_string first."""
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = arr.cast(pa.large_string())
-    data = arr.buffers()[2]
-    return _offsets(arr), (np.frombuffer(data, np.uint8) if data else _NO_BYTES)
+    offsets, data = string_buffers(arr)
+    return offsets, (np.frombuffer(data, np.uint8) if len(data) else _NO_BYTES)
 
 
 def _offsets(arr: pa.Array) -> np.ndarray:

@@ -283,6 +283,24 @@ def test_arrow_body_ranks_like_the_json_body(trained, client):
         assert got.json()["items"] == want["items"] and got.json()["request_id"] == req["request_id"]
 
 
+def test_ids_at_reads_an_arrow_columns_ids_as_its_values():
+    """`RankInput.ids_at` reads the top k's ids from an Arrow column's buffers: the same strings as Arrow's own,
+    for a column that is a slice of a larger one, for ids of any script and for the empty id."""
+    import pyarrow as pa
+
+    from service.request import FEW_ROWS, RankInput
+
+    rng = np.random.default_rng(5)
+    words = ["", "a", "vidéo-7", "動画", "🎬x", "z" * 40]
+    values = [f"{words[i % len(words)]}{i}" if i % 7 else words[i % len(words)] for i in range(300)]
+    col = pa.array(values, pa.string()).slice(17, 250)
+    want = values[17:267]
+    inp = RankInput("r", {}, 10, len(col), col, None, 0)
+    for k in (0, 1, FEW_ROWS, FEW_ROWS + 1, 250):
+        rows = rng.permutation(250)[:k]
+        assert inp.ids_at(rows) == [want[i] for i in rows], k
+
+
 def test_bad_arrow_bodies_name_the_field(trained, client):
     import pyarrow as pa
 
