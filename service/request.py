@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from watchnext.config import Config, Feature
-from watchnext.encoding import fnv1a_strings, section_type, string_buffers
+from watchnext.encoding import hashes_repeat, section_type, string_buffers
 from watchnext.examples import DataError, clean_section
 
 from .errors import BadRequest, PayloadTooLarge
@@ -251,9 +251,7 @@ class RequestCodec:
                 i = int(np.argmax(np.asarray(col.is_null())))
                 raise BadRequest(f"candidates[{i}].{self.item_id}", "is required (it names the item)")
             ids = col
-            # a repeat, unless two ids' 64-bit hashes are equal: the ids themselves are then looked at
-            h = np.sort(fnv1a_strings(col))
-            if (h[1:] == h[:-1]).any():
+            if hashes_repeat(col):  # a repeat, or two ids whose 64-bit hashes are equal: the ids are looked at
                 self._check_repeats(col.to_pylist())
         only_ids = present == ([self.item_id] if self.item_id else [])
         return RankInput(*head, n, ids, None if only_ids and ids is not None else arr, unknown)

@@ -11,6 +11,7 @@ from watchnext.encoding import (
     fnv1a,
     fnv1a_strings,
     hashed_rows,
+    hashes_repeat,
     section_type,
 )
 
@@ -34,6 +35,23 @@ def test_fnv1a_known_values_and_vectorised_agrees():
     rand = ["".join(rng.choice(alphabet, size=int(k))) for k in rng.integers(0, 30, size=300)]
     assert fnv1a_strings(pa.array(rand)).tolist() == [fnv1a(w) for w in rand]
     assert fnv1a_strings(pa.array(rand).slice(17, 100)).tolist() == [fnv1a(w) for w in rand[17:117]]
+
+
+def test_hashes_repeat_finds_a_repeated_string_in_every_layout():
+    rng = np.random.default_rng(13)
+    alphabet = np.array(list("abcxyz019-_é"))
+    words = sorted({"".join(rng.choice(alphabet, size=int(k))) for k in rng.integers(1, 20, size=600)})
+    distinct = pa.array(words)
+    assert not hashes_repeat(distinct) and not hashes_repeat(pa.array(words, pa.large_string()).slice(7, 300))
+    for i, j in ((0, 1), (0, len(words) - 1), (250, 17)):  # the repeat first, last, and out of order
+        again = list(words)
+        again[j] = words[i]
+        assert hashes_repeat(pa.array(again)), (i, j)
+    # a slice sees its own rows only: the repeat outside it does not count
+    again = [*words, words[5]]
+    assert hashes_repeat(pa.array(again)) and not hashes_repeat(pa.array(again).slice(6, len(words) - 6))
+    assert hashes_repeat(pa.array(["", ""])) and not hashes_repeat(pa.array([""]))
+    assert not hashes_repeat(pa.array([], pa.string()))
 
 
 def test_rows_reserve_zero_for_missing():

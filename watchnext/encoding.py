@@ -69,6 +69,12 @@ def fnv1a_strings(arr: pa.Array) -> np.ndarray:
     return h
 
 
+def hashes_repeat(arr: pa.Array) -> bool:
+    """Whether two strings of `arr` have the same 64-bit FNV-1a hash: a string that repeats, or (about once in
+    2^64 pairs) two whose hashes are equal. One compiled pass (`kernels.repeated_hashes`)."""
+    return len(arr) > 1 and bool(kernels().repeated_hashes(*_strings(arr)))
+
+
 def fnv1a(s: str) -> int:
     """The scalar reference for fnv1a_strings (tests, docs)."""
     h = int(FNV_OFFSET)

@@ -6,6 +6,8 @@ in one loop over the batch:
 
 - `fnv1a`: the 64-bit FNV-1a hash of each string of an Arrow string array, read
   from its offsets and bytes;
+- `repeated_hashes`: whether two strings of an Arrow string array have the same
+  FNV-1a hash (the service's check for a repeated candidate id);
 - `hash_rows`: the embedding row of each string of an Arrow string array (FNV-1a,
   its bucket, 0 for a null);
 - `list_rows`: the embedding rows of each list row's first strings (FNV-1a);
@@ -56,6 +58,21 @@ def fnv1a(offsets, data, out):  # pragma: no cover - numba runs the compiled loo
     """out[i] = FNV-1a of data[offsets[i]:offsets[i + 1]]; len(offsets) == len(out) + 1."""
     for i in range(out.shape[0]):
         out[i] = _fnv1a(data, offsets[i], offsets[i + 1])
+
+
+@numba.njit(types.boolean(I64, U8), cache=True, nogil=True)
+def repeated_hashes(offsets, data):  # pragma: no cover - compiled
+    """Whether two of the strings data[offsets[i]:offsets[i + 1]] have the same FNV-1a hash (sorted, then each
+    next to the one after it)."""
+    n = offsets.shape[0] - 1
+    h = np.empty(n, np.uint64)
+    for i in range(n):
+        h[i] = _fnv1a(data, offsets[i], offsets[i + 1])
+    h.sort()
+    for i in range(1, n):
+        if h[i] == h[i - 1]:
+            return True
+    return False
 
 
 @numba.njit(types.void(I64, U8, BOOL, types.int64, _out(types.int64)), cache=True, nogil=True)
