@@ -225,12 +225,9 @@ class Ranker:
             self.metrics.nonfinite.inc(int((~finite).sum()))
             idx = np.flatnonzero(finite)
             s = scores[idx]
-        k = min(inp.top_k, len(s))
-        if k < len(s):  # partial sort: the top k of B in O(B)
-            part = np.argpartition(-s, k - 1)[:k]
-            top = part[np.argsort(-s[part], kind="stable")]
-        else:
-            top = np.argsort(-s, kind="stable")
+        # the top k, best first, ties in request order: one stable sort of all B (a partial sort then a sort of
+        # the k, each a call whose code the request must first bring into the CPU's caches, took 0.05 ms longer)
+        top = (-s).argsort(kind="stable")[:inp.top_k]
         order = top if idx is None else idx[top]
         explore = self._explore(inp.request_id, scores[order]) if self.explore_share > 0 else None
         if explore is not None:
