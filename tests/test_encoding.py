@@ -135,7 +135,8 @@ def _lists(list_type: pa.DataType) -> list[pa.Array]:
             pa.array([], list_type)]
 
 
-@pytest.mark.parametrize("list_type", [pa.list_(pa.string()), pa.large_list(pa.large_string())])
+@pytest.mark.parametrize("list_type", [pa.list_(pa.string()), pa.large_list(pa.large_string()),
+                                       pa.list_(pa.large_string()), pa.large_list(pa.string())])
 def test_list_rows_agree_with_a_row_by_row_reference(list_type):
     """The compiled loop against FNV-1a row by row: a null row and a null string give 0, the first max_len are
     kept, the rest is 0-padding; sliced arrays read their own rows."""
