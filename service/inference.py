@@ -67,7 +67,7 @@ class InferenceSession:
         k = min(self.parts if parts is None else parts, n // MIN_PART_ROWS)
         if k <= 1:
             return self.session.run(inputs)
-        cut = np.linspace(0, n, k + 1).astype(int)
+        cut = [n * i // k for i in range(k + 1)]  # integers (np.linspace is Python code the request must run too)
         pieces = [{name: a[lo:hi] for name, a in inputs.items()} for lo, hi in zip(cut[:-1], cut[1:], strict=True)]
         pool = parts_pool()
         rest = [pool.submit(self.session.run, p) for p in pieces[1:]]

@@ -236,7 +236,7 @@ class Ranker:
         names = model.session.task_names
         items = [
             {"id": i, "score": sc, "heads": dict(zip(names, h))}
-            for i, sc, h in zip(ids, scores[order].tolist(), heads[order].astype(np.float64).tolist())
+            for i, sc, h in zip(ids, scores[order].tolist(), heads[order].tolist())
         ]
         version = str(model.version)
         impression = {

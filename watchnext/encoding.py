@@ -312,8 +312,8 @@ class Encoder:
         j = self.numeric_col[f.name]
         present = ~null
         values, ok = np.empty(len(v), np.float32), np.empty(len(v), bool)
-        kernels().numeric(v, present, f.transform == "log1p", self.numeric_default[j], values, ok)
-        if not np.array_equal(ok, present):  # something to report (rare): each check names its rows
+        if kernels().numeric(v, present, f.transform == "log1p", self.numeric_default[j], values, ok):
+            # something to report (rare): each check names its rows
             finite = np.isfinite(v)
             fits = np.abs(v) <= F32_MAX  # False for NaN
             problems.add(present & ~finite, where, "must be a finite number")

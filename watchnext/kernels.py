@@ -85,11 +85,12 @@ def hash_rows(offsets, data, null, buckets, out):  # pragma: no cover - compiled
             out[i] = np.int64(_fnv1a(data, offsets[i], offsets[i + 1]) % np.uint64(buckets)) + 1
 
 
-@numba.njit(types.void(F64, BOOL, types.boolean, types.float32, _out(types.float32), _out(types.boolean)), cache=True,
+@numba.njit(types.int64(F64, BOOL, types.boolean, types.float32, _out(types.float32), _out(types.boolean)), cache=True,
             nogil=True)
 def numeric(v, present, log1p, default, values, ok):  # pragma: no cover - compiled
     """ok[i]: present, finite, within float32 (and > -1 for log1p); values[i]: the transformed value where ok,
-    else `default`."""
+    else `default`. Returns how many present values were refused."""
+    refused = 0
     for i in range(v.shape[0]):
         x = v[i]
         good = present[i] and abs(x) <= F32_MAX and (not log1p or x > -1.0)  # False for NaN
@@ -98,6 +99,8 @@ def numeric(v, present, log1p, default, values, ok):  # pragma: no cover - compi
             values[i] = np.float32(np.log1p(x) if log1p else x)
         else:
             values[i] = default
+            refused += present[i]
+    return refused
 
 
 @numba.njit(types.void(I64, BOOL, I64, U8, BOOL, types.int64, _out(types.int64, 2)), cache=True, nogil=True)
