@@ -282,11 +282,13 @@ def create_app(settings: Settings, deps: Deps) -> App:
                 raise Unavailable("model", "no model version is loaded yet (the repository is empty or every version was refused)")
             live = svc.experiments.live if svc.experiments is not None else None  # taken once, like the model
             # parsed on the event loop (msgspec holds the GIL either way, and its nesting limit then meets the
-            # same stack depth for every body); ranked there too when it is the only request in flight and the
-            # cache held everything (no thread hand-off: 0.1-0.2 ms). Otherwise on a worker thread, which keeps
-            # the loop free to read other bodies while this one waits on Redis or ONNX Runtime.
+            # same stack depth for every body); ranked there too when it is the only request in flight, its
+            # cache misses read from Redis there as well (no thread hand-off and back: 0.2-0.3 ms; a request
+            # that arrives meanwhile waits for the read as it would for ONNX Runtime, and an unreachable Redis
+            # costs one `feature_timeout_ms` before the store's backoff skips it). Otherwise on a worker thread,
+            # which keeps the loop free to read other bodies while this one waits on Redis or ONNX Runtime.
             prep = svc.ranker.prepare(body, header(scope, b"content-type"))
-            if svc.limiter is None or (svc.ranking == 1 and not prep.needs_fetch and not svc.remote_model):
+            if svc.limiter is None or (svc.ranking == 1 and not svc.remote_model):
                 ranked = svc.ranker.rank(prep, model, live)
             else:
                 ranked = await anyio.to_thread.run_sync(svc.ranker.rank, prep, model, live, limiter=svc.limiter)

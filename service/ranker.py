@@ -22,8 +22,7 @@
 
 The request arrives from `rank_request` in app.py, which service/front.py calls in front
 of FastAPI's middleware stack. Steps 1-2 run on the event loop; app.py runs 3-7
-there too when the request is the only one in flight and the cache held
-everything, else on a worker thread.
+there too when the request is the only one in flight, else on a worker thread.
 """
 
 from __future__ import annotations
