@@ -154,13 +154,18 @@ class EntityCache:
         b"" for slot -1, and for an entry that changed since and is no longer in `graves` (counted by `on_lost`:
         a cleared cache, GRAVE_BYTES of changes in between, an eviction past MAX_BURY)."""
         out = np.full(len(slots), b"", object)
-        held = slots >= 0
         lost = 0
+        # row by row: these are an answer's top k and its user and query (a dozen numpy calls on so few rows
+        # cost more, their code out of the CPU's caches after the service sat idle)
         with self.lock:
-            same = held & (self.stamp[np.maximum(slots, 0)] == stamps)
-            out[same] = self.raw[slots[same]]
-            for i in np.flatnonzero(held & ~same).tolist():  # changed since the look-up (rare)
-                text = self.graves.get((int(slots[i]), int(stamps[i])))
+            raw, stamp = self.raw, self.stamp
+            for i, (slot, was) in enumerate(zip(slots.tolist(), stamps.tolist())):
+                if slot < 0:
+                    continue
+                if stamp[slot] == was:
+                    out[i] = raw[slot]
+                    continue
+                text = self.graves.get((slot, was))  # changed since the look-up (rare)
                 if text is None:
                     lost += 1
                 else:
