@@ -225,7 +225,8 @@ class Ranker:
             idx = np.flatnonzero(finite)
             s = scores[idx]
         # the top k, best first, ties in request order: one stable sort of all B (a partial sort then a sort of
-        # the k, each a call whose code the request must first bring into the CPU's caches, took 0.05 ms longer)
+        # the k, each a call whose code the request must first bring into the CPU's caches, took 0.02-0.05 ms
+        # longer)
         top = (-s).argsort(kind="stable")[:inp.top_k]
         order = top if idx is None else idx[top]
         explore = self._explore(inp.request_id, scores[order]) if self.explore_share > 0 else None

@@ -89,7 +89,7 @@ class RankInput:
             return self.ids.take(rows).to_pylist()
         # the top k: each id read from the column's buffers, without Arrow's `take` (whose first call after the
         # service sat idle for a network round trip took 0.1-0.3 ms, as its code and tables were out of the
-        # caches; this takes 0.03)
+        # caches; this takes 0.03-0.05)
         offsets, data = string_buffers(self.ids)
         view = memoryview(data)
         return [str(view[lo:hi], "utf-8") for lo, hi in zip(offsets[rows].tolist(), offsets[rows + 1].tolist())]
