@@ -356,9 +356,10 @@ class ImpressionLog:
                 with self._buf_lock:
                     for rec in records:
                         self._unpend(rec.rid)
+                    # counted before they leave the backlog: whoever sees the backlog empty sees them counted
+                    self.metrics.impressions_logged.inc(len(records))
                     self.inflight = 0
                     self._gauges()
-                self.metrics.impressions_logged.inc(len(records))
                 self.metrics.redis_up.set(1)
                 written += len(records)
 
