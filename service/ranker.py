@@ -171,7 +171,7 @@ class Ranker:
         stored = self.store.stored(plan, "candidate") if "candidate" in plan.ids else None
         if inp.candidates is not None:
             problems = Problems(n)
-            cand = self.encoder.encode_columns("candidate", inp.candidates, n, problems)
+            cand = self.encoder.encode_columns("candidate", inp.candidates, n, problems, self._hashed(inp))
             bad = problems.first()
             if bad is not None:
                 row, field, reason = bad  # field: candidate.NAME
@@ -187,11 +187,15 @@ class Ranker:
         else:
             col = inp.ids if isinstance(inp.ids, pa.Array) else pa.array(inp.ids or [], pa.string())
             ids = pa.StructArray.from_arrays([col], names=[self.item_id])
-            cand = self.encoder.encode_columns("candidate", ids if n else None, n, Problems(n))
+            cand = self.encoder.encode_columns("candidate", ids if n else None, n, Problems(n), self._hashed(inp))
             if stored is not None:
                 cand = overlay(cand, stored.columns)
         sections["candidate"] = cand
         return self.encoder.assemble(sections, n), {"shared": shared, "stored": stored}
+
+    def _hashed(self, inp: RankInput) -> dict[str, np.ndarray] | None:
+        """The candidates' id rows the parse hashed already (an Arrow body's), for the encoder."""
+        return {self.item_id: inp.id_rows} if inp.id_rows is not None and self.item_id is not None else None
 
     def _section(self, source: str, sec: dict[str, Any], problems: Problems) -> Columns:
         """One shared section's row, encoded (remembered by its values; a bad value is never remembered)."""

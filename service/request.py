@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from watchnext.config import Config, Feature
-from watchnext.encoding import hashes_repeat, section_type, string_buffers
+from watchnext.encoding import hash_ids, section_type, string_buffers
 from watchnext.examples import DataError, clean_section
 
 from .errors import BadRequest, PayloadTooLarge
@@ -80,6 +80,10 @@ class RankInput:
     ids: list[str] | pa.StringArray | None
     candidates: pa.StructArray | None  # (n,) the features sent with the candidates; None: they name ids only
     unknown_features: int
+    # an Arrow body's ids, hashed as they were checked for repeats: their embedding rows (the encoder's
+    # `hashed`; None for a JSON body), and the column's (offsets, bytes) that `ids_at` reads
+    id_rows: np.ndarray | None = None
+    id_buffers: tuple[np.ndarray, Any] | None = None
 
     def ids_at(self, rows: np.ndarray) -> list[str]:
         """The ids of candidates `rows` (of a request with ids)."""
@@ -91,7 +95,7 @@ class RankInput:
         # the top k: each id read from the column's buffers, without Arrow's `take` (whose first call after the
         # service sat idle for a network round trip took 0.1-0.3 ms, as its code and tables were out of the
         # caches; this takes 0.03-0.05)
-        offsets, data = string_buffers(self.ids)
+        offsets, data = self.id_buffers or string_buffers(self.ids)
         view = memoryview(data)
         return [str(view[lo:hi], "utf-8") for lo, hi in zip(offsets[rows].tolist(), offsets[rows + 1].tolist())]
 
@@ -164,6 +168,11 @@ class RequestCodec:
         svc = config.service
         self.max_candidates, self.default_top_k = svc.max_candidates, svc.default_top_k
         self.candidate_type = section_type(config, "candidate")
+        self.schema = pa.schema(list(self.candidate_type))  # an Arrow body of exactly these columns and types
+        self._list_columns = [i for i, f in enumerate(self.candidate_type) if pa.types.is_list(f.type)]
+        # the item id feature's buckets, when it is hashed as a categorical (an Arrow body's ids are hashed once)
+        item = next((f for f in config.features if f.source == "candidate" and f.name == config.item_id), None)
+        self._id_buckets = item.buckets if item is not None and item.kind == "categorical" else 0
         self.candidate_features = [f for f in config.features if f.source == "candidate"]
         self.known = {s: frozenset(f.name for f in config.features if f.source == s) for s in (*SHARED, "candidate")}
         # the request types are built from the config at run time: what they decode is Any to the type checker
@@ -228,13 +237,47 @@ class RequestCodec:
     # ------------------------------------------------------------ Arrow
     def parse_arrow(self, body: bytes) -> RankInput:
         try:
-            table = pa.ipc.open_stream(body).read_all()
+            reader = pa.ipc.open_stream(body)
+            batches = list(reader)
         except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:
             raise BadRequest("body", f"not a valid Arrow IPC stream: {e}", status=400) from None
-        n = table.num_rows
+        schema = reader.schema
+        n = sum(b.num_rows for b in batches)
         self._check_count(n)
-        meta = (table.schema.metadata or {}).get(b"request", b"{}")
+        meta = (schema.metadata or {}).get(b"request", b"{}")
         head, unknown = self._head(_decode(self.head_decoder, meta, "request."))
+        if len(batches) == 1 and schema.equals(self.schema) and self._clean(batches[0]):
+            cols, present = batches[0].columns, self.schema.names  # the config's own columns, checked at once
+        else:
+            cols, present = self._columns(pa.Table.from_batches(batches, schema))
+        arr = pa.StructArray.from_arrays(cols, fields=list(self.candidate_type))
+        ids = rows = buffers = None
+        if self.item_id is not None and n:
+            col = arr.field(self.item_id)
+            if col.null_count:
+                i = int(np.argmax(np.asarray(col.is_null())))
+                raise BadRequest(f"candidates[{i}].{self.item_id}", "is required (it names the item)")
+            ids, buffers = col, string_buffers(col)
+            rows, repeated = hash_ids(*buffers, self._id_buckets)
+            if repeated:  # a repeat, or two ids whose 64-bit hashes are equal: the ids are looked at
+                self._check_repeats(col.to_pylist())
+            rows = rows if self._id_buckets else None
+        only_ids = present == ([self.item_id] if self.item_id else [])
+        return RankInput(*head, n, ids, None if only_ids and ids is not None else arr, unknown, rows, buffers)
+
+    def _clean(self, batch: pa.RecordBatch) -> bool:
+        """Whether a batch of the config's own columns holds valid data (UTF-8 strings, offsets in range) and no
+        null inside a list: two calls for all columns, where `_columns` makes several per column. False sends
+        the batch through `_columns`, whose answer names the column and the row."""
+        try:
+            batch.validate(full=True)
+        except pa.ArrowInvalid:
+            return False
+        return not any(batch.column(i).values.null_count for i in self._list_columns)
+
+    def _columns(self, table: pa.Table) -> tuple[list[pa.Array], list[str]]:
+        """Each candidate feature's column as the type JSON values would have (a null column where the table
+        has none), and the features the table sent."""
         sent = {name: c.chunk(0) if c.num_chunks == 1 else c.combine_chunks()
                 for name, c in zip(table.column_names, table.columns)}
         cols, present = [], []
@@ -243,19 +286,8 @@ class RequestCodec:
                 cols.append(self._arrow_column(f, sent[f.name]))
                 present.append(f.name)
             else:
-                cols.append(pa.nulls(n, self.candidate_type.field(f.name).type))
-        arr = pa.StructArray.from_arrays(cols, fields=list(self.candidate_type))
-        ids = None
-        if self.item_id is not None and n:
-            col = arr.field(self.item_id)
-            if col.null_count:
-                i = int(np.argmax(np.asarray(col.is_null())))
-                raise BadRequest(f"candidates[{i}].{self.item_id}", "is required (it names the item)")
-            ids = col
-            if hashes_repeat(col):  # a repeat, or two ids whose 64-bit hashes are equal: the ids are looked at
-                self._check_repeats(col.to_pylist())
-        only_ids = present == ([self.item_id] if self.item_id else [])
-        return RankInput(*head, n, ids, None if only_ids and ids is not None else arr, unknown)
+                cols.append(pa.nulls(table.num_rows, self.candidate_type.field(f.name).type))
+        return cols, present
 
     def _arrow_column(self, f: Feature, col: pa.Array) -> pa.Array:
         """A column sent for feature f, as the type JSON values would have; 422 for another type or a null

@@ -10,9 +10,10 @@ from watchnext.encoding import (
     bucket_rows,
     fnv1a,
     fnv1a_strings,
+    hash_ids,
     hashed_rows,
-    hashes_repeat,
     section_type,
+    string_buffers,
 )
 
 
@@ -37,21 +38,30 @@ def test_fnv1a_known_values_and_vectorised_agrees():
     assert fnv1a_strings(pa.array(rand).slice(17, 100)).tolist() == [fnv1a(w) for w in rand[17:117]]
 
 
-def test_hashes_repeat_finds_a_repeated_string_in_every_layout():
+def test_hash_ids_finds_a_repeated_string_in_every_layout_and_hashes_each_id():
     rng = np.random.default_rng(13)
     alphabet = np.array(list("abcxyz019-_é"))
     words = sorted({"".join(rng.choice(alphabet, size=int(k))) for k in rng.integers(1, 20, size=600)})
+
+    def repeats(arr):
+        rows, repeated = hash_ids(*string_buffers(arr), 1000)
+        assert rows.tolist() == bucket_rows(fnv1a_strings(arr), 1000).tolist()
+        return repeated
+
     distinct = pa.array(words)
-    assert not hashes_repeat(distinct) and not hashes_repeat(pa.array(words, pa.large_string()).slice(7, 300))
+    assert not repeats(distinct) and not repeats(pa.array(words, pa.large_string()).slice(7, 300))
     for i, j in ((0, 1), (0, len(words) - 1), (250, 17)):  # the repeat first, last, and out of order
         again = list(words)
         again[j] = words[i]
-        assert hashes_repeat(pa.array(again)), (i, j)
+        assert repeats(pa.array(again)), (i, j)
     # a slice sees its own rows only: the repeat outside it does not count
     again = [*words, words[5]]
-    assert hashes_repeat(pa.array(again)) and not hashes_repeat(pa.array(again).slice(6, len(words) - 6))
-    assert hashes_repeat(pa.array(["", ""])) and not hashes_repeat(pa.array([""]))
-    assert not hashes_repeat(pa.array([], pa.string()))
+    assert repeats(pa.array(again)) and not repeats(pa.array(again).slice(6, len(words) - 6))
+    assert repeats(pa.array(["", ""])) and not repeats(pa.array([""]))
+    assert not repeats(pa.array([], pa.string()))
+    # no buckets (an item id that is not a categorical feature): the check alone, rows left at zero
+    rows, repeated = hash_ids(*string_buffers(pa.array(["a", "b", "a"])), 0)
+    assert repeated and rows.tolist() == [0, 0, 0]
 
 
 def test_rows_reserve_zero_for_missing():

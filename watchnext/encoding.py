@@ -69,10 +69,16 @@ def fnv1a_strings(arr: pa.Array) -> np.ndarray:
     return h
 
 
-def hashes_repeat(arr: pa.Array) -> bool:
-    """Whether two strings of `arr` have the same 64-bit FNV-1a hash: a string that repeats, or (about once in
-    2^64 pairs) two whose hashes are equal. One compiled pass (`kernels.repeated_hashes`)."""
-    return len(arr) > 1 and bool(kernels().repeated_hashes(*_strings(arr)))
+def hash_ids(offsets: np.ndarray, data: pa.Buffer | bytes, buckets: int) -> tuple[np.ndarray, bool]:
+    """(rows, repeated) for the strings of a string array's buffers (`string_buffers`): each one's embedding row
+    1..buckets (`bucket_rows` of its FNV-1a; zeros when buckets is 0), and whether two have the same 64-bit
+    FNV-1a hash: a string that repeats, or (about once in 2^64 pairs) two whose hashes are equal. One compiled
+    pass (`kernels.id_rows`)."""
+    rows = np.zeros(len(offsets) - 1, np.int64)
+    if not len(rows):
+        return rows, False
+    repeated = kernels().id_rows(offsets, np.frombuffer(data, np.uint8) if len(data) else _NO_BYTES, buckets, rows)
+    return rows, bool(repeated)
 
 
 def fnv1a(s: str) -> int:
@@ -275,9 +281,12 @@ class Encoder:
             out.values[f.name] = np.zeros((n, *shape), dtype)
         out.present[f.name] = np.zeros(n, bool)
 
-    def encode_columns(self, source: str, arr: pa.StructArray | None, n: int, problems: Problems) -> Columns:
+    def encode_columns(self, source: str, arr: pa.StructArray | None, n: int, problems: Problems,
+                       hashed: dict[str, np.ndarray] | None = None) -> Columns:
         """Check, hash and transform one section's n rows (`arr` None: all absent). A value that fails a check
-        is reported in `problems` (naming `source.feature`) and left absent."""
+        is reported in `problems` (naming `source.feature`) and left absent. `hashed`: the rows of categorical
+        features the caller has hashed already, with no null among them (the service's Arrow parse hashes the
+        item ids as it checks them for repeats)."""
         if arr is None:
             return self.absent(source, n)
         if isinstance(arr, pa.ChunkedArray):
@@ -294,7 +303,8 @@ class Encoder:
             where = f"{source}.{f.name}"
             null = np.asarray(col.is_null()) if col.null_count else np.zeros(n, bool)
             if f.kind == "categorical":
-                out.values[f.name] = hashed_rows(col, f.buckets, null)
+                given = hashed.get(f.name) if hashed else None
+                out.values[f.name] = given if given is not None else hashed_rows(col, f.buckets, null)
                 out.present[f.name] = ~null
             elif f.kind == "categorical_list":
                 out.values[f.name] = _list_rows(col, f.buckets, f.max_len, null)

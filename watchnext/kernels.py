@@ -6,8 +6,9 @@ in one loop over the batch:
 
 - `fnv1a`: the 64-bit FNV-1a hash of each string of an Arrow string array, read
   from its offsets and bytes;
-- `repeated_hashes`: whether two strings of an Arrow string array have the same
-  FNV-1a hash (the service's check for a repeated candidate id);
+- `id_rows`: the embedding row of each string of an Arrow string array, and
+  whether two of them have the same FNV-1a hash (the service's check for a
+  repeated candidate id, in the same pass);
 - `hash_rows`: the embedding row of each string of an Arrow string array (FNV-1a,
   its bucket, 0 for a null);
 - `list_rows`: the embedding rows of each list row's first strings (FNV-1a);
@@ -60,14 +61,17 @@ def fnv1a(offsets, data, out):  # pragma: no cover - numba runs the compiled loo
         out[i] = _fnv1a(data, offsets[i], offsets[i + 1])
 
 
-@numba.njit(types.boolean(I64, U8), cache=True, nogil=True)
-def repeated_hashes(offsets, data):  # pragma: no cover - compiled
-    """Whether two of the strings data[offsets[i]:offsets[i + 1]] have the same FNV-1a hash (sorted, then each
-    next to the one after it)."""
-    n = offsets.shape[0] - 1
+@numba.njit(types.boolean(I64, U8, types.int64, _out(types.int64)), cache=True, nogil=True)
+def id_rows(offsets, data, buckets, out):  # pragma: no cover - compiled
+    """out[i]: the embedding row 1..buckets of the FNV-1a of data[offsets[i]:offsets[i + 1]], as `hash_rows`
+    (out is left as it is when buckets is 0). Returns whether two of the strings have the same FNV-1a hash
+    (sorted, then each next to the one after it)."""
+    n = out.shape[0]
     h = np.empty(n, np.uint64)
     for i in range(n):
         h[i] = _fnv1a(data, offsets[i], offsets[i + 1])
+        if buckets > 0:
+            out[i] = np.int64(h[i] % np.uint64(buckets)) + 1
     h.sort()
     for i in range(1, n):
         if h[i] == h[i - 1]:

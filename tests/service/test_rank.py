@@ -14,10 +14,11 @@ from service.features import OnlineFeatures
 from service.inference import InferenceSession
 from service.observability import Metrics
 from service.ranker import Ranker
+from service.request import RequestCodec
 from tests.service.prom import sample
 from tests.service.traffic import arrow_body, candidates_pool, rank_requests
 from watchnext.config import load_config
-from watchnext.encoding import Encoder
+from watchnext.encoding import Encoder, section_type
 from watchnext.scoring import combine, weight_vector
 
 
@@ -326,6 +327,27 @@ def test_bad_arrow_bodies_name_the_field(trained, client):
         (pa.table({"video_id": ["a"], "video_tags": pa.array([[b"\xff"]], pa.list_(pa.binary())).view(
             pa.list_(pa.string()))}), "candidates.video_tags", "UTF8"),
     ]
+    # the same faults in a body of every candidate column, each of the config's type (the request's fast path):
+    # the same answer
+    good = pa.Table.from_struct_array(pa.array([
+        {"video_id": "a", "video_tags": ["x"], "video_views": 1.0, "video_embedding": [0.5] * 16},
+        {"video_id": "b", "video_tags": ["y", "z"], "video_views": 2.0, "video_embedding": [0.25] * 16}],
+        type=section_type(config, "candidate")))
+
+    assert good.schema.equals(RequestCodec(config).schema)  # what the fast path takes
+
+    def full(name, values):
+        return good.set_column(good.schema.get_field_index(name), name, pa.array(values, good.schema.field(name).type))
+
+    cases += [
+        (full("video_id", ["a", None]), "candidates[1].video_id", "is required"),
+        (full("video_id", ["a", "a"]), "candidates[1].video_id", "repeats"),
+        (full("video_tags", [["x"], ["y", None]]), "candidates[1].video_tags", "null inside"),
+        (full("video_views", [1.0, float("inf")]), "candidates[1].video_views", "finite"),
+        (full("video_embedding", [[0.5] * 16, [0.5] * 15]), "candidates[1].video_embedding", "16 numbers"),
+        (good.set_column(0, "video_id", pa.array([b"a", b"\xed\xa0\x80"]).view(pa.string())), "candidates.video_id",
+         "UTF8"),
+    ]
     for table, field, words in cases:
         r = client.post("/v1/rank", content=stream(table), headers=ct)
         assert r.status_code == 422, (field, r.text)
@@ -335,6 +357,13 @@ def test_bad_arrow_bodies_name_the_field(trained, client):
     r = client.post("/v1/rank", content=stream(ok), headers=ct)
     assert r.status_code == 200 and {it["id"] for it in r.json()["items"]} == {"3", "4"}
     assert config.item_id == "video_id"
+    # a stream of several batches of the config's columns is one request
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, good.schema) as w:
+        w.write_table(good)
+        w.write_table(full("video_id", ["c", "d"]))
+    r = client.post("/v1/rank", content=sink.getvalue().to_pybytes(), headers=ct)
+    assert r.status_code == 200 and {it["id"] for it in r.json()["items"]} == {"a", "b", "c", "d"}
 
 
 def test_the_ids_only_type_answers_as_the_full_type(trained):
