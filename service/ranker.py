@@ -40,7 +40,7 @@ from watchnext.config import Config
 from watchnext.encoding import Columns, Encoder, Problems, overlay, section_type
 from watchnext.entities import key_feature
 from watchnext.explore import explore_draw, explore_order
-from watchnext.scoring import combine
+from watchnext.scoring import top_k
 
 from .errors import BadRequest
 from .experiments import LiveExperiment
@@ -221,26 +221,20 @@ class Ranker:
         """The response and the impression, from the heads of every candidate."""
         inp = prep.inp
         n = inp.n
-        scores = combine(heads, weights, self.mode)  # (B,)
-        s, idx = scores, None  # the scores ranked, and their rows (None: every row)
-        if not (np.isfinite(scores).all() and np.isfinite(heads).all()):  # never let NaN or inf reach a client
-            finite = np.isfinite(heads).all(axis=1) & np.isfinite(scores)
-            self.metrics.nonfinite.inc(int((~finite).sum()))
-            idx = np.flatnonzero(finite)
-            s = scores[idx]
-        # the top k, best first, ties in request order: one stable sort of all B (a partial sort then a sort of
-        # the k, each a call whose code the request must first bring into the CPU's caches, took 0.02-0.05 ms
-        # longer)
-        top = (-s).argsort(kind="stable")[:inp.top_k]
-        order = top if idx is None else idx[top]
-        explore = self._explore(inp.request_id, scores[order]) if self.explore_share > 0 else None
+        # the top k, best first, ties in request order, without a row whose output is not finite (never let NaN
+        # or inf reach a client): one compiled pass (combine, two finiteness checks and a sort, each a numpy call
+        # whose code the request must first bring into the CPU's caches, took 0.13 ms after ONNX Runtime ran)
+        order, top_scores, dropped = top_k(heads, weights, self.mode, inp.top_k)
+        if dropped:
+            self.metrics.nonfinite.inc(dropped)
+        explore = self._explore(inp.request_id, top_scores) if self.explore_share > 0 else None
         if explore is not None:
-            order = order[explore["rank"]]
+            order, top_scores = order[explore["rank"]], top_scores[explore["rank"]]
         ids = inp.ids_at(order) if inp.ids is not None else [str(i) for i in order.tolist()]
         names = model.session.task_names
         items = [
             {"id": i, "score": sc, "heads": dict(zip(names, h))}
-            for i, sc, h in zip(ids, scores[order].tolist(), heads[order].tolist())
+            for i, sc, h in zip(ids, top_scores.tolist(), heads[order].tolist())
         ]
         version = str(model.version)
         impression = {

@@ -15,7 +15,10 @@ in one loop over the batch:
 - `numeric`: a numeric feature's checks (finite, within float32, within log1p's
   domain) and its transform;
 - `vectors`: a vector feature's checks (length, finite float32 numbers) and its
-  rows.
+  rows;
+- `top_rows`: the service's answer, the rows of the k best scores of the heads'
+  weighted combination (watchnext/scoring.py), rows with a non-finite output
+  left out.
 
 Compiled for the exact argument types below when this module is imported (numba
 keeps the machine code under `__pycache__`, or NUMBA_CACHE_DIR, so later imports
@@ -31,6 +34,7 @@ import numpy as np
 from numba import types
 
 from .encoding import F32_MAX, FNV_OFFSET, FNV_PRIME  # loaded already: encoding imports this module on first use
+from .scoring import FLOOR
 
 
 def _in(dtype, dims: int = 1) -> types.Array:
@@ -154,3 +158,37 @@ def vectors(lists, null, values, out, present):  # pragma: no cover - compiled
             out[i, k] = values[lo + k]
         present[i] = True
     return status
+
+
+@numba.njit(types.int64(_in(types.float32, 2), F64, types.boolean, _out(types.float64), _out(types.int64)), cache=True,
+            nogil=True)
+def top_rows(heads, w, multiplicative, scores, top):  # pragma: no cover - compiled
+    """scores[i]: row i's weighted combination of heads[i] (`scoring.combine`: linear, or multiplicative with each
+    head floored at FLOOR); top: the rows of the len(top) best scores, best first, ties in row order, of the rows
+    whose heads and score are all finite (-1 past the last when fewer are). Returns how many rows were not."""
+    n, tasks = heads.shape
+    finite = np.empty(n, np.int64)
+    m = 0
+    for i in range(n):
+        s = 0.0
+        ok = True
+        for t in range(tasks):
+            h = np.float64(heads[i, t])
+            if not np.isfinite(h):
+                ok = False
+            if multiplicative:
+                s += np.log(max(h, FLOOR)) * w[t]
+            else:
+                s += h * w[t]
+        if multiplicative:
+            s = np.exp(s)
+        scores[i] = s
+        if ok and np.isfinite(s):
+            finite[m] = i
+            m += 1
+    rows = finite[:m]
+    best = rows[np.argsort(-scores[rows], kind="mergesort")]  # a stable sort: ties keep row order
+    k = min(top.shape[0], m)
+    top[:k] = best[:k]
+    top[k:] = -1
+    return n - m
