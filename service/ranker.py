@@ -222,8 +222,9 @@ class Ranker:
         inp = prep.inp
         n = inp.n
         # the top k, best first, ties in request order, without a row whose output is not finite (never let NaN
-        # or inf reach a client): one compiled pass (combine, two finiteness checks and a sort, each a numpy call
-        # whose code the request must first bring into the CPU's caches, took 0.13 ms after ONNX Runtime ran)
+        # or inf reach a client): one compiled pass. combine, two finiteness checks and a sort, each a numpy call
+        # whose code the request must first bring into the CPU's caches, took 0.13 ms after ONNX Runtime ran; the
+        # pass took 0.03 ms off the answer step (bench/request_steps.py, docs/benchmarks.md, 2026-12-04)
         order, top_scores, dropped = top_k(heads, weights, self.mode, inp.top_k)
         if dropped:
             self.metrics.nonfinite.inc(dropped)
