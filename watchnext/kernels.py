@@ -58,6 +58,12 @@ def _fnv1a(data, lo, hi):  # pragma: no cover - compiled
     return h
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _row(h, buckets):  # pragma: no cover - compiled
+    """The embedding row 1..buckets of FNV-1a hash h (row 0 is kept for missing ids; `encoding.bucket_rows`)."""
+    return np.int64(h % np.uint64(buckets)) + 1
+
+
 @numba.njit(types.void(I64, U8, _out(types.uint64)), cache=True, nogil=True)
 def fnv1a(offsets, data, out):  # pragma: no cover - numba runs the compiled loop, not this Python
     """out[i] = FNV-1a of data[offsets[i]:offsets[i + 1]]; len(offsets) == len(out) + 1."""
@@ -75,7 +81,7 @@ def id_rows(offsets, data, buckets, out):  # pragma: no cover - compiled
     for i in range(n):
         h[i] = _fnv1a(data, offsets[i], offsets[i + 1])
         if buckets > 0:
-            out[i] = np.int64(h[i] % np.uint64(buckets)) + 1
+            out[i] = _row(h[i], buckets)
     h.sort()
     for i in range(1, n):
         if h[i] == h[i - 1]:
@@ -90,7 +96,7 @@ def hash_rows(offsets, data, null, buckets, out):  # pragma: no cover - compiled
         if null[i]:
             out[i] = 0
         else:
-            out[i] = np.int64(_fnv1a(data, offsets[i], offsets[i + 1]) % np.uint64(buckets)) + 1
+            out[i] = _row(_fnv1a(data, offsets[i], offsets[i + 1]), buckets)
 
 
 @numba.njit(types.int64(F64, BOOL, types.boolean, types.float32, _out(types.float32), _out(types.boolean)), cache=True,
@@ -127,7 +133,7 @@ def list_rows(lists, null, strings, data, value_null, buckets, out):  # pragma: 
             if value_null[v]:
                 out[i, s] = 0
                 continue
-            out[i, s] = np.int64(_fnv1a(data, strings[v], strings[v + 1]) % np.uint64(buckets)) + 1
+            out[i, s] = _row(_fnv1a(data, strings[v], strings[v + 1]), buckets)
         for s in range(k, width):
             out[i, s] = 0
 
