@@ -4,15 +4,22 @@ import pytest
 from watchnext.scoring import FLOOR, combine, top_k
 
 
+def reference(heads, w, mode):
+    """The [score] forms written out in numpy (docs/configuration.md)."""
+    h = heads.astype(np.float64)
+    return h @ w if mode == "linear" else np.exp(np.log(np.maximum(h, FLOOR)) @ w)
+
+
 @pytest.mark.parametrize("mode", ["linear", "multiplicative"])
 def test_top_k_is_the_best_of_combine_in_a_stable_order(mode):
-    """The service's answer (one compiled pass) against the reference: `combine`, then a stable sort."""
+    """The service's answer (one compiled pass) against the reference: the forms in numpy, then a stable sort."""
     rng = np.random.default_rng(21)
     heads = rng.uniform(0, 3, size=(500, 5)).astype(np.float32)
     heads[:, 0] = rng.integers(0, 2, size=500)  # a binary head: 0 meets the multiplicative form's floor
     heads[100:110] = heads[5]  # ties: rows equal to row 5 rank after it, in row order
     w = np.array([1.0, 0.5, -0.25, 2.0, 0.0])
-    want_scores = combine(heads, w, mode)
+    want_scores = reference(heads, w, mode)
+    np.testing.assert_allclose(combine(heads, w, mode), want_scores, rtol=1e-12)
     want = np.argsort(-want_scores, kind="stable")
     for k in (1, 20, 499, 500, 800):
         rows, scores, dropped = top_k(heads, w, mode, k)
@@ -44,3 +51,16 @@ def test_top_k_leaves_out_rows_whose_output_is_not_finite():
     assert rows.tolist() == [] and scores.tolist() == [] and dropped == 0
     with pytest.raises(ValueError, match="linear or multiplicative"):
         top_k(heads, w, "max", 3)
+
+
+@pytest.mark.parametrize("mode", ["linear", "multiplicative"])
+def test_combine_gives_every_row_a_score_and_a_non_finite_head_a_non_finite_one(mode):
+    heads = np.array([[0.5, 2.0], [np.nan, 1.0], [np.inf, 1.0], [0.0, 3.0]], np.float32)
+    w = np.array([1.0, 0.5])
+    got = combine(heads, w, mode)
+    want = reference(heads, w, mode)
+    assert got.shape == (4,) and got.dtype == np.float64
+    np.testing.assert_allclose(got[[0, 3]], want[[0, 3]], rtol=1e-12)
+    assert np.isnan(got[1]) and np.isnan(want[1]) and got[2] == want[2] == np.inf
+    with pytest.raises(ValueError, match="do not match"):
+        combine(heads, np.ones(3), mode)

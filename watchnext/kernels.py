@@ -16,9 +16,9 @@ in one loop over the batch:
   domain) and its transform;
 - `vectors`: a vector feature's checks (length, finite float32 numbers) and its
   rows;
-- `top_rows`: the service's answer, the rows of the k best scores of the heads'
-  weighted combination (watchnext/scoring.py), rows with a non-finite output
-  left out.
+- `top_rows`: the heads' weighted combination (watchnext/scoring.py's one
+  implementation), and the service's answer: the rows of the k best scores,
+  rows with a non-finite output left out.
 
 Compiled for the exact argument types below when this module is imported (numba
 keeps the machine code under `__pycache__`, or NUMBA_CACHE_DIR, so later imports
@@ -182,8 +182,8 @@ def top_rows(heads, w, multiplicative, scores, top):  # pragma: no cover - compi
             h = np.float64(heads[i, t])
             if not np.isfinite(h):
                 ok = False
-            if multiplicative:
-                s += np.log(max(h, FLOOR)) * w[t]
+            if multiplicative:  # floored at FLOOR; NaN stays NaN (as np.maximum)
+                s += np.log(FLOOR if h < FLOOR else h) * w[t]
             else:
                 s += h * w[t]
         if multiplicative:
@@ -192,9 +192,10 @@ def top_rows(heads, w, multiplicative, scores, top):  # pragma: no cover - compi
         if ok and np.isfinite(s):
             finite[m] = i
             m += 1
-    rows = finite[:m]
-    best = rows[np.argsort(-scores[rows], kind="mergesort")]  # a stable sort: ties keep row order
-    k = min(top.shape[0], m)
-    top[:k] = best[:k]
-    top[k:] = -1
+    if top.shape[0]:  # `combine` asks for the scores alone
+        rows = finite[:m]
+        best = rows[np.argsort(-scores[rows], kind="mergesort")]  # a stable sort: ties keep row order
+        k = min(top.shape[0], m)
+        top[:k] = best[:k]
+        top[k:] = -1
     return n - m

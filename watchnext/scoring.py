@@ -17,17 +17,16 @@ def weight_vector(task_names: Sequence[str], weights: Mapping[str, float]) -> np
 
 
 def combine(heads: np.ndarray, w: np.ndarray, mode: str = "linear") -> np.ndarray:
-    """heads (B, T) in label units, w (T,) -> scores (B,).
+    """heads (B, T) in label units (float32, as ONNX Runtime gives them), w (T,) -> scores (B,), float64.
 
     linear:         sum_t w_t * y_t
-    multiplicative: prod_t y_t ** w_t   (the paper's form; tasks with w_t = 0 drop out)
+    multiplicative: prod_t y_t ** w_t   (the paper's form; tasks with w_t = 0 drop out; each y_t floored at
+                                         FLOOR so that a zero cannot erase the others)
+
+    A row with a non-finite head gets a non-finite score, or NaN. The one implementation is the compiled pass
+    `top_k` also uses (`kernels.top_rows`), so offline evaluation scores as the service ranks.
     """
-    heads = np.asarray(heads, dtype=np.float64)
-    if mode == "linear":
-        return heads @ w
-    if mode == "multiplicative":
-        return np.exp(np.log(np.maximum(heads, FLOOR)) @ w)
-    raise ValueError(f"score.combine: expected linear or multiplicative, got {mode!r}")
+    return _scored(heads, w, mode, 0)[0]
 
 
 def top_k(heads: np.ndarray, w: np.ndarray, mode: str, k: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -35,11 +34,20 @@ def top_k(heads: np.ndarray, w: np.ndarray, mode: str, k: int) -> tuple[np.ndarr
     their scores; rows whose heads or score are not finite are never among them, and `dropped` counts them.
     One compiled pass (`kernels.top_rows`), where combine, the finiteness checks and a sort were each a numpy
     call whose code a request must first bring into the CPU's caches."""
+    scores, top, dropped = _scored(heads, w, mode, k)
+    rows = top[: len(heads) - dropped] if dropped else top
+    return rows, scores[rows], dropped
+
+
+def _scored(heads: np.ndarray, w: np.ndarray, mode: str, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(every row's score, the top min(k, B) rows (-1 past the finite ones), how many rows are not finite)."""
     if mode not in ("linear", "multiplicative"):
         raise ValueError(f"score.combine: expected linear or multiplicative, got {mode!r}")
     heads = np.ascontiguousarray(heads, np.float32)
+    w = np.ascontiguousarray(w, np.float64)
+    if heads.ndim != 2 or w.shape != (heads.shape[1],):
+        raise ValueError(f"score: heads {heads.shape} and weights {w.shape} do not match")
     scores = np.empty(len(heads), np.float64)
     top = np.empty(min(k, len(heads)), np.int64)
-    dropped = kernels().top_rows(heads, np.ascontiguousarray(w, np.float64), mode == "multiplicative", scores, top)
-    rows = top[: len(heads) - dropped] if dropped else top
-    return rows, scores[rows], int(dropped)
+    dropped = kernels().top_rows(heads, w, mode == "multiplicative", scores, top)
+    return scores, top, int(dropped)
