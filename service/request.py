@@ -170,9 +170,8 @@ class RequestCodec:
         self.candidate_type = section_type(config, "candidate")
         self.schema = pa.schema(list(self.candidate_type))  # an Arrow body of exactly these columns and types
         self._list_columns = [i for i, f in enumerate(self.candidate_type) if pa.types.is_list(f.type)]
-        # the item id feature's buckets, when it is hashed as a categorical (an Arrow body's ids are hashed once)
-        item = next((f for f in config.features if f.source == "candidate" and f.name == config.item_id), None)
-        self._id_buckets = item.buckets if item is not None and item.kind == "categorical" else 0
+        # the item id feature's buckets (a categorical: the config says so): an Arrow body's ids are hashed once
+        self._id_buckets = config.feature(config.item_id).buckets if config.item_id else 0
         self.candidate_features = [f for f in config.features if f.source == "candidate"]
         self.known = {s: frozenset(f.name for f in config.features if f.source == s) for s in (*SHARED, "candidate")}
         # the request types are built from the config at run time: what they decode is Any to the type checker
@@ -261,7 +260,6 @@ class RequestCodec:
             rows, repeated = hash_ids(*buffers, self._id_buckets)
             if repeated:  # a repeat, or two ids whose 64-bit hashes are equal: the ids are looked at
                 self._check_repeats(col.to_pylist())
-            rows = rows if self._id_buckets else None
         only_ids = present == ([self.item_id] if self.item_id else [])
         return RankInput(*head, n, ids, None if only_ids and ids is not None else arr, unknown, rows, buffers)
 

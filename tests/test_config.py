@@ -44,6 +44,8 @@ def _with(tmp_path, **sections):
         ({"score": {"weights": {"clicks": 1.0}}}, "score.weights.clicks: not a task"),
         ({"bias": {"features": ["position", "hour"]}}, "bias.features: 'hour' must be 'position' or a categorical feature"),
         ({"bias": {"dropout": 1.5}}, "bias.dropout: must be in [0, 1), got 1.5"),
+        ({"item": {"id": "video_views"}}, "item.id: 'video_views' is a numeric feature; an item id must be categorical"),
+        ({"item": {"id": "hour"}}, "item.id: 'hour' is not a candidate feature"),
     ],
 )
 def test_bad_values_name_file_key_and_reason(tmp_path, sections, needle):

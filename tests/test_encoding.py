@@ -59,9 +59,6 @@ def test_hash_ids_finds_a_repeated_string_in_every_layout_and_hashes_each_id():
     assert repeats(pa.array(again)) and not repeats(pa.array(again).slice(6, len(words) - 6))
     assert repeats(pa.array(["", ""])) and not repeats(pa.array([""]))
     assert not repeats(pa.array([], pa.string()))
-    # no buckets (an item id that is not a categorical feature): the check alone, rows left at zero
-    rows, repeated = hash_ids(*string_buffers(pa.array(["a", "b", "a"])), 0)
-    assert repeated and rows.tolist() == [0, 0, 0]
 
 
 def test_rows_reserve_zero_for_missing():

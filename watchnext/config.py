@@ -432,9 +432,11 @@ def parse_config(data: Mapping[str, Any], path: str = "<config>") -> Config:
     features = _resolve_tables(path, features)
     _check_names(path, "tasks", [t.name for t in tasks])
     if item_id is not None:
-        cand = {f.name for f in features if f.source == "candidate"}
+        cand = {f.name: f for f in features if f.source == "candidate"}
         if item_id not in cand:
             top.fail(f"{item_id!r} is not a candidate feature", "item.id")
+        if cand[item_id].kind != "categorical":  # an id is a string: responses, feedback and the store name items by it
+            top.fail(f"{item_id!r} is a {cand[item_id].kind} feature; an item id must be categorical", "item.id")
     binary = {t.name for t in tasks if t.kind == "binary"}
     for i, t in enumerate(tasks):
         if t.given is not None and (t.given not in binary or t.given == t.name):

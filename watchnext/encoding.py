@@ -71,14 +71,12 @@ def fnv1a_strings(arr: pa.Array) -> np.ndarray:
 
 def hash_ids(offsets: np.ndarray, data: pa.Buffer | bytes, buckets: int) -> tuple[np.ndarray, bool]:
     """(rows, repeated) for the strings of a string array's buffers (`string_buffers`): each one's embedding row
-    1..buckets (`bucket_rows` of its FNV-1a; zeros when buckets is 0), and whether two have the same 64-bit
-    FNV-1a hash: a string that repeats, or (about once in 2^64 pairs) two whose hashes are equal. One compiled
-    pass (`kernels.id_rows`)."""
-    rows = np.zeros(len(offsets) - 1, np.int64)
+    1..buckets (`bucket_rows` of its FNV-1a), and whether two have the same 64-bit FNV-1a hash: a string that
+    repeats, or (about once in 2^64 pairs) two whose hashes are equal. One compiled pass (`kernels.id_rows`)."""
+    rows = np.empty(len(offsets) - 1, np.int64)
     if not len(rows):
         return rows, False
-    repeated = kernels().id_rows(offsets, np.frombuffer(data, np.uint8) if len(data) else _NO_BYTES, buckets, rows)
-    return rows, bool(repeated)
+    return rows, bool(kernels().id_rows(offsets, _bytes(data), buckets, rows))
 
 
 def fnv1a(s: str) -> int:
@@ -443,7 +441,12 @@ def _strings(arr: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     if not (pa.types.is_string(arr.type) or pa.types.is_large_string(arr.type)):
         arr = arr.cast(pa.large_string())
     offsets, data = string_buffers(arr)
-    return offsets, (np.frombuffer(data, np.uint8) if len(data) else _NO_BYTES)
+    return offsets, _bytes(data)
+
+
+def _bytes(data: pa.Buffer | bytes) -> np.ndarray:
+    """A string array's bytes (`string_buffers`) as the kernels read them: uint8, without a copy."""
+    return np.frombuffer(data, np.uint8) if len(data) else _NO_BYTES
 
 
 def _offsets(arr: pa.Array) -> np.ndarray:

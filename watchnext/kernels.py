@@ -73,15 +73,13 @@ def fnv1a(offsets, data, out):  # pragma: no cover - numba runs the compiled loo
 
 @numba.njit(types.boolean(I64, U8, types.int64, _out(types.int64)), cache=True, nogil=True)
 def id_rows(offsets, data, buckets, out):  # pragma: no cover - compiled
-    """out[i]: the embedding row 1..buckets of the FNV-1a of data[offsets[i]:offsets[i + 1]], as `hash_rows`
-    (out is left as it is when buckets is 0). Returns whether two of the strings have the same FNV-1a hash
-    (sorted, then each next to the one after it)."""
+    """out[i]: the embedding row 1..buckets of the FNV-1a of data[offsets[i]:offsets[i + 1]], as `hash_rows`.
+    Returns whether two of the strings have the same FNV-1a hash (sorted, then each next to the one after it)."""
     n = out.shape[0]
     h = np.empty(n, np.uint64)
     for i in range(n):
         h[i] = _fnv1a(data, offsets[i], offsets[i + 1])
-        if buckets > 0:
-            out[i] = _row(h[i], buckets)
+        out[i] = _row(h[i], buckets)
     h.sort()
     for i in range(1, n):
         if h[i] == h[i - 1]:
