@@ -525,8 +525,8 @@ class OnlineFeatures:
 
 
 def pick(values: list[str], rows: np.ndarray) -> list[str]:
-    """values[rows], without a Python loop per row (`map` in C; 250 of 500 ids: 7.3 us back to back and 21 after
-    3 ms idle, against 9.1 and 33 through a numpy object array; measured 2026-12-04)."""
+    """values[rows], without a Python loop per row (`map` in C; 250 of 500 ids, each call after a 3 ms sleep and
+    an ONNX Runtime call: 34 us, against 45 through a numpy object array; measured 2026-12-04, 20:25)."""
     return list(map(values.__getitem__, rows.tolist()))
 
 
