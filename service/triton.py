@@ -52,6 +52,22 @@ def import_tritonclient():
     return http
 
 
+def _client_type(http) -> type:
+    """tritonclient's HTTP client, with a finalizer that tolerates the end of its thread. A client kept per thread
+    is finalized as its thread ends; by then gevent's per-thread state is gone, and `close` (which waits on the
+    client's greenlet pool) raised AttributeError from gevent's hub look-up, an "exception ignored" that the test
+    suite turned into a failure now and then. The thread's sockets go with it."""
+
+    class Client(http.InferenceServerClient):
+        def __del__(self) -> None:
+            try:
+                self.close()
+            except AttributeError:
+                pass
+
+    return Client
+
+
 class TritonBackend:
     """One Triton server (host:port of its HTTP endpoint): per-thread clients, readiness, and sessions on it."""
 
@@ -60,6 +76,7 @@ class TritonBackend:
         """`on_failure`: called when an inference fails (the service's model poll is woken: after a promotion
         Triton may have unloaded the old version before the service moved to the new one)."""
         self.http = import_tritonclient()
+        self._client_type = _client_type(self.http)
         self.url = url
         self.on_failure = on_failure
         self.connect_timeout_s, self.network_timeout_s = connect_timeout_s, network_timeout_s
@@ -69,7 +86,7 @@ class TritonBackend:
         """This thread's client (created on first use in the thread)."""
         c = getattr(self._local, "client", None)
         if c is None:
-            c = self._local.client = self.http.InferenceServerClient(
+            c = self._local.client = self._client_type(
                 self.url, connection_timeout=self.connect_timeout_s, network_timeout=self.network_timeout_s)
         return c
 
@@ -80,8 +97,17 @@ class TritonBackend:
         except self.http.InferenceServerException as e:
             raise TritonError("", f"Triton at {self.url}: {what}: {e.message() or e}") from None
         except Exception as e:  # connection refused or reset, timeouts: geventhttpclient raises socket and gevent errors
-            self._local.client = None  # a broken connection: the next call starts a fresh client
+            self._drop()  # a broken connection: the next call starts a fresh client
             raise TritonError("", f"Triton at {self.url} is unreachable ({what}): {type(e).__name__}: {e}") from None
+
+    def _drop(self) -> None:
+        """Close this thread's client, in this thread (gevent's state is per thread), and forget it."""
+        c, self._local.client = getattr(self._local, "client", None), None
+        if c is not None:
+            try:
+                c.close()
+            except Exception:  # it was broken already: its sockets go with it
+                pass
 
     def model_ready(self, model: str, version: int) -> bool:
         return bool(self.call(f"is {model} version {version} ready", lambda c: c.is_model_ready(model, str(version))))

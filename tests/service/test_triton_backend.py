@@ -263,3 +263,32 @@ def test_watchnext_serve_backend_triton(trained, models_dir, redis_url, standin)
         proc.terminate()
         proc.wait(20)
         proc.stderr.close()
+
+
+def test_a_client_finalized_as_its_thread_ends_raises_nothing(monkeypatch):
+    """A thread's client is finalized when the thread ends, after gevent's per-thread state is gone: its `close`
+    then raised AttributeError (gevent's hub look-up) as an "exception ignored". The backend's client takes that
+    end quietly; a client dropped after a failure is closed in its own thread first."""
+    from service.triton import TritonBackend, TritonError
+
+    backend = TritonBackend("127.0.0.1:1")
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    c = backend.client()
+
+    def gone(*a, **k):
+        raise AttributeError("'_Threadlocal' object has no attribute 'loop'")
+
+    monkeypatch.setattr(c._pool, "join", gone)
+    backend._local.client = None
+    del c
+    assert seen == []
+    # what tritonclient's own client does in the same place: the reason for the subclass
+    plain = backend.http.InferenceServerClient("127.0.0.1:1")
+    monkeypatch.setattr(plain._pool, "join", gone)
+    del plain
+    assert len(seen) == 1 and isinstance(seen[0], AttributeError)
+    # a broken connection: the thread's client is closed and a fresh one made on the next call
+    with pytest.raises(TritonError, match="unreachable"):
+        backend.model_ready("ranker", 1)
+    assert backend._local.client is None and backend.client() is not None
