@@ -5,7 +5,10 @@
 
 The service's own steps (service/ranker.py), called as app.py calls them: parse
 and plan (`Ranker.prepare`), the Redis read of the cache's misses, encode, the
-ONNX Runtime call, the answer and its JSON. Before each request the process
+ONNX Runtime call, the answer and its JSON; and, off the request's path, what the
+impression log's writer thread does with its impression (`record`: its Redis record,
+`ImpressionLog._record`) and what the closer does with that record when the window
+closes (`read`: its examples, `examples_of`). Before each request the process
 sleeps --idle-ms (a service waits on the network between requests; 0: back to
 back), then runs ONNX Runtime on another batch, as the previous request did. The
 floor is the ONNX Runtime call alone, back to back. Medians in microseconds, per
@@ -35,6 +38,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from serve_latency import arrow_body, ensure_model, ids_only, load_store, make_requests  # noqa: E402
 
 from service.features import OnlineFeatures  # noqa: E402
+from service.impressions import ImpressionLog  # noqa: E402
 from service.inference import InferenceSession  # noqa: E402
 from service.models import LoadedModel  # noqa: E402
 from service.observability import Metrics  # noqa: E402
@@ -47,6 +51,7 @@ from watchnext.repository import ModelRepository  # noqa: E402
 from watchnext.scoring import weight_vector  # noqa: E402
 
 STEPS = ("prepare", "fetch", "encode", "onnxruntime", "answer", "json", "total")
+OFF_PATH = ("record", "read")  # the impression's: in the writer thread, and in the closer
 
 
 def main() -> int:
@@ -80,6 +85,8 @@ def main() -> int:
         cache = 10_000 if args.mode == "ids-cold" else 256 << 20
         ranker = Ranker(config, OnlineFeatures(config, Encoder(config), url, metrics, 500, cache_bytes=cache), metrics)
         batches = [ranker.encode(ranker.prepare(b)) for b in full]
+        # its Redis client is never used: records are made and read here, not written
+        log = ImpressionLog(config, url or "redis://127.0.0.1:6379", metrics)
         bodies, ctype = {
             "arrow": ([arrow_body(r, config) for r in reqs], "application/vnd.apache.arrow.stream"),
             "json": (full, None),
@@ -100,7 +107,12 @@ def main() -> int:
             t.append(time.perf_counter())
             orjson.dumps(ranked.body)
             t.append(time.perf_counter())
-            return [*np.diff(t), t[-1] - t[0]]
+            rec = log._record(ranked.impression)
+            t.append(time.perf_counter())
+            log.examples_of({k.encode(): v for k, v in rec.mapping.items()}, [])
+            t.append(time.perf_counter())
+            path = np.diff(t[:7])
+            return [*path, path.sum(), t[7] - t[6], t[8] - t[7]]
 
         for i in range(2 * len(bodies)):  # every body once through every step (and ids-warm's cache filled)
             one(i)
@@ -116,7 +128,7 @@ def main() -> int:
                 session.run(batches[i % len(batches)])  # the floor: back to back with the call before it
                 floor.append(time.perf_counter() - t0)
             med = np.median(np.array(rows), axis=0) * 1e6
-            out[idle] = {**dict(zip(STEPS, med)), "floor": float(np.median(floor) * 1e6)}
+            out[idle] = {**dict(zip((*STEPS, *OFF_PATH), med)), "floor": float(np.median(floor) * 1e6)}
     finally:
         if redis is not None:
             redis.stop()
@@ -127,6 +139,9 @@ def main() -> int:
     for step in (*STEPS, "floor"):
         print(f"{step:>12} " + " ".join(f"{out[i][step]:>12.0f}" for i in args.idle_ms))
     print(f"{'total/floor':>12} " + " ".join(f"{out[i]['total'] / out[i]['floor']:>12.2f}" for i in args.idle_ms))
+    print("off the request's path, right after it:")
+    for step in OFF_PATH:
+        print(f"{step:>12} " + " ".join(f"{out[i][step]:>12.0f}" for i in args.idle_ms))
     return 0
 
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import msgspec
+import pyarrow as pa
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -221,6 +222,17 @@ def approx_bytes(imp: dict[str, Any]) -> int:
     return n + (getattr(items, "nbytes", None) or 2048 * len(items))
 
 
+def _rows(stream: bytes | None) -> list[dict[str, Any]]:
+    """The rows of a record's Arrow IPC stream (ServedItems.for_record in service/ranker.py) as dicts; raises
+    ValueError where the stream is missing or cannot be read."""
+    if stream is None:
+        raise ValueError("the record's sent rows are missing")
+    try:
+        return pa.ipc.open_stream(stream).read_all().to_pylist()
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ValueError(f"the record's sent rows cannot be read: {e}") from None
+
+
 def redis_client(url: str, timeout_s: float = 2.0) -> redis.Redis:
     """The impression log's and the experiments' client. Without decode_responses: every reply is bytes, where
     redis-py's types say `bytes | str` (they cover either setting); the `cast`s on its replies say bytes."""
@@ -393,17 +405,24 @@ class ImpressionLog:
         # the impression buffer counted)
         mapping = {"_": _json(shared), "_due": repr(due).encode()}
         explore = imp.get("explore")
-        items = imp["items"]
-        # the ranker's items give a candidate sent by id only as its store entry's JSON, unparsed (ServedItems)
-        items = items.for_record() if hasattr(items, "for_record") else items
-        if explore is None:
-            for item_id, cand, pos in items:
-                mapping[f"i:{item_id}"] = _json({"candidate": cand, "position": pos})
-        else:  # randomised order: each item's propensity and original rank (watchnext/explore.py)
-            prop, rank = explore["propensity"].tolist(), explore["rank"].tolist()
-            for item_id, cand, pos in items:
-                mapping[f"i:{item_id}"] = _json({"candidate": cand, "position": pos, "propensity": prop[pos],
-                                                 "rank": rank[pos]})
+        items, sent = imp["items"], None
+        if hasattr(items, "for_record"):  # the ranker's items (service/ranker.py, ServedItems)
+            items, sent = items.for_record()
+        # the rows the request sent for the shown items, an Arrow IPC stream in shown order, under a field of this
+        # record's own: a response merged into the impression (a retry) keeps its items' rows apart
+        at = None
+        if sent is not None:
+            at = tok.rsplit(":", 1)[1]
+            mapping[f"s:{at}"] = sent
+        # randomised order: each item's propensity and original rank (watchnext/explore.py)
+        prop, rank = (explore["propensity"].tolist(), explore["rank"].tolist()) if explore is not None else ((), ())
+        for item_id, cand, pos in items:
+            rec: dict[str, Any] = {"candidate": cand, "position": pos}
+            if at is not None:
+                rec["sent"] = at
+            if explore is not None:
+                rec["propensity"], rec["rank"] = prop[pos], rank[pos]
+            mapping[f"i:{item_id}"] = _json(rec)
         # what the record's objects take (the dict, its keys and values), as the buffer's bound counts it
         size = 200 + sys.getsizeof(mapping) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in mapping.items())
         return _Record(rid, tok, due, mapping, size)
@@ -596,19 +615,30 @@ class ImpressionLog:
             labels = got.setdefault(ev["item_id"], {})
             labels.update({k: v for k, v in ev["labels"].items() if v is not None})  # later feedback wins
         out = []
+        sent: dict[str, list[dict[str, Any]]] = {}  # a response's rows sent for its shown items, by its field
         for field, raw in imp.items():
             if not field.startswith(b"i:"):
                 continue
             item_id = field[2:].decode()
-            try:  # a candidate's store entry is logged as it was read from Redis: one that is not JSON loses its item
+            # a candidate's store entry is logged as it was read from Redis: one that is not JSON loses its item; so
+            # does one whose sent row cannot be read
+            try:
                 item = json.loads(raw)
                 if not isinstance(item, dict) or not isinstance(item.get("position"), int | None):
                     raise ValueError("not an item record")
+                cand = item["candidate"] if isinstance(item.get("candidate"), dict) else {}  # anything else: nothing
+                if "sent" in item:  # the values the request sent, over the store entry
+                    at = str(item["sent"])
+                    if at not in sent:
+                        sent[at] = _rows(imp.get(f"s:{at}".encode()))
+                    pos = item["position"]
+                    if pos is None or not 0 <= pos < len(sent[at]):
+                        raise ValueError("no sent row at the item's position")
+                    cand.update({k: v for k, v in sent[at][pos].items() if v is not None})
             except ValueError:
                 self.metrics.examples_refused.inc()
                 log(logger, logging.ERROR, "impression_item_unreadable", item_id=item_id[:64])
                 continue
-            cand = item["candidate"] if isinstance(item.get("candidate"), dict) else {}  # anything else: nothing
             if self.item_key is not None:  # the field names the item (a logged store entry may not)
                 cand[self.item_key] = item_id
             given = got.get(item_id, {})

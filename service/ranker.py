@@ -27,6 +27,7 @@ there too when the request is the only one in flight, else on a worker thread.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -279,41 +280,35 @@ class Ranker:
                 at = where[order]
                 raw = np.full(len(at), b"", object)
                 raw[at >= 0] = stored.texts(at[at >= 0])  # only the shown rows that were looked up
-        return ServedItems(ids, raw, inp.candidates, order, self.item_id if inp.ids is not None else None,
-                           self.codec.known["candidate"])
+        return ServedItems(ids, raw, inp.candidates, order)
 
 
 class ServedItems:
-    """An impression's items, (item id, features as served, position), built when first read (by the impression
-    log's writer thread): each candidate's store entry, then the known values the request sent over it (`sent`,
-    every candidate of the request: the shown ones, rows `order`, are taken there too, off the request's path)."""
+    """An impression's items, as the impression log's writer thread turns them into its record (`for_record`):
+    each shown candidate's id, its store entry's JSON as read from Redis, and its position; and the values the
+    request sent with its candidates (`sent`, every candidate: the shown ones, rows `order`, are taken there, off
+    the request's path)."""
 
-    def __init__(self, ids: list[str], raw: np.ndarray | None, sent: pa.StructArray | None, order: np.ndarray,
-                 item_id: str | None, known: frozenset[str]):
-        self.ids, self.raw, self.sent, self.order, self.item_id, self.known = ids, raw, sent, order, item_id, known
-        self._items: list[tuple[str, dict[str, Any], int]] | None = None
+    def __init__(self, ids: list[str], raw: np.ndarray | None, sent: pa.StructArray | None, order: np.ndarray):
+        self.ids, self.raw, self.sent, self.order = ids, raw, sent, order
 
-    def __iter__(self):
-        if self._items is None:
-            k = len(self.ids)
-            base = [_entry(r) for r in self.raw.tolist()] if self.raw is not None else [{} for _ in range(k)]
-            sent = self.sent.take(pa.array(self.order)).to_pylist() if self.sent is not None else [{} for _ in range(k)]
-            items = []
-            for pos, (i, b, o) in enumerate(zip(self.ids, base, sent)):
-                c = {**b, **{f: v for f, v in o.items() if v is not None and f in self.known}}
-                if self.item_id is not None:
-                    c[self.item_id] = i
-                items.append((i, c, pos))
-            self._items = items
-        return iter(self._items)
+    def for_record(self) -> tuple[list[tuple[str, dict[str, Any] | msgspec.Raw, int]], bytes | None]:
+        """The items as the impression's record writes them, and the rows the request sent for them.
 
-    def for_record(self) -> list[tuple[str, dict[str, Any] | msgspec.Raw, int]]:
-        """The items as the impression's record writes them: a candidate the request named by id only is its
-        store entry's JSON as it is (`msgspec.Raw`, neither parsed nor encoded again: the record's reader sets
-        the item id, service/impressions.py), any other the merged features of `__iter__`."""
-        if self.sent is None and self.raw is not None and self.item_id is not None:
-            return [(i, msgspec.Raw(r) if r else {}, pos) for pos, (i, r) in enumerate(zip(self.ids, self.raw.tolist()))]
-        return list(self)
+        An item is (id, its store entry's JSON as it is, `msgspec.Raw`, neither parsed nor encoded again, or {}
+        where the candidate was not looked up, position). The values the request sent for the shown candidates
+        go as one Arrow IPC stream of their rows in shown order, not as Python objects: the record's reader lays
+        them over the store entry and sets the item id (`ImpressionLog.examples_of`). An Arrow request's record
+        took the writer thread 121-134 us in groups of 12, where turning the rows into objects, merging them and
+        writing their JSON took 189-206, and the closer reads either in 173-183 (docs/benchmarks.md, 2026-12-04,
+        21:50 UTC)."""
+        raw = self.raw.tolist() if self.raw is not None else [b""] * len(self.ids)
+        items: list[tuple[str, dict[str, Any] | msgspec.Raw, int]] = [
+            (i, msgspec.Raw(r) if r else {}, pos) for pos, (i, r) in enumerate(zip(self.ids, raw))]
+        if self.sent is None:
+            return items, None
+        rows = pa.RecordBatch.from_struct_array(self.sent).take(self.order)
+        return items, _schema_message(self.sent.type) + rows.serialize().to_pybytes()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -327,6 +322,13 @@ class ServedItems:
         # of the rows alone, reads every column's offsets: 43 us of the request's time after an ONNX Runtime run,
         # against 9)
         return n + (self.sent.get_total_buffer_size() if self.sent is not None else 0)
+
+
+@functools.cache
+def _schema_message(t: pa.StructType) -> bytes:
+    """The IPC message of the schema of a struct's fields: with a record batch's message after it, an Arrow IPC
+    stream (one per config: the candidates' struct type is the config's)."""
+    return pa.schema(list(t)).serialize().to_pybytes()
 
 
 class _Merged:

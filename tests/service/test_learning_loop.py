@@ -13,15 +13,18 @@ import time
 import httpx
 import msgspec
 import numpy as np
+import pyarrow as pa
 import redis
 
 from service.impressions import ImpressionLog
 from service.observability import Metrics
+from service.ranker import ServedItems
 from tests.helpers import stream_examples, wait_for
 from tests.service.fixtures import live_service
 from tests.service.prom import nonzero
 from tests.service.traffic import rank_requests
 from watchnext.config import load_config
+from watchnext.encoding import section_type
 from watchnext.redis_embed import free_port, start_embedded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -149,6 +152,58 @@ def test_a_logged_store_entry_that_is_not_json_loses_its_item_alone(trained, red
     log.client.close()
 
 
+def test_sent_rows_are_laid_over_store_entries_each_response_its_own_and_a_damaged_stream_loses_its_items(
+        trained, redis_url):
+    """The values a request sent for its shown items are logged as one Arrow IPC stream per response
+    (`ServedItems.for_record`) and laid over the items' store entries when read. A retry merged into the same
+    impression keeps its own rows; a stream another writer damaged loses its items alone, each counted."""
+    config = load_config(trained["config_path"])
+    m = Metrics()
+    log = ImpressionLog(config, redis_url, m)
+    t = section_type(config, "candidate")
+    past = time.time() - config.service.attribution_window_s - 60
+
+    def served(rid: str, ids: list[str], ages: list[float | None], order: list[int], raw: list[bytes]) -> dict:
+        """An impression of candidates `ids` (the ages sent), showing rows `order` with store entries `raw`."""
+        sent = pa.array([{"video_id": i, "video_age_days": a} for i, a in zip(ids, ages)], type=t)
+        imp = _impressions(config, 1, 1, past)[0]
+        imp["request_id"] = rid
+        shown = [ids[j] for j in order]
+        imp["items"] = ServedItems(shown, np.array(raw, dtype=object), sent, np.array(order))
+        return imp
+
+    # the first response shows c (not looked up) then a (its store entry has a view count)
+    log.add(served("r1", ["a", "b", "c"], [1.5, None, 3.0], [2, 0], [b"", b'{"video_views":10.0}']))
+    # its retry (same request_id and user): shows b, sent no age, over its entry, then a with another age
+    log.add(served("r1", ["a", "b"], [7.0, None], [1, 0], [b'{"video_age_days":9.0}', b'{"video_views":5.0}']))
+    # another request whose sent rows will be damaged, and one with none sent at all
+    log.add(served("r2", ["d", "e"], [2.0, 4.0], [0, 1], [b"", b""]))
+    plain = _impressions(config, 1, 1, past)[0]
+    plain["request_id"] = "r3"
+    plain["items"] = ServedItems(["f"], np.array([b'{"video_age_days":6.0}'], dtype=object), None, np.array([0]))
+    log.add(plain)
+    assert log.flush() == 4
+    r = redis.Redis.from_url(redis_url)
+    imp_keys = [k for k in r.scan_iter("wn:imp:{*}:*")]
+    assert len(imp_keys) == 3  # the retry merged into the first response's impression
+    for k in imp_keys:
+        fields = r.hkeys(k)
+        if b"i:d" in fields:
+            (blob,) = [f for f in fields if f.startswith(b"s:")]
+            r.hset(k, blob, b"not an arrow stream")
+    assert log.close_due() == 4
+    got = {e["candidate"]["video_id"]: (e["candidate"], e["position"]) for e in stream_examples(redis_url)}
+    assert got == {
+        "c": ({"video_id": "c", "video_age_days": 3.0}, 0),  # the first response's; no store entry looked up
+        "a": ({"video_id": "a", "video_age_days": 7.0, "video_views": 5.0}, 1),  # the retry's row and entry
+        "b": ({"video_id": "b", "video_age_days": 9.0}, 0),  # a null sent keeps the store's value
+        "f": ({"video_id": "f", "video_age_days": 6.0}, 0),
+    }
+    assert m.value("watchnext_examples_refused_total") == 2  # d and e
+    r.close()
+    log.client.close()
+
+
 def test_rank_with_a_lone_surrogate_is_refused_and_the_next_flush_is_whole(trained, server, client, redis_url):
     """Finding 2 through the API: 4xx naming the field, and the impressions around it all reach Redis."""
     reqs = rank_requests(trained["history"], 4, top_k=2)
@@ -197,7 +252,9 @@ sys.path.insert(0, {root!r})
 import service.impressions as imp
 from service.impressions import ImpressionLog
 from service.observability import Metrics
+from service.ranker import ServedItems
 from watchnext.config import load_config
+from watchnext.encoding import section_type
 imp.CLOSE_BATCH, imp.COMMIT_BYTES = 7, 3000  # many small atomic writes: kills land between them
 log = ImpressionLog(load_config({config!r}), {url!r}, Metrics(), lease_s=0.4)
 send = log._send
