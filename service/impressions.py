@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import threading
 import time
 import uuid
@@ -113,7 +112,9 @@ if open then return 'unknown_item' end
 return 'unknown'
 """
 
-# KEYS: the request's impression set, due. ARGV: R, U, new G, due, ttl, then field/value pairs.
+# KEYS: the request's impression set, due. ARGV: R, U, new G, due, ttl, the hash's fields: field, value, field,
+# value... in one argument, each a 4-byte big-endian length and its bytes (`_fields`; redis-py checks and encodes
+# each argument in Python, about 1 us each).
 # A response for a request_id and user whose impression still waits for its window (in `due`) is merged into it
 # (a retry is the same impression); otherwise it starts its own (G), never writing into one a closer has taken.
 _WRITE_LUA = """
@@ -124,8 +125,14 @@ for _, m in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 local member = ARGV[2] .. ':' .. g
 local imp = 'wn:imp:{' .. ARGV[1] .. '}:' .. member
-for i = 6, #ARGV, 1000 do
-  redis.call('HSET', imp, unpack(ARGV, i, math.min(i + 999, #ARGV)))
+local kv, at, s = {}, 1, ARGV[6]
+while at <= #s do
+  local len, from = struct.unpack('>I4', s, at)
+  kv[#kv + 1] = string.sub(s, from, from + len - 1)
+  at = from + len
+end
+for i = 1, #kv, 1000 do
+  redis.call('HSET', imp, unpack(kv, i, math.min(i + 999, #kv)))
 end
 redis.call('EXPIRE', imp, ARGV[5])
 redis.call('SADD', KEYS[1], member)
@@ -205,11 +212,31 @@ class _Record:
     rid: str
     tok: str
     due: float
-    mapping: dict[str, bytes]
+    fields: bytes  # the hash's field, value, field, value..., each length-prefixed (`_fields`, _WRITE_LUA)
     nbytes: int
+
+    @property
+    def mapping(self) -> dict[str, bytes]:
+        """The hash's fields as a dict (the record as Redis will hold it)."""
+        kv, at = [], 0
+        while at < len(self.fields):
+            n = int.from_bytes(self.fields[at:at + 4], "big")
+            kv.append(self.fields[at + 4:at + 4 + n])
+            at += 4 + n
+        return {k.decode(): v for k, v in zip(kv[::2], kv[1::2])}
 
 
 _json = msgspec.json.Encoder().encode
+
+
+def _fields(mapping: dict[str, bytes]) -> bytes:
+    """A hash's fields as _WRITE_LUA reads them: field, value, field, value..., each a 4-byte big-endian length
+    and its bytes."""
+    parts = []
+    for k, v in mapping.items():
+        kb = k.encode()
+        parts += [len(kb).to_bytes(4, "big"), kb, len(v).to_bytes(4, "big"), v]
+    return b"".join(parts)
 
 
 def approx_bytes(imp: dict[str, Any]) -> int:
@@ -423,16 +450,12 @@ class ImpressionLog:
             if explore is not None:
                 rec["propensity"], rec["rank"] = prop[pos], rank[pos]
             mapping[f"i:{item_id}"] = _json(rec)
-        # what the record's objects take (the dict, its keys and values), as the buffer's bound counts it
-        size = 200 + sys.getsizeof(mapping) + sum(sys.getsizeof(k) + sys.getsizeof(v) for k, v in mapping.items())
-        return _Record(rid, tok, due, mapping, size)
+        fields = _fields(mapping)
+        return _Record(rid, tok, due, fields, 300 + len(fields) + len(tok))  # what the buffer's bound counts
 
     def _write(self, pipe, rec: _Record) -> None:
         r, u, g = rec.tok.split(":")
-        args: list[Any] = [r, u, g, rec.due, self.ttl]
-        for k, v in rec.mapping.items():
-            args += [k, v]
-        self._write_one(keys=[users_key(r), DUE], args=args, client=pipe)
+        self._write_one(keys=[users_key(r), DUE], args=[r, u, g, rec.due, self.ttl, rec.fields], client=pipe)
 
     def backlog(self) -> int:
         """Impressions not yet written: buffered, or in a write not yet finished."""

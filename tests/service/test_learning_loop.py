@@ -204,6 +204,30 @@ def test_sent_rows_are_laid_over_store_entries_each_response_its_own_and_a_damag
     log.client.close()
 
 
+def test_a_record_reaches_redis_byte_for_byte(trained, redis_url):
+    """A record's fields go to the write script as one argument of length-prefixed fields (`_fields`): what Redis
+    holds is the record's mapping exactly, binary values (an Arrow stream), empty and long ones included."""
+    config = load_config(trained["config_path"])
+    log = ImpressionLog(config, redis_url, Metrics())
+    imp = _impressions(config, 1, 1, time.time())[0]
+    t = section_type(config, "candidate")
+    long_entry = json.dumps({"video_id": "v1", "video_tags": ["t" * 100] * 1000}).encode()  # 100 KB
+    sent = pa.array([{"video_id": "v1", "video_age_days": 2.0}, {"video_id": "v2", "video_age_days": None}], type=t)
+    imp["items"] = ServedItems(["v1", "v2"], np.array([long_entry, b""], dtype=object), sent, np.array([0, 1]))
+    rec = log._record(imp)
+    pipe = log.client.pipeline(transaction=False)
+    log._write(pipe, rec)
+    pipe.execute()
+    r = redis.Redis.from_url(redis_url)
+    (key,) = list(r.scan_iter("wn:imp:{*}:*"))
+    held = {k.decode(): v for k, v in r.hgetall(key).items()}
+    assert held == rec.mapping and len(held) == 5  # _, _due, s:<G>, i:v1, i:v2
+    assert held["i:v1"] == b'{"candidate":' + long_entry + b',"position":0,"sent":"' + key.decode().rsplit(":")[-1].encode() + b'"}'
+    assert any(b"\x00" in v for v in held.values())  # the Arrow stream, binary, whole
+    r.close()
+    log.client.close()
+
+
 def test_rank_with_a_lone_surrogate_is_refused_and_the_next_flush_is_whole(trained, server, client, redis_url):
     """Finding 2 through the API: 4xx naming the field, and the impressions around it all reach Redis."""
     reqs = rank_requests(trained["history"], 4, top_k=2)
