@@ -108,7 +108,7 @@ class Service:
 
     def refresh_gauges(self) -> None:
         if self.log is not None:
-            self.metrics.log_backlog.set(self.log.backlog())
+            self.log.set_gauges()
 
     def start(self) -> None:
         self.models.ensure()

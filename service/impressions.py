@@ -329,9 +329,11 @@ class ImpressionLog:
                 shed += 1
             if shed:
                 self.metrics.impressions_dropped.labels("buffer_full").inc(shed)
-            self._gauges()
+            if front or shed:  # a request's impression leaves the gauges to the flusher (each wake, off its path)
+                self.set_gauges()
 
-    def _gauges(self) -> None:
+    def set_gauges(self) -> None:
+        """The backlog gauges: set by the flusher each wake and by a /metrics scrape, not by each request."""
         self.metrics.log_backlog.set(self.backlog())
         self.metrics.log_backlog_bytes.set(self.buf_bytes)
 
@@ -398,7 +400,7 @@ class ImpressionLog:
                     # counted before they leave the backlog: whoever sees the backlog empty sees them counted
                     self.metrics.impressions_logged.inc(len(records))
                     self.inflight = 0
-                    self._gauges()
+                    self.set_gauges()
                 self.metrics.redis_up.set(1)
                 written += len(records)
 
@@ -685,6 +687,7 @@ class ImpressionLog:
             delay = self.flush_interval_s
             while not self._stop.wait(delay):
                 try:
+                    self.set_gauges()
                     self.flush()
                     if delay != self.flush_interval_s:
                         log(logger, logging.INFO, "impression_log_recovered")
