@@ -114,7 +114,8 @@ return 'unknown'
 
 # KEYS: the request's impression set, due. ARGV: R, U, new G, due, ttl, the hash's fields: field, value, field,
 # value... in one argument, each a 4-byte big-endian length and its bytes (`_fields`; redis-py checks and encodes
-# each argument in Python, about 1 us each).
+# each argument in Python: 45 of them for 20 items, and one argument took the pipeline's share of the writer's
+# time per impression from 76 to 52-60 us, docs/benchmarks.md, 2026-12-04, 21:36 UTC).
 # A response for a request_id and user whose impression still waits for its window (in `due`) is merged into it
 # (a retry is the same impression); otherwise it starts its own (G), never writing into one a closer has taken.
 _WRITE_LUA = """

@@ -298,10 +298,10 @@ class ServedItems:
         An item is (id, its store entry's JSON as it is, `msgspec.Raw`, neither parsed nor encoded again, or {}
         where the candidate was not looked up, position). The values the request sent for the shown candidates
         go as one Arrow IPC stream of their rows in shown order, not as Python objects: the record's reader lays
-        them over the store entry and sets the item id (`ImpressionLog.examples_of`). An Arrow request's record
-        took the writer thread 121-134 us in groups of 12, where turning the rows into objects, merging them and
-        writing their JSON took 189-206, and the closer reads either in 173-183 (docs/benchmarks.md, 2026-12-04,
-        21:50 UTC)."""
+        them over the store entry and sets the item id (`ImpressionLog.examples_of`). In groups of 12 after an
+        ONNX Runtime call, the writer thread made a request's record in 121-134 us, where turning the rows into
+        objects, merging them and writing their JSON took 189-206, and the closer read either in 173-183
+        (docs/benchmarks.md, 2026-12-04, 21:36 UTC)."""
         raw = self.raw.tolist() if self.raw is not None else [b""] * len(self.ids)
         items: list[tuple[str, dict[str, Any] | msgspec.Raw, int]] = [
             (i, msgspec.Raw(r) if r else {}, pos) for pos, (i, r) in enumerate(zip(self.ids, raw))]
