@@ -280,9 +280,7 @@ sys.path.insert(0, {root!r})
 import service.impressions as imp
 from service.impressions import ImpressionLog
 from service.observability import Metrics
-from service.ranker import ServedItems
 from watchnext.config import load_config
-from watchnext.encoding import section_type
 imp.CLOSE_BATCH, imp.COMMIT_BYTES = 7, 3000  # many small atomic writes: kills land between them
 log = ImpressionLog(load_config({config!r}), {url!r}, Metrics(), lease_s=0.4)
 send = log._send
