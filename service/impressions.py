@@ -330,11 +330,12 @@ class ImpressionLog:
                 shed += 1
             if shed:
                 self.metrics.impressions_dropped.labels("buffer_full").inc(shed)
-            if front or shed:  # a request's impression leaves the gauges to the flusher (each wake, off its path)
+            if front or shed:  # a request's impression leaves the gauges to the flush that writes it
                 self.set_gauges()
 
     def set_gauges(self) -> None:
-        """The backlog gauges: set by the flusher each wake and by a /metrics scrape, not by each request."""
+        """The backlog gauges: set by each flush that writes or fails and by a /metrics scrape, not by each
+        request."""
         self.metrics.log_backlog.set(self.backlog())
         self.metrics.log_backlog_bytes.set(self.buf_bytes)
 
@@ -688,7 +689,6 @@ class ImpressionLog:
             delay = self.flush_interval_s
             while not self._stop.wait(delay):
                 try:
-                    self.set_gauges()
                     self.flush()
                     if delay != self.flush_interval_s:
                         log(logger, logging.INFO, "impression_log_recovered")

@@ -262,7 +262,7 @@ def test_buffer_is_bounded_in_bytes_while_redis_is_away(trained, models_dir, tmp
             assert 0 < peak <= bound_mb * (1 << 20)
             shed = m.value("watchnext_impressions_dropped_total", reason="buffer_full")
             assert shed > 0 and log.backlog() + shed == len(reqs)
-            # the backlog gauges, set by the flusher as it wakes (not by each request)
+            # the backlog gauges, set by the flusher's failed writes (not by each request)
             assert wait_for(lambda: (m.value("watchnext_impression_backlog"), m.value("watchnext_impression_backlog_bytes"))
                             == (log.backlog(), log.buf_bytes), 5)
             rs = start_embedded(tmp_path / "r2", port=port, appendonly=False)
