@@ -224,8 +224,8 @@ class Ranker:
         n = inp.n
         # the top k, best first, ties in request order, without a row whose output is not finite (never let NaN
         # or inf reach a client): one compiled pass. combine, two finiteness checks and a sort, each a numpy call
-        # whose code the request must first bring into the CPU's caches, took 0.13 ms after ONNX Runtime ran; the
-        # pass took 0.03 ms off the answer step (bench/request_steps.py, docs/benchmarks.md, 2026-12-04)
+        # whose code the request must first bring into the CPU's caches, took 100-112 us after a 3 ms sleep and an
+        # ONNX Runtime call; the pass 64-75 (500 candidates, three runs in turns, 2026-12-04, 22:50)
         order, top_scores, dropped = top_k(heads, weights, self.mode, inp.top_k)
         if dropped:
             self.metrics.nonfinite.inc(dropped)

@@ -75,8 +75,8 @@ class RankInput:
     top_k: int
     n: int  # candidates
     # the candidates' ids ([item] id; None when the config names none): a list from a JSON body; from an Arrow
-    # body the column itself (its 500 strings as Python objects took 54 us after a 3 ms sleep and an ONNX Runtime
-    # call, 2026-12-04; `ids_at` takes the rows asked for)
+    # body the column itself (its 500 strings as Python objects took 54-64 us after a 3 ms sleep and an ONNX
+    # Runtime call, 2026-12-04, 22:50; `ids_at` takes the rows asked for)
     ids: list[str] | pa.StringArray | None
     candidates: pa.StructArray | None  # (n,) the features sent with the candidates; None: they name ids only
     unknown_features: int
@@ -93,8 +93,8 @@ class RankInput:
         if len(rows) > FEW_ROWS:
             return self.ids.take(rows).to_pylist()
         # the top k: each id read from the column's buffers, without Arrow's `take` (20 ids after a 3 ms sleep and
-        # an ONNX Runtime call, its code and tables out of the caches: 0.17 ms by `take`, 0.085 ms this way;
-        # 2026-12-04)
+        # an ONNX Runtime call, its code and tables out of the caches: 0.18-0.20 ms by `take`, 0.05-0.06 ms this
+        # way; 2026-12-04, 22:50)
         offsets, data = self.id_buffers or string_buffers(self.ids)
         view = memoryview(data)
         return [str(view[lo:hi], "utf-8") for lo, hi in zip(offsets[rows].tolist(), offsets[rows + 1].tolist())]
