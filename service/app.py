@@ -283,11 +283,11 @@ def create_app(settings: Settings, deps: Deps) -> App:
             live = svc.experiments.live if svc.experiments is not None else None  # taken once, like the model
             # parsed on the event loop (msgspec holds the GIL either way, and its nesting limit then meets the
             # same stack depth for every body); ranked there too when it is the only request in flight, its
-            # cache misses read from Redis there as well (no thread hand-off and back: 0.1 ms off the p50 of a
-            # 500-candidate request whose every id missed, 6.33 -> 6.22 ms with bench/serve_ab.py on 2026-12-04
-            # at 20:28, 0.7 ms in an earlier run that day; a request that arrives meanwhile waits for the read as
-            # it would for ONNX Runtime, and an unreachable Redis costs one `feature_timeout_ms` before the
-            # store's backoff skips it). Otherwise on a worker thread, which keeps the loop free to read other
+            # cache misses read from Redis there as well (no thread hand-off and back: 0.36 ms off the p50 of a
+            # 500-candidate request whose every id missed, 7.23 -> 6.87 ms with bench/serve_ab.py, 12 rounds, on
+            # 2026-12-04 at 22:55; 0.1 and 0.7 ms in earlier runs that day; a request that arrives meanwhile
+            # waits for the read as it would for ONNX Runtime, and an unreachable Redis costs one
+            # `feature_timeout_ms` before the store's backoff skips it). Otherwise on a worker thread, which keeps the loop free to read other
             # bodies while this one waits on Redis or ONNX Runtime.
             prep = svc.ranker.prepare(body, header(scope, b"content-type"))
             if svc.limiter is None or (svc.ranking == 1 and not svc.remote_model):
